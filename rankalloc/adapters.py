@@ -1,0 +1,148 @@
+"""Gated LoRA: ``y = W x + s * B diag(g) A x`` around any Linear-like base layer; inject and remove.
+
+``GatedModel`` owns the wrapped model and keeps the three parameter groups of the bilevel search
+apart, as DARTS keeps ``arch_parameters()`` apart from ``parameters()``:
+
+* ``weight_parameters()`` - LoRA A and B of every target, plus the task head (weight steps);
+* ``gate_parameters()``   - the ``log_alpha`` of every rank gate (gate steps);
+* the Lagrange multiplier lives in :mod:`rankalloc.lagrangian` (dual steps).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .gates import MODES, RankGates
+from .models import Target, head_parameters, linear_shape
+
+
+class GatedLoRA(nn.Module):
+    """A frozen base layer plus a LoRA of rank ``r_max`` whose components are gated."""
+
+    def __init__(self, base_layer: nn.Module, r_max: int, scale: float, dropout: float = 0.0,
+                 init_keep: float = 0.9, temperature: float = 0.5) -> None:
+        super().__init__()
+        d_in, d_out = linear_shape(base_layer)
+        self.base_layer = base_layer
+        self.in_features, self.out_features, self.r_max = d_in, d_out, r_max
+        self.scale = float(scale)
+        weight = base_layer.weight
+        self.lora_A = nn.Parameter(torch.empty(r_max, d_in, dtype=torch.float32, device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(d_out, r_max, dtype=torch.float32, device=weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as peft: B = 0, so training starts at W
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.gates = RankGates(r_max, init_keep, temperature).to(weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        g = self.gates()
+        h = self.dropout(x).to(self.lora_A.dtype)
+        return result + (self.scale * ((h @ self.lora_A.t()) * g) @ self.lora_B.t()).to(result.dtype)
+
+
+class GatedModel(nn.Module):
+    """A base model whose targets are wrapped with :class:`GatedLoRA`."""
+
+    def __init__(self, model: nn.Module, targets: list[Target], r_max: dict[str, int], scale: float,
+                 dropout: float = 0.0, init_keep: float = 0.9, temperature: float = 0.5) -> None:
+        super().__init__()
+        self.model = model
+        self.targets = list(targets)
+        self.layers: dict[str, GatedLoRA] = {}
+        for t in self.targets:
+            parent, attr = _parent(model, t.name)
+            layer = GatedLoRA(getattr(parent, attr), r_max[t.name], scale, dropout, init_keep, temperature)
+            setattr(parent, attr, layer)
+            self.layers[t.name] = layer
+        self._costs = {t.name: t.cost_per_rank for t in self.targets}
+
+    def forward(self, **batch):
+        return self.model(**batch)
+
+    # ---- parameter groups ---------------------------------------------------------------------------
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return [p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B)]
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        """Adapter A and B plus the task head: what weight steps update."""
+        return self.adapter_parameters() + head_parameters(self.model)
+
+    def gate_parameters(self) -> list[nn.Parameter]:
+        """The rank gates: what gate steps update."""
+        return [layer.gates.log_alpha for layer in self.layers.values()]
+
+    # ---- gates and cost -----------------------------------------------------------------------------
+    def set_gate_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"gate mode must be one of {MODES}, got {mode!r}")
+        for layer in self.layers.values():
+            layer.gates.mode = mode
+
+    @contextlib.contextmanager
+    def gate_mode(self, mode: str) -> Iterator[None]:
+        before = next(iter(self.layers.values())).gates.mode
+        self.set_gate_mode(mode)
+        try:
+            yield
+        finally:
+            self.set_gate_mode(before)
+
+    def expected_cost(self) -> torch.Tensor:
+        """C(gates) = sum over layers and components of P(keep) * (d_in + d_out); differentiable."""
+        return sum(layer.gates.keep_prob().sum() * self._costs[name] for name, layer in self.layers.items())
+
+    def max_cost(self) -> int:
+        return sum(layer.r_max * self._costs[name] for name, layer in self.layers.items())
+
+    def keep_probs(self) -> dict[str, list[float]]:
+        return {name: layer.gates.keep_prob().detach().cpu().tolist() for name, layer in self.layers.items()}
+
+    def set_hard_ranks(self, ranks: dict[str, int]) -> None:
+        for name, layer in self.layers.items():
+            layer.gates.set_hard_rank(int(ranks[name]))
+
+    def clamp_gates_(self, bound: float = 12.0) -> None:
+        for layer in self.layers.values():
+            layer.gates.clamp_(bound)
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """LoRA weights and gates only (the base model is frozen and reloaded from its source)."""
+        state = {}
+        for name, layer in self.layers.items():
+            state[f"{name}.lora_A"] = layer.lora_A.detach().cpu()
+            state[f"{name}.lora_B"] = layer.lora_B.detach().cpu()
+            state[f"{name}.log_alpha"] = layer.gates.log_alpha.detach().cpu()
+        return state
+
+
+def remove_gated_lora(gated: GatedModel) -> nn.Module:
+    """Put the original base layers back and return the plain model."""
+    for name, layer in gated.layers.items():
+        parent, attr = _parent(gated.model, name)
+        setattr(parent, attr, layer.base_layer)
+    gated.layers = {}
+    return gated.model
+
+
+@contextlib.contextmanager
+def trainable_only(params: list[nn.Parameter], others: list[nn.Parameter]) -> Iterator[None]:
+    """Let gradients reach ``params`` alone: ``others`` are frozen for the duration."""
+    saved = [p.requires_grad for p in others]
+    for p in others:
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p, flag in zip(others, saved):
+            p.requires_grad_(flag)
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), attr

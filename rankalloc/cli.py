@@ -1,0 +1,77 @@
+"""The command-line layer: flags -> config -> stage function; progress bars; one-line user errors.
+
+The library never prints.  Here, log records go through ``tqdm.write`` so that they do not break the
+progress bar, and a :class:`RankallocError` becomes one line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import shlex
+import sys
+from typing import Any, Callable
+
+from .errors import RankallocError
+
+EXIT_USER_ERROR = 2
+
+
+class _TqdmHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    root = logging.getLogger("rankalloc")
+    if not any(isinstance(h, _TqdmHandler) for h in root.handlers):
+        handler = _TqdmHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False
+    for noisy in ("transformers", "datasets", "optuna"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def progress_bar(total: int, desc: str, enabled: bool = True) -> tuple[Any, Callable[[dict], None]]:
+    """A tqdm bar and the callback that advances it with loss, C/B and lambda."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, disable=not enabled, file=sys.stderr)
+
+    def on_step(row: dict) -> None:
+        if bar.n == 0 and row.get("step", 1) > 1:  # resumed run: start the bar where it is
+            bar.update(row["step"] - 1)
+        post = {"loss": f"{row['train_loss']:.3f}"}
+        if row.get("cost_ratio") is not None:
+            post["C/B"] = f"{row['cost_ratio']:.3f}"
+        if row.get("lam") is not None:
+            post["lam"] = f"{row['lam']:.3f}"
+        bar.set_postfix(post, refresh=False)
+        bar.update(1)
+
+    return bar, on_step
+
+
+def command_line(stage: str, argv: list[str] | None) -> str:
+    args = sys.argv[1:] if argv is None else argv
+    return f"python -m rankalloc.{stage} " + " ".join(shlex.quote(a) for a in args)
+
+
+def run_stage(stage: str, argv: list[str] | None = None) -> int:
+    """Parse flags for ``stage``, run it, and turn user errors into one line and exit status 2."""
+    setup_logging()
+    module = importlib.import_module(f"rankalloc.{stage}")
+    try:
+        return int(module.cli(argv) or 0)
+    except RankallocError as e:
+        print(f"rankalloc {stage}: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"rankalloc {stage}: interrupted", file=sys.stderr)
+        return 130

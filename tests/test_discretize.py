@@ -1,0 +1,99 @@
+"""The knapsack discretiser: optimal against brute force, never above B, fills >= 99% when possible."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from rankalloc import discretize as disc
+from rankalloc.discretize import discretize, rank_values
+
+
+def brute_force(scores, costs, budget, min_fill=0.99):
+    vals = [rank_values(s) for s in scores]
+    best, best_cost, found_filled = None, None, False
+    options = []
+    for ranks in itertools.product(*[range(len(v)) for v in vals]):
+        cost = sum(r * c for r, c in zip(ranks, costs))
+        if cost <= budget:
+            options.append((sum(v[r] for v, r in zip(vals, ranks)), cost, ranks))
+    filled = [o for o in options if o[1] >= min_fill * budget]
+    pool = filled or options
+    return max(o[0] for o in pool), bool(filled)
+
+
+def value_of(scores, ranks):
+    return sum(rank_values(s)[r] for s, r in zip(scores, ranks))
+
+
+instances = st.integers(min_value=1, max_value=4).flatmap(lambda layers: st.tuples(
+    st.lists(st.lists(st.floats(0, 1, allow_nan=False), min_size=1, max_size=4), min_size=layers, max_size=layers),
+    st.lists(st.sampled_from([3, 5, 6, 8, 10]), min_size=layers, max_size=layers),
+    st.integers(min_value=3, max_value=80),
+))
+
+
+@settings(max_examples=200, deadline=None)
+@given(instances)
+def test_optimal_against_brute_force(instance):
+    scores, costs, budget = instance
+    if budget < min(costs):
+        return
+    ranks = discretize(scores, costs, budget)
+    used = sum(r * c for r, c in zip(ranks, costs))
+    assert used <= budget
+    best, fill_possible = brute_force(scores, costs, budget)
+    assert value_of(scores, ranks) == pytest.approx(best, abs=1e-9)
+    if fill_possible:
+        assert used >= 0.99 * budget
+
+
+@settings(max_examples=60, deadline=None)
+@given(instances)
+def test_milp_path_agrees_with_dp(instance):
+    scores, costs, budget = instance
+    if budget < min(costs):
+        return
+    dp = discretize(scores, costs, budget)
+    milp = disc._solve_milp([rank_values(s) for s in scores], costs, budget, 0.99)
+    assert sum(r * c for r, c in zip(milp, costs)) <= budget
+    assert value_of(scores, milp) == pytest.approx(value_of(scores, dp), abs=1e-7)
+
+
+def test_deterministic_under_ties():
+    scores = [[0.5, 0.5], [0.5, 0.5], [0.5, 0.5]]
+    costs = [4, 4, 4]
+    first = discretize(scores, costs, 8)
+    for _ in range(5):
+        assert discretize(scores, costs, 8) == first
+    assert sum(first) == 2
+
+
+def test_fills_the_budget_even_when_scores_prefer_less():
+    # the expensive layer scores low; without the fill floor, the cheap ones alone would do
+    scores = [[1.0, 1.0], [0.01, 0.01, 0.01, 0.01]]
+    costs = [100, 1000]
+    ranks = discretize(scores, costs, 4200)
+    assert sum(r * c for r, c in zip(ranks, costs)) >= 0.99 * 4200
+
+
+def test_minilm_sized_instance_uses_the_budget():
+    rng = np.random.default_rng(0)
+    costs = ([768] * 4 + [1920] * 2) * 6
+    scores = [rng.random(32) for _ in costs]
+    budget = 500_000
+    ranks = discretize(scores, costs, budget)
+    used = sum(r * c for r, c in zip(ranks, costs))
+    assert 0.99 * budget <= used <= budget
+    assert len(set(ranks)) > 1
+
+
+def test_large_coprime_instance_goes_through_milp(monkeypatch):
+    monkeypatch.setattr(disc, "DP_CELL_LIMIT", 10)
+    scores = [[0.9, 0.8, 0.1], [0.7, 0.2], [0.6, 0.5, 0.4]]
+    costs = [7, 11, 13]
+    ranks = discretize(scores, costs, 40)
+    best, _ = brute_force(scores, costs, 40)
+    assert value_of(scores, ranks) == pytest.approx(best)
