@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -89,7 +90,7 @@ class SearchParams:
     r_max: int | None = _f(None, "Largest rank any layer may get during the search; null = automatic "
                            "(a power of two about 2.5x the uniform rank that the budget affords).")
     scale: float = _f(2.0, "LoRA scale s = alpha / r, the same for every rank (alpha = scale * r).")
-    steps: int = _f(240, "Weight steps of the search (each followed by a gate step once gates move).")
+    steps: int = _f(180, "Weight steps of the search (each followed by a gate step once gates move).")
     weight_lr: float = _f(1e-3, "AdamW learning rate of the adapter weights and the task head.")
     gate_lr: float = _f(0.05, "Adam learning rate of the rank gates.")
     lambda_lr: float = _f(0.5, "Dual-ascent step size of the Lagrange multiplier.")
@@ -158,6 +159,110 @@ class SearchConfig:
         return self.search.steps if self.max_steps is None else min(self.search.steps, self.max_steps)
 
 
+@dataclass
+class ExportConfig:
+    """`python -m rankalloc.export`: re-discretise a finished search at another budget or rank cap."""
+
+    run: str | None = _f(None, "Folder of a finished search (holds scores.json).")
+    budget: str | None = _f(None, "New budget (default: the searched one): 500k, 0.3M, 0.5%, ...")
+    max_rank: int | None = _f(None, "Cap on every module's rank (e.g. 8, 16, 32, 64 for serving stacks).")
+    out: str | None = _f(None, "Output folder (default: RUN/exports/<budget>[-r<cap>]).")
+    overwrite: bool = _f(False, "Replace an existing export folder.")
+
+    def validate(self) -> None:
+        if self.run is None:
+            raise ConfigError("--run is required: the folder of a finished search")
+        if self.max_rank is not None and self.max_rank <= 0:
+            raise ConfigError(f"--max-rank must be a positive integer, got {self.max_rank}")
+
+
+@dataclass
+class TrainParams:
+    """The one recipe every retrain method shares; only the adapter shape differs between methods."""
+
+    epochs: int = _f(2, "Passes over the training examples (the search's weight + gate splits).")
+    lr: float = _f(5e-4, "AdamW learning rate of the LoRA weights and the task head (rank map and uniform).")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    warmup_ratio: float = _f(0.06, "Share of the steps with a linear learning-rate warm-up; then linear decay to 0.")
+    scale: float = _f(2.0, "LoRA scale s = alpha / r, the same for every module and method (alpha = scale * r; "
+                      "AdaLoRA: alpha = scale * init_r, as it divides by its initial rank).")
+    lora_dropout: float = _f(0.0, "Dropout on the adapter input.")
+    log_every: int = _f(25, "Steps between log lines.")
+    adalora_lr: float = _f(2e-3, "AdamW learning rate of AdaLoRA (its authors tune a larger one than LoRA's).")
+    adalora_init_ratio: float = _f(1.5, "AdaLoRA's initial budget as a multiple of the final one (the paper's "
+                                   "b(0) = 1.5 b(T)); sets init_r.")
+    adalora_tinit: float = _f(0.1, "Share of the steps before AdaLoRA starts pruning (its tinit).")
+    adalora_tfinal: float = _f(0.4, "Share of the steps at the final ranks after pruning (its tfinal); the steps "
+                               "between tinit and tfinal are the budget-decrease phase.")
+    adalora_delta_t: int = _f(1, "Steps between AdaLoRA's re-allocations during the decrease phase (its deltaT).")
+    adalora_beta1: float = _f(0.85, "EMA coefficient of AdaLoRA's sensitivity smoothing.")
+    adalora_beta2: float = _f(0.85, "EMA coefficient of AdaLoRA's uncertainty estimate.")
+    adalora_orth_reg_weight: float = _f(0.1, "Weight of AdaLoRA's orthogonality regulariser on P and Q.")
+
+    def validate(self) -> None:
+        for name in ("epochs", "log_every", "adalora_delta_t"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--train.{name} must be a positive integer, got {getattr(self, name)}")
+        for name in ("lr", "adalora_lr", "scale"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--train.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("weight_decay", "adalora_orth_reg_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--train.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("warmup_ratio", "lora_dropout", "adalora_tinit", "adalora_tfinal"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"--train.{name} must lie in [0, 1), got {getattr(self, name)}")
+        if self.adalora_tinit + self.adalora_tfinal >= 1.0:
+            raise ConfigError(f"--train.adalora_tinit + --train.adalora_tfinal must be below 1 (leaving a "
+                              f"budget-decrease phase), got {self.adalora_tinit} + {self.adalora_tfinal}")
+        for name in ("adalora_beta1", "adalora_beta2"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ConfigError(f"--train.{name} must lie strictly between 0 and 1, got {getattr(self, name)}")
+        if self.adalora_init_ratio < 1.0:
+            raise ConfigError(f"--train.adalora_init_ratio must be >= 1 (AdaLoRA prunes from its initial "
+                              f"budget down to --budget), got {self.adalora_init_ratio}")
+
+
+BASELINES = ("uniform", "adalora")
+
+
+@dataclass
+class RetrainConfig:
+    """`python -m rankalloc.retrain`: train a fixed-rank peft adapter from a rank map, or a baseline."""
+
+    rank_map: str | None = _f(None, "rank_map.json of a search or export (give this or --baseline).")
+    baseline: str | None = _f(None, "Instead of a rank map: 'uniform' (one rank everywhere) or 'adalora' "
+                              "(peft AdaLoRA), both at --budget.")
+    budget: str | None = _f(None, "Adapter parameter budget of a baseline: 500000, 500k, 0.5M or 0.5%.")
+    merge: bool = _f(False, "Also write merged/: the adapter merged into the base weights, with the tokenizer.")
+    seed: int = _f(0, "Seed of initialisation and data order.")
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N.")
+    out: str | None = _f(None, "Run folder (default: a new folder under runs/).")
+    max_steps: int | None = _f(None, "Cap on optimisation steps, for quick runs (schedules shrink to fit).")
+    overwrite: bool = _f(False, "Replace an existing run folder.")
+    resume: bool = _f(False, "Not supported: retrain keeps no checkpoints (rerun with --overwrite).")
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name="auto"))
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainParams = field(default_factory=TrainParams)
+
+    def validate(self) -> None:
+        if (self.rank_map is None) == (self.baseline is None):
+            raise ConfigError("give exactly one of --rank-map RUN/rank_map.json or --baseline uniform|adalora")
+        if self.baseline is not None:
+            if self.baseline not in BASELINES:
+                raise ConfigError(f"--baseline must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
+            if self.budget is None:
+                raise ConfigError(f"--baseline {self.baseline} needs --budget (e.g. --budget 82944, 80k or 0.4%)")
+        elif self.budget is not None:
+            raise ConfigError("--budget applies to --baseline only; a rank map carries its own budget")
+        if self.resume:
+            raise ConfigError("--resume: retrain keeps no checkpoints (a run takes minutes); rerun with --overwrite")
+        _validate_common(self)
+        self.model.validate()
+        self.data.validate()
+        self.train.validate()
+
+
 def _validate_common(cfg: Any) -> None:
     if cfg.max_steps is not None and cfg.max_steps <= 0:
         raise ConfigError(f"--max-steps must be a positive integer, got {cfg.max_steps}")
@@ -174,7 +279,9 @@ SHORT_FLAGS = {
     # flag -> dotted field; shared by every stage that has the field
     "--budget": "budget", "--seed": "seed", "--device": "device", "--out": "out",
     "--max-steps": "max_steps", "--overwrite": "overwrite", "--resume": "resume",
-    "--model": "model.name", "--task": "data.task",
+    "--model": "model.name", "--task": "data.task", "--run": "run", "--max-rank": "max_rank",
+    "--rank-map": "rank_map", "--baseline": "baseline", "--merge": "merge", "--budgets": "budgets",
+    "--storage": "storage", "--study-name": "study_name", "--n-trials": "n_trials",
 }
 
 
@@ -313,7 +420,7 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:  # one line, no usage dump
-        raise ConfigError(f"{self.prog}: {message} (see --help)")
+        raise ConfigError(f"{message} (see --help)")
 
 
 def _walk_fields(cls: type, prefix: str = ""):
@@ -335,9 +442,10 @@ def build_parser(cls: type, prog: str, description: str, extra: typing.Callable 
     common = parser.add_argument_group("common flags")
     dotted_group = parser.add_argument_group("every config field (dotted overrides)")
     for dotted, tp, f in _walk_fields(cls):
-        help_text = f"{f.metadata.get('help', '')} [{_type_name(tp)}; default: {_default_repr(f)}]"
+        help_text = f"{f.metadata.get('help', '')} [{_type_name(tp)}; default: {_default_repr(f)}]".replace("%", "%%")
         names = [short[dotted]] if dotted in short else []
-        names.append(f"--{dotted}")
+        if f"--{dotted}" not in names:
+            names.append(f"--{dotted}")
         group = common if dotted in short else dotted_group
         inner, _ = _unwrap_optional(tp)
         if inner is bool and dotted in short:
@@ -359,11 +467,28 @@ def _default_repr(f: dataclasses.Field) -> str:
     return "required"
 
 
+def _join_negative_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``--budget -5k`` -> ``--budget=-5k``, so a negative value reaches validation instead of argparse."""
+    takes_value = {opt for action in parser._actions if action.nargs is None for opt in action.option_strings}
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if token in takes_value and nxt is not None and nxt.startswith("-") and nxt not in parser._option_string_actions:
+            out.append(f"{token}={nxt}")
+            i += 2
+            continue
+        out.append(token)
+        i += 1
+    return out
+
+
 def parse_args(cls: type, argv: list[str] | None, prog: str, description: str,
                extra: typing.Callable | None = None) -> tuple[Any, argparse.Namespace]:
     """Parse ``argv`` into a validated ``cls`` instance (plus the raw namespace for extra flags)."""
     parser = build_parser(cls, prog, description, extra)
-    ns = parser.parse_args(argv)
+    ns = parser.parse_args(_join_negative_values(parser, sys.argv[1:] if argv is None else list(argv)))
     cfg = load_yaml(cls, ns.config) if ns.config else cls()
     short = {v: k for k, v in SHORT_FLAGS.items()}
     for dotted, _tp, _f in _walk_fields(cls):

@@ -98,6 +98,7 @@ def load_model(cfg: ModelConfig, num_labels: int, problem_type: str = "single_la
         config.pad_token_id = pad_token_id
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialised head" notice is expected here
+    hf_logging.disable_progress_bar()
     try:
         model = AutoModelForSequenceClassification.from_pretrained(path, config=config)
     except (OSError, ValueError) as e:

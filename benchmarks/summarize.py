@@ -1,0 +1,79 @@
+"""Tables and the accuracy-versus-parameters plot from ``benchmarks/results/<grid>/*.json``.
+
+    python benchmarks/summarize.py --grid quick     # writes results/quick/summary.md and accuracy_vs_params.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+
+def load(grid: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(grid.glob("*.json"))]
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(records: list[dict]) -> tuple[str, list[dict]]:
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[(r["task"], r["budget"], r["method"])].append(r)
+    lines = ["| task | budget | method | seeds | accuracy (mean ± std) | macro-F1 | adapter params (% of B) | "
+             "wall time (s) | Δ acc vs uniform | Δ acc vs AdaLoRA |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    points = []
+    for (task, budget, method), rs in sorted(groups.items()):
+        acc, acc_sd = mean_std([100 * r["accuracy"] for r in rs])
+        f1, _ = mean_std([100 * r["macro_f1"] for r in rs])
+        params = statistics.fmean(r["adapter_params"] for r in rs)
+        wall = statistics.fmean(r["total_s"] for r in rs)
+        deltas = []
+        for base in ("uniform", "adalora"):
+            other = groups.get((task, budget, base))
+            if method == "rankalloc" and other:
+                deltas.append(f"{acc - statistics.fmean(100 * r['accuracy'] for r in other):+.2f}")
+            else:
+                deltas.append("")
+        lines.append(f"| {task} | {budget:,} | {method} | {len(rs)} | {acc:.2f} ± {acc_sd:.2f} | {f1:.2f} | "
+                     f"{params:,.0f} ({100 * params / budget:.1f}%) | {wall:.0f} | {deltas[0]} | {deltas[1]} |")
+        points.append({"method": f"{method} ({task})" if len({k[0] for k in groups}) > 1 else method,
+                       "params": params, "accuracy": acc / 100, "accuracy_std": acc_sd / 100})
+    return "\n".join(lines), points
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--grid", default="quick")
+    args = parser.parse_args(argv)
+    grid = HERE / "results" / args.grid
+    records = load(grid)
+    if not records:
+        print(f"no results in {grid}", file=sys.stderr)
+        return 1
+    table, points = summarize(records)
+    meta = records[0].get("meta", {})
+    from rankalloc import io
+    from rankalloc.report import plot_pareto
+
+    plot_pareto(grid / "accuracy_vs_params.png", points, title=f"accuracy vs adapter parameters ({args.grid})")
+    text = "\n".join([f"# Benchmark results: {args.grid}", "",
+                      f"- command: `{meta.get('command', '?')}`", f"- machine: {meta.get('machine', '?')}",
+                      f"- git revision: {meta.get('git_revision', '?')}; date: {meta.get('date', '?')}",
+                      f"- recipe (all methods): `{' '.join(meta.get('recipe', []))}` "
+                      f"{meta.get('retrain_args', '')}", "", table, "",
+                      "![accuracy vs parameters](accuracy_vs_params.png)", ""])
+    io.write_text(grid / "summary.md", text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

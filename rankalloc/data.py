@@ -1,0 +1,316 @@
+"""Splits, tokenisation and batching of a task.
+
+``prepare_task(cfg, tokenizer, seed)`` turns a raw task (:mod:`rankalloc.tasks`) into padded tensors:
+
+* **train / eval**: the source's evaluation split, or a stratified held-out slice of ``cfg.eval_fraction``;
+  both are then capped by seeded random samples.  All of this is seeded by ``cfg.split_seed``, never by
+  the run seed, so every run and every seed sees the same training and evaluation examples.
+* **weight / gate**: a stratified partition of train (``cfg.gate_fraction`` to gate), seeded by the run
+  seed.  The search trains adapter weights on ``weight`` and rank gates on ``gate``; ``eval`` is never
+  seen by the search and is only carried for the retrain stage.
+
+:class:`EpochSampler` draws training batches: a fresh permutation per epoch from
+``np.random.default_rng([seed, epoch])``, with a two-number state so a resumed run sees the same batches.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .config import DataConfig
+from .errors import DataError
+from .tasks import RawTask, load_raw_task
+
+logger = logging.getLogger(__name__)
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+_TOKENIZE_CHUNK = 8192  # examples per tokenizer call, to bound peak memory on large tasks
+# Sub-streams of the split seed / run seed, so that each random choice is independent of the others.
+_EVAL_SPLIT, _TRAIN_CAP, _EVAL_CAP, _GATE_SPLIT = 1, 2, 3, 4
+
+Indices = Sequence[int] | np.ndarray | torch.Tensor | slice
+
+
+# --------------------------------------------------------------------------------------------------
+# Tensors of one split
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Split:
+    """Padded tensors of one split: ``input_ids``, ``attention_mask``, optional ``token_type_ids``, ``labels``."""
+
+    tensors: dict[str, torch.Tensor]
+
+    def __post_init__(self) -> None:
+        missing = [k for k in ("input_ids", "attention_mask", "labels") if k not in self.tensors]
+        if missing:
+            raise ValueError(f"Split needs the tensors {missing}")
+        sizes = {k: int(v.shape[0]) for k, v in self.tensors.items()}
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"Split tensors differ in length: {sizes}")
+
+    def __len__(self) -> int:
+        return int(self.tensors["labels"].shape[0])
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.tensors["labels"]
+
+    def batch(self, indices: Indices) -> dict[str, torch.Tensor]:
+        """The examples at ``indices``, with padding columns trimmed to the longest sequence in the batch.
+
+        Keys are those a Hugging Face model's ``forward`` takes: ``input_ids``, ``attention_mask``,
+        ``token_type_ids`` (if the tokenizer gives them) and ``labels``.  Works for right and left padding.
+        """
+        index = indices if isinstance(indices, slice) else torch.as_tensor(np.asarray(indices), dtype=torch.long)
+        mask = self.tensors["attention_mask"][index]
+        used = torch.nonzero(mask.any(dim=0)).flatten()
+        start, stop = (int(used[0]), int(used[-1]) + 1) if len(used) else (0, 1)
+        out = {}
+        for key, value in self.tensors.items():
+            value = value[index]
+            out[key] = value if key == "labels" else value[:, start:stop]
+        return out
+
+    def iter_batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Sequential batches in order (for evaluation); the last one may be smaller."""
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        for start in range(0, len(self), batch_size):
+            yield self.batch(slice(start, min(start + batch_size, len(self))))
+
+    def subset(self, indices: Indices) -> "Split":
+        """A new split holding the examples at ``indices`` (padding kept as it is)."""
+        index = indices if isinstance(indices, slice) else torch.as_tensor(np.asarray(indices), dtype=torch.long)
+        return Split({k: v[index] for k, v in self.tensors.items()})
+
+    def label_counts(self, num_labels: int) -> list[int]:
+        return torch.bincount(self.labels, minlength=num_labels).tolist()
+
+
+@dataclass
+class TaskData:
+    """A tokenised task: ``train`` = ``weight`` + ``gate`` (disjoint), and ``eval`` for the retrain stage."""
+
+    name: str
+    num_labels: int
+    label_names: list[str]
+    train: Split
+    weight: Split
+    gate: Split
+    eval: Split
+    problem_type: str = "single_label_classification"
+    has_pair: bool = False
+    weight_index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # rows of train
+    gate_index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # rows of train
+
+    def describe(self) -> dict[str, Any]:
+        """Sizes, classes and per-split label counts (for logs and run records)."""
+        splits = {"train": self.train, "weight": self.weight, "gate": self.gate, "eval": self.eval}
+        return {
+            "task": self.name,
+            "num_labels": self.num_labels,
+            "label_names": list(self.label_names),
+            "problem_type": self.problem_type,
+            "has_pair": self.has_pair,
+            "sizes": {k: len(v) for k, v in splits.items()},
+            "label_counts": {k: v.label_counts(self.num_labels) for k, v in splits.items()},
+            "max_length": int(self.train.tensors["input_ids"].shape[1]),
+            "fingerprint": self.fingerprint(),
+        }
+
+    def fingerprint(self) -> str:
+        """A short hash of the train and eval tensors: equal fingerprints mean the same examples."""
+        digest = hashlib.sha256()
+        for split in (self.train, self.eval):
+            for key in sorted(split.tensors):
+                digest.update(key.encode())
+                digest.update(split.tensors[key].numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------
+# Building a TaskData
+# --------------------------------------------------------------------------------------------------
+def prepare_task(cfg: DataConfig, tokenizer: Any, seed: int) -> TaskData:
+    """Load, split, cap and tokenise ``cfg.task``; partition train into weight/gate with ``seed``.
+
+    Raises:
+        DataError: the task cannot be loaded, or a split is too small for ``cfg.batch_size``.
+    """
+    _check_seed(seed, "--seed")
+    _check_seed(cfg.split_seed, "--data.split_seed")
+    raw = load_raw_task(cfg)
+    train_df, eval_df = train_eval_frames(raw, cfg)
+    weight_idx, gate_idx = stratified_split(train_df["label"].to_numpy(), cfg.gate_fraction,
+                                            np.random.default_rng([seed, _GATE_SPLIT]))
+    _check_batch_fits(len(weight_idx), len(gate_idx), len(train_df), cfg)
+    train = tokenize_frame(train_df, tokenizer, cfg.max_length)
+    evaluation = tokenize_frame(eval_df, tokenizer, cfg.max_length)
+    data = TaskData(name=raw.name, num_labels=raw.num_labels, label_names=list(raw.label_names), train=train,
+                    weight=train.subset(weight_idx), gate=train.subset(gate_idx), eval=evaluation,
+                    has_pair=raw.has_pair, weight_index=weight_idx, gate_index=gate_idx)
+    logger.info("task %s: %d classes; train %d (weight %d, gate %d), eval %d; max length %d", data.name,
+                data.num_labels, len(train), len(weight_idx), len(gate_idx), len(evaluation), cfg.max_length)
+    return data
+
+
+def train_eval_frames(raw: RawTask, cfg: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Train and eval frames after the held-out split (if the source has none) and the caps.
+
+    Depends only on the data and ``cfg`` (``split_seed``, ``eval_fraction``, caps), never on the run seed.
+
+    Raises:
+        DataError: too few examples to hold out an evaluation slice.
+    """
+    train_df = raw.train.reset_index(drop=True)
+    eval_df = raw.eval.reset_index(drop=True) if raw.eval is not None else None
+    if eval_df is None:
+        rest, held = stratified_split(train_df["label"].to_numpy(), cfg.eval_fraction,
+                                      np.random.default_rng([cfg.split_seed, _EVAL_SPLIT]),
+                                      what="--data.eval_fraction")
+        train_df, eval_df = train_df.iloc[rest], train_df.iloc[held]
+    train_df = _cap(train_df, cfg.max_train_examples, np.random.default_rng([cfg.split_seed, _TRAIN_CAP]))
+    eval_df = _cap(eval_df, cfg.max_eval_examples, np.random.default_rng([cfg.split_seed, _EVAL_CAP]))
+    if len(eval_df) == 0:
+        raise DataError(f"task {raw.name}: the evaluation split is empty")
+    return train_df.reset_index(drop=True), eval_df.reset_index(drop=True)
+
+
+def _cap(df: pd.DataFrame, limit: int | None, rng: np.random.Generator) -> pd.DataFrame:
+    """A seeded random sample of ``limit`` rows (kept in their original order); all rows if fewer."""
+    if limit is None or len(df) <= limit:
+        return df
+    keep = np.sort(rng.choice(len(df), size=limit, replace=False))
+    return df.iloc[keep]
+
+
+def stratified_split(labels: np.ndarray, fraction: float, rng: np.random.Generator,
+                     what: str = "--data.gate_fraction") -> tuple[np.ndarray, np.ndarray]:
+    """Split positions ``0..n-1`` into (kept, held out), holding out ``round(n * fraction)`` of them.
+
+    Each class gives its proportional share (largest remainders settle the rounding), so both parts keep
+    the class balance.  Both index arrays come back sorted.
+
+    Raises:
+        DataError: either part would be empty.
+    """
+    n = len(labels)
+    n_held = int(round(n * fraction))
+    if n_held == 0 or n_held == n:
+        raise DataError(f"{what} {fraction} of {n} examples leaves an empty split; use more examples or a "
+                        "fraction further from 0 and 1")
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts * (n_held / n)
+    quota = np.floor(exact).astype(int)
+    short = n_held - int(quota.sum())
+    if short:
+        order = np.lexsort((classes, -(exact - quota)))  # largest remainder first, ties by class id
+        quota[order[:short]] += 1
+    held = []
+    for cls, q in zip(classes, quota):
+        members = np.flatnonzero(labels == cls)
+        held.append(rng.permutation(members)[:q])
+    held_idx = np.sort(np.concatenate(held)).astype(np.int64)
+    kept_mask = np.ones(n, dtype=bool)
+    kept_mask[held_idx] = False
+    return np.flatnonzero(kept_mask).astype(np.int64), held_idx
+
+
+def _check_batch_fits(n_weight: int, n_gate: int, n_train: int, cfg: DataConfig) -> None:
+    """Raises: DataError when the weight or gate split holds fewer examples than one batch."""
+    for name, size in (("gate", n_gate), ("weight", n_weight)):
+        if size < cfg.batch_size:
+            raise DataError(
+                f"the {name} split has {size} examples ({n_train} training examples, --data.gate_fraction "
+                f"{cfg.gate_fraction}), fewer than one batch of --data.batch_size {cfg.batch_size}; raise "
+                f"--data.gate_fraction or --data.max_train_examples, or lower --data.batch_size")
+
+
+def _check_seed(seed: int, flag: str) -> None:
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise DataError(f"{flag} must be a non-negative integer, got {seed!r}")
+
+
+def tokenize_frame(df: pd.DataFrame, tokenizer: Any, max_length: int) -> Split:
+    """Tokenise ``text`` (and ``text_pair`` if present), truncated and padded to ``max_length``."""
+    has_pair = "text_pair" in df.columns
+    accepted = set(getattr(tokenizer, "model_input_names", MODEL_INPUTS)) & set(MODEL_INPUTS)
+    accepted |= {"input_ids", "attention_mask"}
+    parts: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, len(df), _TOKENIZE_CHUNK):
+        chunk = df.iloc[start:start + _TOKENIZE_CHUNK]
+        encoded = tokenizer(chunk["text"].tolist(), chunk["text_pair"].tolist() if has_pair else None,
+                            truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
+        for key in MODEL_INPUTS:
+            if key in encoded and key in accepted:
+                parts.setdefault(key, []).append(encoded[key].to(torch.long))
+    tensors = {k: torch.cat(v) for k, v in parts.items()}
+    tensors["labels"] = torch.tensor(df["label"].to_numpy(dtype=np.int64, copy=True))
+    return Split(tensors)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training batches
+# --------------------------------------------------------------------------------------------------
+class EpochSampler:
+    """Endless, deterministic batches of indices into ``n`` examples.
+
+    Epoch ``e`` visits ``np.random.default_rng([seed, e]).permutation(n)`` in steps of ``batch_size`` and
+    drops its last partial batch.  ``state_dict()``/``load_state_dict()`` hold ``epoch`` and ``position``
+    (examples consumed in the epoch), so a resumed sampler continues with the very same batches.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        """Raises: DataError when ``n < batch_size`` or an argument is out of range."""
+        if batch_size <= 0:
+            raise DataError(f"--data.batch_size must be a positive integer, got {batch_size}")
+        if n < batch_size:
+            raise DataError(f"{n} examples are fewer than one batch of --data.batch_size {batch_size}")
+        _check_seed(seed, "--seed")
+        self.n, self.batch_size, self.seed = int(n), int(batch_size), int(seed)
+        self.epoch, self.position = 0, 0
+        self._perm: np.ndarray | None = None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.n // self.batch_size
+
+    def _permutation(self) -> np.ndarray:
+        if self._perm is None:
+            self._perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        return self._perm
+
+    def next(self) -> np.ndarray:
+        """The next ``batch_size`` indices (int64)."""
+        if self.position + self.batch_size > self.n:
+            self.epoch += 1
+            self.position = 0
+            self._perm = None
+        out = self._permutation()[self.position:self.position + self.batch_size].copy()
+        self.position += self.batch_size
+        return out
+
+    def __iter__(self) -> "EpochSampler":
+        return self
+
+    def __next__(self) -> np.ndarray:
+        return self.next()
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Raises: DataError when the state does not fit this sampler (e.g. another dataset size)."""
+        try:
+            epoch, position = int(state["epoch"]), int(state["position"])
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f"sampler state must hold integer 'epoch' and 'position', got {state!r}") from None
+        if epoch < 0 or not 0 <= position <= self.n:
+            raise DataError(f"sampler state {state!r} does not fit {self.n} examples")
+        self.epoch, self.position, self._perm = epoch, position, None

@@ -1,0 +1,130 @@
+"""Re-export a finished search at another budget or rank cap, in seconds and without a new search.
+
+``python -m rankalloc.export --run RUN --budget 0.3M [--max-rank 16]`` reads the learned gate scores
+that the search kept in ``RUN/scores.json`` and runs the same exact knapsack at the new budget.
+
+When is a re-export trustworthy?  The scores were learned while the expected cost was held at the
+searched budget, so they rank components well *near* that budget.  Far from it (we flag ratios
+outside [0.5, 2]) the order of components that the search never had to choose between is weakly
+determined; run a new search there if the point matters.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import io
+from .budget import check_budget, parse_budget
+from .config import ExportConfig
+from .discretize import discretize
+from .errors import RunDirError
+from .models import Target
+from .rank_map import RankMap
+
+SCORES = "scores.json"
+TRUSTED_RATIO = (0.5, 2.0)
+
+
+@dataclass
+class Scores:
+    """What a search leaves for the discretiser: per-module component scores and shapes."""
+
+    targets: list[Target]
+    r_max: dict[str, int]
+    scores: dict[str, list[float]]
+    data: dict[str, Any]
+
+    @classmethod
+    def load(cls, run: str | Path) -> "Scores":
+        """Raises: RunDirError when ``run`` holds no finished search."""
+        path = Path(run) / SCORES
+        if not path.is_file():
+            raise RunDirError(f"--run {run}: no {SCORES} there, so it is not a finished search folder")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise RunDirError(f"--run {run}: {SCORES} is not valid JSON ({e})") from None
+        if data.get("format") != "rankalloc.scores" or data.get("version") != 1:
+            raise RunDirError(f"--run {run}: {SCORES} has format {data.get('format')!r} version "
+                              f"{data.get('version')!r}; expected 'rankalloc.scores' version 1")
+        targets = [Target(m["name"], m["in_features"], m["out_features"], m["layer"], m["kind"])
+                   for m in data["modules"]]
+        return cls(targets, {m["name"]: m["r_max"] for m in data["modules"]},
+                   {m["name"]: m["scores"] for m in data["modules"]}, data)
+
+
+def export_rank_map(scores: Scores, budget: int, max_rank: int | None = None,
+                    budget_text: str | None = None) -> RankMap:
+    """The exact knapsack over stored scores at ``budget``, every rank capped at ``max_rank``."""
+    caps = {t.name: min(scores.r_max[t.name], max_rank or scores.r_max[t.name]) for t in scores.targets}
+    check_budget(budget, [t.cost_per_rank for t in scores.targets], caps.values(), budget_text)
+    kept = [sorted(scores.scores[t.name], reverse=True)[:caps[t.name]] for t in scores.targets]
+    ranks = discretize(kept, [t.cost_per_rank for t in scores.targets], budget)
+    searched = scores.data["searched_budget"]
+    search = dict(scores.data.get("search", {}))
+    search.update({"exported_from_budget": searched, "export_ratio": budget / searched, "max_rank": max_rank})
+    return RankMap.from_ranks(scores.targets, dict(zip((t.name for t in scores.targets), ranks)),
+                              base_model=scores.data["base_model"], budget=budget, search=search)
+
+
+def run_export(cfg: ExportConfig) -> tuple[Path, RankMap]:
+    scores = Scores.load(cfg.run)
+    spec = parse_budget(cfg.budget) if cfg.budget else None
+    budget = spec.resolve(scores.data["base_params"]) if spec else scores.data["searched_budget"]
+    label = (spec.text if spec else str(budget)) + (f"-r{cfg.max_rank}" if cfg.max_rank else "")
+    out = Path(cfg.out) if cfg.out else Path(cfg.run) / "exports" / label
+    rm = export_rank_map(scores, budget, cfg.max_rank, spec.text if spec else None)
+    if out.exists() and any(out.iterdir()):
+        if not cfg.overwrite:
+            raise RunDirError(f"--out {out} exists; pass --overwrite to replace it")
+        shutil.rmtree(out)
+    ratio = budget / scores.data["searched_budget"]
+    trusted = TRUSTED_RATIO[0] <= ratio <= TRUSTED_RATIO[1]
+    from .report import markdown_rank_table, plot_rank_heatmap
+
+    plot_rank_heatmap(out / "ranks.png", scores.targets, rm.ranks,
+                      title=f"LoRA ranks at {rm.total_params:,} parameters (re-export)")
+    io.write_text(out / "export.md", "\n".join([
+        f"# Re-export of {cfg.run} at {budget:,} parameters", "",
+        f"- searched budget: {scores.data['searched_budget']:,}; this budget is {ratio:.2f}x of it"
+        + ("" if trusted else " - outside [0.5, 2]: scores learned far from here, consider a new search"),
+        f"- rank cap: {cfg.max_rank or 'none'}; parameters used: {rm.total_params:,} "
+        f"({100 * rm.total_params / budget:.2f}% of the budget)", "",
+        markdown_rank_table(scores.targets, rm.ranks), "", "![ranks](ranks.png)", ""]))
+    rm.write_adapter_config(out / "adapter_config.json", scores.data["scale"],
+                            modules_to_save=scores.data.get("modules_to_save"))
+    rm.save(out / "rank_map.json")
+    return out, rm
+
+
+DESCRIPTION = """Re-export a finished search at another budget or rank cap (no new search).
+
+example:
+  python -m rankalloc.export --run runs/my-search --budget 0.3M --max-rank 16
+"""
+
+
+def cli(argv: list[str] | None = None) -> int:
+    from .config import parse_args
+
+    cfg, _ = parse_args(ExportConfig, argv, "rankalloc export", DESCRIPTION)
+    out, rm = run_export(cfg)
+    ratio = rm.search["export_ratio"]
+    note = "" if TRUSTED_RATIO[0] <= ratio <= TRUSTED_RATIO[1] else " (far from the searched budget: see export.md)"
+    print(f"rank map: {out / 'rank_map.json'}  ({rm.total_params:,} / {rm.budget:,} parameters, "
+          f"{ratio:.2f}x the searched budget{note})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli import run_stage
+
+    return run_stage("export", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

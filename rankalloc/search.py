@@ -1,0 +1,335 @@
+"""The bilevel, budgeted rank search: ``python -m rankalloc.search --budget 0.5M``.
+
+Each iteration of :func:`search_loop`:
+
+1. weight step - a batch of the weight split updates LoRA A, B and the task head (gates sampled,
+   no gradient to them);
+2. gate step   - a batch of the held-out gate split updates the gates on
+   ``L_val + lam * (C - T)/B + rho * ((C - T)/B)^2`` (adapter weights frozen);
+3. dual step   - ``lam <- clip(lam + eta * (C - T)/B, 0, lam_max)``;
+
+where ``C`` is the expected adapter cost and ``T`` the cost target, which falls from the initial
+expected cost to the budget ``B`` over the first part of the search and then stays at ``B``.
+Then the gate scores go through the exact knapsack (:mod:`rankalloc.discretize`) to integer ranks.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from . import __version__, io, rundir
+from .adapters import GatedModel, trainable_only
+from .budget import auto_r_max, check_budget, parse_budget
+from .config import SearchConfig, to_dict
+from .data import EpochSampler, TaskData, prepare_task
+from .discretize import discretize
+from .errors import RunDirError
+from .export import SCORES
+from .lagrangian import Lagrangian
+from .models import Target, count_parameters, find_targets, head_modules, load_model, load_tokenizer, resolve_device
+from .rank_map import RankMap
+from .training import check_finite, evaluate, rng_state, set_rng_state, set_seed, to_device
+
+logger = logging.getLogger(__name__)
+
+@dataclass
+class SearchState:
+    """Everything that changes during the search and is saved in a checkpoint."""
+
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    last_train_loss: float = float("nan")
+
+
+@dataclass
+class SearchResult:
+    out: Path
+    rank_map: RankMap
+    history: list[dict[str, Any]]
+    gap: dict[str, float]
+    summary: dict[str, Any]
+
+
+# --------------------------------------------------------------------------------------------------
+# The three steps
+# --------------------------------------------------------------------------------------------------
+def weight_step(gated: GatedModel, batch: dict[str, torch.Tensor], opt: torch.optim.Optimizer,
+                sched: torch.optim.lr_scheduler.LRScheduler | None = None) -> torch.Tensor:
+    """One update of adapter weights and head on a training batch; gates are sampled but fixed."""
+    opt.zero_grad(set_to_none=True)
+    with trainable_only(gated.weight_parameters(), gated.gate_parameters()):
+        loss = gated(**batch).loss
+        loss.backward()
+    opt.step()
+    if sched is not None:
+        sched.step()
+    return loss.detach()
+
+
+def gate_step(gated: GatedModel, batch: dict[str, torch.Tensor], opt: torch.optim.Optimizer,
+              lagrangian: Lagrangian, target: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One update of the gates on a held-out batch; returns (held-out loss, expected cost)."""
+    opt.zero_grad(set_to_none=True)
+    with trainable_only(gated.gate_parameters(), gated.weight_parameters()):
+        val_loss = gated(**batch).loss
+        cost = gated.expected_cost()
+        (val_loss + lagrangian.term(cost, target)).backward()
+    opt.step()
+    gated.clamp_gates_()
+    return val_loss.detach(), gated.expected_cost().detach()
+
+
+def cost_target(step: int, initial: float, budget: float, start: int, ramp: int) -> float:
+    """The cost target T: the initial expected cost until ``start``, linear to B over ``ramp`` steps."""
+    if step < start:
+        return initial
+    if ramp <= 0 or step >= start + ramp:
+        return float(budget)
+    return initial + (budget - initial) * (step - start) / ramp
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+def search_loop(cfg: SearchConfig, gated: GatedModel, task: TaskData, budget: int, device: torch.device,
+                out: Path, state: SearchState, opts: dict[str, Any],
+                on_step: Callable[[dict[str, Any]], None] | None = None) -> SearchState:
+    """Alternate weight, gate and dual steps from ``state.step`` to the last step; checkpoint."""
+    p = cfg.search
+    steps = cfg.steps()
+    weight_opt, gate_opt, sched = opts["weight_opt"], opts["gate_opt"], opts["sched"]
+    lagr, weight_batches, gate_batches = opts["lagrangian"], opts["weight_sampler"], opts["gate_sampler"]
+    initial_cost = p.gate_init * gated.max_cost()
+    ramp = int(p.budget_warmup * steps)
+    last_ckpt = str(out / rundir.CHECKPOINT) if (out / rundir.CHECKPOINT).is_file() else None
+    gated.train()
+    gated.set_gate_mode("sample")
+    while state.step < steps:
+        step = state.step
+        batch = to_device(task.weight.batch(weight_batches.next()), device)
+        loss = weight_step(gated, batch, weight_opt, sched)
+        check_finite(loss, "training loss", step, last_ckpt)
+        row = {"step": step + 1, "train_loss": float(loss), "val_loss": None, "lam": lagr.lam}
+        if step >= p.warmup_steps and (step + 1) % p.gate_every == 0:
+            target = cost_target(step, initial_cost, budget, p.warmup_steps, ramp)
+            gbatch = to_device(task.gate.batch(gate_batches.next()), device)
+            val_loss, cost = gate_step(gated, gbatch, gate_opt, lagr, target)
+            check_finite(val_loss, "held-out loss", step, last_ckpt)
+            lagr.dual_step(float(cost), target)
+            row.update(val_loss=float(val_loss), lam=lagr.lam, target_ratio=target / budget)
+        row.setdefault("target_ratio", cost_target(step, initial_cost, budget, p.warmup_steps, ramp) / budget)
+        row["cost_ratio"] = float(gated.expected_cost().detach()) / budget
+        state.history.append(row)
+        state.step += 1
+        if state.step % p.log_every == 0 or state.step == steps:
+            logger.info("step %d/%d  loss %.4f  held-out %s  C/B %.3f  target/B %.3f  lambda %.4f",
+                        state.step, steps, row["train_loss"],
+                        "-" if row["val_loss"] is None else f"{row['val_loss']:.4f}",
+                        row["cost_ratio"], row["target_ratio"], row["lam"])
+        if on_step is not None:
+            on_step(row)
+        if (p.checkpoint_every and state.step % p.checkpoint_every == 0) or state.step == steps:
+            save_checkpoint(out, cfg, gated, state, opts)
+            last_ckpt = str(out / rundir.CHECKPOINT)
+    return state
+
+
+# --------------------------------------------------------------------------------------------------
+# Setup, checkpoints, discretisation and outputs
+# --------------------------------------------------------------------------------------------------
+def make_optimizers(cfg: SearchConfig, gated: GatedModel, budget: int, task: TaskData) -> dict[str, Any]:
+    p = cfg.search
+    weight_opt = torch.optim.AdamW(gated.weight_parameters(), lr=p.weight_lr, weight_decay=0.0)
+    warm = max(1, p.warmup_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(weight_opt, lambda s: min(1.0, (s + 1) / warm))
+    gate_opt = torch.optim.Adam(gated.gate_parameters(), lr=p.gate_lr)
+    return {"weight_opt": weight_opt, "gate_opt": gate_opt, "sched": sched,
+            "lagrangian": Lagrangian(budget, p.lambda_lr, p.penalty),
+            "weight_sampler": EpochSampler(len(task.weight), cfg.data.batch_size, cfg.seed),
+            "gate_sampler": EpochSampler(len(task.gate), cfg.data.batch_size, cfg.seed + 1)}
+
+
+def save_checkpoint(out: Path, cfg: SearchConfig, gated: GatedModel, state: SearchState,
+                    opts: dict[str, Any]) -> None:
+    heads = {name: m.state_dict() for name, m in head_modules(gated.model).items()}
+    io.save_torch(out / rundir.CHECKPOINT, {
+        "config": to_dict(cfg), "step": state.step, "history": state.history,
+        "adapters": gated.adapter_state(), "heads": heads,
+        "weight_opt": opts["weight_opt"].state_dict(), "gate_opt": opts["gate_opt"].state_dict(),
+        "sched": opts["sched"].state_dict(), "lagrangian": opts["lagrangian"].state_dict(),
+        "weight_sampler": opts["weight_sampler"].state_dict(),
+        "gate_sampler": opts["gate_sampler"].state_dict(), "rng": rng_state()})
+
+
+def load_checkpoint(out: Path, cfg: SearchConfig, gated: GatedModel, opts: dict[str, Any]) -> SearchState:
+    ckpt = torch.load(out / rundir.CHECKPOINT, map_location="cpu", weights_only=False)
+    saved = ckpt["config"]
+    for key in ("budget", "seed"):
+        if saved[key] != getattr(cfg, key):
+            raise RunDirError(f"--resume: the run in {out} was started with --{key} {saved[key]}, not "
+                              f"{getattr(cfg, key)}; use another --out or --overwrite")
+    for section in ("model", "data", "search"):
+        if saved[section] != to_dict(cfg)[section]:
+            raise RunDirError(f"--resume: the run in {out} was started with other {section} settings; "
+                              "use the same config, another --out, or --overwrite")
+    with torch.no_grad():
+        for name, layer in gated.layers.items():
+            layer.lora_A.copy_(ckpt["adapters"][f"{name}.lora_A"])
+            layer.lora_B.copy_(ckpt["adapters"][f"{name}.lora_B"])
+            layer.gates.log_alpha.copy_(ckpt["adapters"][f"{name}.log_alpha"])
+    for name, module in head_modules(gated.model).items():
+        module.load_state_dict(ckpt["heads"][name])
+    for key in ("weight_opt", "gate_opt", "sched", "lagrangian", "weight_sampler", "gate_sampler"):
+        opts[key].load_state_dict(ckpt[key])
+    set_rng_state(ckpt["rng"])
+    logger.info("resumed %s at step %d", out, ckpt["step"])
+    return SearchState(step=ckpt["step"], history=ckpt["history"])
+
+
+def rank_scores(gated: GatedModel) -> list[list[float]]:
+    return [gated.layers[t.name].gates.keep_prob().detach().cpu().tolist() for t in gated.targets]
+
+
+def discretisation_gap(gated: GatedModel, task: TaskData, ranks: dict[str, int], examples: int,
+                       batch_size: int, device: torch.device) -> dict[str, float]:
+    """Held-out loss with the continuous (expected) gates vs with the hard rank map."""
+    size = min(len(task.gate), examples)
+
+    def held_out():
+        for i in range(0, size, batch_size):
+            yield task.gate.batch(np.arange(i, min(i + batch_size, size)))
+
+    gated.set_hard_ranks(ranks)
+    with gated.gate_mode("expected"):
+        cont = evaluate(gated, held_out(), device)["loss"]
+    with gated.gate_mode("hard"):
+        hard = evaluate(gated, held_out(), device)["loss"]
+    return {"continuous_loss": cont, "hard_loss": hard, "gap": hard - cont, "examples": size}
+
+
+def run_search(cfg: SearchConfig, command: str | None = None,
+               on_step: Callable[[dict[str, Any]], None] | None = None) -> SearchResult:
+    """Run a whole search into ``cfg.out`` and write the rank map, peft config and report.
+
+    Raises:
+        RankallocError: bad budget, data, model, config or run folder (one-line messages).
+    """
+    t0 = time.time()
+    spec = parse_budget(cfg.budget)  # a malformed budget is refused before any model work
+    command = command or "python -m rankalloc.search " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    out = Path(cfg.out) if cfg.out else rundir.default_out("search", spec.text, cfg.seed)
+    set_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    task = prepare_task(cfg.data, tokenizer, cfg.seed)
+    model = load_model(cfg.model, task.num_labels, task.problem_type, tokenizer.pad_token_id)
+    targets = find_targets(model, cfg.model)
+    base_params = count_parameters(model)
+    budget = spec.resolve(base_params)
+    r_max = _r_max_per_target(cfg, targets, budget)
+    check_budget(budget, [t.cost_per_rank for t in targets], r_max.values(), spec.text)
+    out, resume = rundir.open_run(out, overwrite=cfg.overwrite, resume=cfg.resume)
+    device = resolve_device(cfg.device)
+    p = cfg.search
+    gated = GatedModel(model, targets, r_max, p.scale, p.lora_dropout, p.gate_init, p.temperature).to(device)
+    opts = make_optimizers(cfg, gated, budget, task)
+    state = load_checkpoint(out, cfg, gated, opts) if resume else SearchState()
+    rundir.set_status(out, "running", command=command)
+    logger.info("search: %d targets, budget %s = %d parameters, r_max %d, %d steps, device %s, out %s",
+                len(targets), spec.text, budget, max(r_max.values()), cfg.steps(), device, out)
+    try:
+        state = search_loop(cfg, gated, task, budget, device, out, state, opts, on_step)
+        result = finish(cfg, gated, task, targets, r_max, budget, base_params, device, out, state, opts,
+                        command, t0)
+    except BaseException as e:
+        rundir.set_status(out, "failed", error=f"{type(e).__name__}: {e}", command=command)
+        raise
+    rundir.set_status(out, "done", command=command)
+    return result
+
+
+def _r_max_per_target(cfg: SearchConfig, targets: list[Target], budget: int) -> dict[str, int]:
+    r = cfg.search.r_max or auto_r_max(budget, [t.cost_per_rank for t in targets])
+    return {t.name: min(r, t.max_rank) for t in targets}
+
+
+def finish(cfg: SearchConfig, gated: GatedModel, task: TaskData, targets: list[Target], r_max: dict[str, int],
+           budget: int, base_params: int, device: torch.device, out: Path, state: SearchState, opts: dict[str, Any],
+           command: str, t0: float) -> SearchResult:
+    """Discretise, measure the gap, and write scores, rank map, peft config and report."""
+    scores = rank_scores(gated)
+    ranks_list = discretize(scores, [t.cost_per_rank for t in targets], budget)
+    ranks = {t.name: r for t, r in zip(targets, ranks_list)}
+    gap = discretisation_gap(gated, task, ranks, cfg.search.gap_batches * cfg.data.batch_size,
+                             cfg.data.eval_batch_size, device)
+    lam = opts["lagrangian"].lam
+    final_ratio = state.history[-1]["cost_ratio"] if state.history else float("nan")
+    rm = RankMap.from_ranks(targets, ranks, base_model=cfg.model.name, budget=budget, search={
+        "task": task.name, "seed": cfg.seed, "steps": state.step, "final_lambda": lam,
+        "final_cost_ratio": final_ratio, "r_max": max(r_max.values()), "scale": cfg.search.scale,
+        "num_layers": cfg.model.num_layers, "rankalloc_version": __version__})
+    heads = sorted(head_modules(gated.model))
+    io.write_json(out / SCORES, {
+        "format": "rankalloc.scores", "version": 1, "base_model": cfg.model.name,
+        "model_fingerprint": rm.model_fingerprint, "searched_budget": budget, "base_params": base_params, "scale": cfg.search.scale,
+        "modules_to_save": heads, "search": rm.search, "config": to_dict(cfg),
+        "modules": [{"name": t.name, "in_features": t.in_features, "out_features": t.out_features,
+                     "layer": t.layer, "kind": t.kind, "r_max": r_max[t.name], "scores": s}
+                    for t, s in zip(targets, scores)]})
+    io.write_json(out / "history.json", state.history)
+    from .report import write_search_report
+
+    summary = {"budget": budget, "total_params": rm.total_params,
+               "head_params": sum(p.numel() for m in head_modules(gated.model).values() for p in m.parameters()),
+               "base_model": cfg.model.name, "task": task.name, "seed": cfg.seed, "steps": state.step,
+               "final_lambda": lam, "final_cost_ratio": final_ratio, "wall_time_s": time.time() - t0,
+               "gap": gap, "command": command, "r_max": max(r_max.values()),
+               "gates": "hard-concrete per rank-1 component"}
+    write_search_report(out, targets=targets, ranks=ranks, r_max=r_max, history=state.history, summary=summary)
+    rm.write_adapter_config(out / "adapter_config.json", cfg.search.scale, modules_to_save=heads)
+    rm.save(out / "rank_map.json")  # last: its presence means every other output is there
+    logger.info("rank map: %d / %d parameters (%.2f%% of the budget), gap %.4f -> %s",
+                rm.total_params, budget, 100 * rm.total_params / budget, gap["gap"], out / "rank_map.json")
+    return SearchResult(out, rm, state.history, gap, summary)
+
+
+DESCRIPTION = """Learn per-layer LoRA ranks under a parameter budget and write a rank map.
+
+example:
+  python -m rankalloc.search --budget 0.5M
+  python -m rankalloc.search --config configs/search/smoke.yaml --budget 20k --out runs/smoke
+"""
+
+
+def cli(argv: list[str] | None = None) -> int:
+    from .cli import command_line, progress_bar
+    from .config import parse_args
+
+    cfg, _ = parse_args(SearchConfig, argv, "rankalloc search", DESCRIPTION)
+    bar, on_step = progress_bar(cfg.steps(), "search", enabled=sys.stderr.isatty())
+    try:
+        result = run_search(cfg, command_line("search", argv), on_step)
+    finally:
+        bar.close()
+    rm = result.rank_map
+    print(f"rank map: {result.out / 'rank_map.json'}  ({rm.total_params:,} / {rm.budget:,} parameters, "
+          f"{100 * rm.total_params / rm.budget:.2f}% of the budget; report: {result.out / 'report.md'})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli import run_stage
+
+    return run_stage("search", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

