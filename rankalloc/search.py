@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shlex
 import sys
 import time
@@ -26,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import __version__, io, rundir
+from . import __version__, distributed, io, rundir
 from .adapters import GatedModel, trainable_only
 from .budget import auto_r_max, check_budget, parse_budget
 from .config import SearchConfig, to_dict
@@ -63,12 +64,14 @@ class SearchResult:
 # The three steps
 # --------------------------------------------------------------------------------------------------
 def weight_step(gated: GatedModel, batch: dict[str, torch.Tensor], opt: torch.optim.Optimizer,
-                sched: torch.optim.lr_scheduler.LRScheduler | None = None) -> torch.Tensor:
+                sched: torch.optim.lr_scheduler.LRScheduler | None = None,
+                dist_info: distributed.DistInfo = distributed.DistInfo()) -> torch.Tensor:
     """One update of adapter weights and head on a training batch; gates are sampled but fixed."""
     opt.zero_grad(set_to_none=True)
     with trainable_only(gated.weight_parameters(), gated.gate_parameters()):
         loss = gated(**batch).loss
         loss.backward()
+    distributed.average_gradients(gated.weight_parameters(), dist_info)
     opt.step()
     if sched is not None:
         sched.step()
@@ -76,13 +79,15 @@ def weight_step(gated: GatedModel, batch: dict[str, torch.Tensor], opt: torch.op
 
 
 def gate_step(gated: GatedModel, batch: dict[str, torch.Tensor], opt: torch.optim.Optimizer,
-              lagrangian: Lagrangian, target: float) -> tuple[torch.Tensor, torch.Tensor]:
+              lagrangian: Lagrangian, target: float,
+              dist_info: distributed.DistInfo = distributed.DistInfo()) -> tuple[torch.Tensor, torch.Tensor]:
     """One update of the gates on a held-out batch; returns (held-out loss, expected cost)."""
     opt.zero_grad(set_to_none=True)
     with trainable_only(gated.gate_parameters(), gated.weight_parameters()):
         val_loss = gated(**batch).loss
-        cost = gated.expected_cost()
+        cost = gated.expected_cost()  # identical on every rank: the gates are
         (val_loss + lagrangian.term(cost, target)).backward()
+    distributed.average_gradients(gated.gate_parameters(), dist_info)
     opt.step()
     gated.clamp_gates_()
     return val_loss.detach(), gated.expected_cost().detach()
@@ -102,7 +107,8 @@ def cost_target(step: int, initial: float, budget: float, start: int, ramp: int)
 # --------------------------------------------------------------------------------------------------
 def search_loop(cfg: SearchConfig, gated: GatedModel, task: TaskData, budget: int, device: torch.device,
                 out: Path, state: SearchState, opts: dict[str, Any],
-                on_step: Callable[[dict[str, Any]], None] | None = None) -> SearchState:
+                on_step: Callable[[dict[str, Any]], None] | None = None,
+                dist_info: distributed.DistInfo = distributed.DistInfo()) -> SearchState:
     """Alternate weight, gate and dual steps from ``state.step`` to the last step; checkpoint."""
     p = cfg.search
     steps = cfg.steps()
@@ -115,14 +121,15 @@ def search_loop(cfg: SearchConfig, gated: GatedModel, task: TaskData, budget: in
     gated.set_gate_mode("sample")
     while state.step < steps:
         step = state.step
-        batch = to_device(task.weight.batch(weight_batches.next()), device)
-        loss = weight_step(gated, batch, weight_opt, sched)
+        batch = to_device(task.weight.batch(distributed.shard(weight_batches.next(), dist_info)), device)
+        loss = distributed.mean(weight_step(gated, batch, weight_opt, sched, dist_info), dist_info)
         check_finite(loss, "training loss", step, last_ckpt)
         row = {"step": step + 1, "train_loss": float(loss), "val_loss": None, "lam": lagr.lam}
         if step >= p.warmup_steps and (step + 1) % p.gate_every == 0:
             target = cost_target(step, initial_cost, budget, p.warmup_steps, ramp)
-            gbatch = to_device(task.gate.batch(gate_batches.next()), device)
-            val_loss, cost = gate_step(gated, gbatch, gate_opt, lagr, target)
+            gbatch = to_device(task.gate.batch(distributed.shard(gate_batches.next(), dist_info)), device)
+            val_loss, cost = gate_step(gated, gbatch, gate_opt, lagr, target, dist_info)
+            val_loss = distributed.mean(val_loss, dist_info)
             check_finite(val_loss, "held-out loss", step, last_ckpt)
             lagr.dual_step(float(cost), target)
             row.update(val_loss=float(val_loss), lam=lagr.lam, target_ratio=target / budget)
@@ -137,7 +144,8 @@ def search_loop(cfg: SearchConfig, gated: GatedModel, task: TaskData, budget: in
                         row["cost_ratio"], row["target_ratio"], row["lam"])
         if on_step is not None:
             on_step(row)
-        if (p.checkpoint_every and state.step % p.checkpoint_every == 0) or state.step == steps:
+        if dist_info.is_main and ((p.checkpoint_every and state.step % p.checkpoint_every == 0)
+                                  or state.step == steps):
             save_checkpoint(out, cfg, gated, state, opts)
             last_ckpt = str(out / rundir.CHECKPOINT)
     return state
@@ -146,16 +154,19 @@ def search_loop(cfg: SearchConfig, gated: GatedModel, task: TaskData, budget: in
 # --------------------------------------------------------------------------------------------------
 # Setup, checkpoints, discretisation and outputs
 # --------------------------------------------------------------------------------------------------
-def make_optimizers(cfg: SearchConfig, gated: GatedModel, budget: int, task: TaskData) -> dict[str, Any]:
+def make_optimizers(cfg: SearchConfig, gated: GatedModel, budget: int, task: TaskData,
+                    world_size: int = 1) -> dict[str, Any]:
+    """Optimizers of the three parameter groups, and samplers of global batches (all ranks together)."""
     p = cfg.search
+    global_batch = cfg.data.batch_size * world_size
     weight_opt = torch.optim.AdamW(gated.weight_parameters(), lr=p.weight_lr, weight_decay=0.0)
     warm = max(1, p.warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(weight_opt, lambda s: min(1.0, (s + 1) / warm))
     gate_opt = torch.optim.Adam(gated.gate_parameters(), lr=p.gate_lr)
     return {"weight_opt": weight_opt, "gate_opt": gate_opt, "sched": sched,
             "lagrangian": Lagrangian(budget, p.lambda_lr, p.penalty),
-            "weight_sampler": EpochSampler(len(task.weight), cfg.data.batch_size, cfg.seed),
-            "gate_sampler": EpochSampler(len(task.gate), cfg.data.batch_size, cfg.seed + 1)}
+            "weight_sampler": EpochSampler(len(task.weight), global_batch, cfg.seed),
+            "gate_sampler": EpochSampler(len(task.gate), global_batch, cfg.seed + 1)}
 
 
 def save_checkpoint(out: Path, cfg: SearchConfig, gated: GatedModel, state: SearchState,
@@ -217,8 +228,10 @@ def discretisation_gap(gated: GatedModel, task: TaskData, ranks: dict[str, int],
 
 
 def run_search(cfg: SearchConfig, command: str | None = None,
-               on_step: Callable[[dict[str, Any]], None] | None = None) -> SearchResult:
+               on_step: Callable[[dict[str, Any]], None] | None = None) -> SearchResult | None:
     """Run a whole search into ``cfg.out`` and write the rank map, peft config and report.
+
+    Under ``torchrun`` every rank runs this; rank 0 alone writes and returns the result (others: None).
 
     Raises:
         RankallocError: bad budget, data, model, config or run folder (one-line messages).
@@ -227,7 +240,8 @@ def run_search(cfg: SearchConfig, command: str | None = None,
     spec = parse_budget(cfg.budget)  # a malformed budget is refused before any model work
     command = command or "python -m rankalloc.search " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     out = Path(cfg.out) if cfg.out else rundir.default_out("search", spec.text, cfg.seed)
-    set_seed(cfg.seed)
+    dist_info = distributed.init(cfg.device)
+    set_seed(cfg.seed)  # the same seed on every rank: sampled gates agree across ranks
     tokenizer = load_tokenizer(cfg.model)
     task = prepare_task(cfg.data, tokenizer, cfg.seed)
     model = load_model(cfg.model, task.num_labels, task.problem_type, tokenizer.pad_token_id)
@@ -236,22 +250,32 @@ def run_search(cfg: SearchConfig, command: str | None = None,
     budget = spec.resolve(base_params)
     r_max = _r_max_per_target(cfg, targets, budget)
     check_budget(budget, [t.cost_per_rank for t in targets], r_max.values(), spec.text)
-    out, resume = rundir.open_run(out, overwrite=cfg.overwrite, resume=cfg.resume)
-    device = resolve_device(cfg.device)
+    if dist_info.is_main:
+        out, resume = rundir.open_run(out, overwrite=cfg.overwrite, resume=cfg.resume)
+    distributed.barrier(dist_info)
+    if not dist_info.is_main:
+        resume = (out / rundir.CHECKPOINT).is_file()
+    device = distributed.device_for(dist_info, resolve_device(cfg.device))
     p = cfg.search
     gated = GatedModel(model, targets, r_max, p.scale, p.lora_dropout, p.gate_init, p.temperature).to(device)
-    opts = make_optimizers(cfg, gated, budget, task)
+    opts = make_optimizers(cfg, gated, budget, task, dist_info.world_size)
     state = load_checkpoint(out, cfg, gated, opts) if resume else SearchState()
-    rundir.set_status(out, "running", command=command)
+    if dist_info.is_main:
+        rundir.set_status(out, "running", command=command)
     logger.info("search: %d targets, budget %s = %d parameters, r_max %d, %d steps, device %s, out %s",
                 len(targets), spec.text, budget, max(r_max.values()), cfg.steps(), device, out)
     try:
-        state = search_loop(cfg, gated, task, budget, device, out, state, opts, on_step)
+        state = search_loop(cfg, gated, task, budget, device, out, state, opts, on_step, dist_info)
+        if not dist_info.is_main:  # rank 0 alone discretises and writes
+            return None
         result = finish(cfg, gated, task, targets, r_max, budget, base_params, device, out, state, opts,
                         command, t0)
     except BaseException as e:
-        rundir.set_status(out, "failed", error=f"{type(e).__name__}: {e}", command=command)
+        if dist_info.is_main:
+            rundir.set_status(out, "failed", error=f"{type(e).__name__}: {e}", command=command)
         raise
+    finally:
+        distributed.shutdown(dist_info)
     rundir.set_status(out, "done", command=command)
     return result
 
@@ -314,11 +338,14 @@ def cli(argv: list[str] | None = None) -> int:
     from .config import parse_args
 
     cfg, _ = parse_args(SearchConfig, argv, "rankalloc search", DESCRIPTION)
-    bar, on_step = progress_bar(cfg.steps(), "search", enabled=sys.stderr.isatty())
+    main_rank = os.environ.get("RANK", "0") == "0"
+    bar, on_step = progress_bar(cfg.steps(), "search", enabled=sys.stderr.isatty() and main_rank)
     try:
         result = run_search(cfg, command_line("search", argv), on_step)
     finally:
         bar.close()
+    if result is None:
+        return 0
     rm = result.rank_map
     print(f"rank map: {result.out / 'rank_map.json'}  ({rm.total_params:,} / {rm.budget:,} parameters, "
           f"{100 * rm.total_params / rm.budget:.2f}% of the budget; report: {result.out / 'report.md'})")

@@ -1,0 +1,113 @@
+"""Data parallelism through ``torch.distributed``, for runs launched by ``torchrun`` or ``accelerate launch``.
+
+The launcher sets ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK``; without them everything here is a no-op
+and a run is a plain single process.  The scheme keeps the search loop unchanged:
+
+* every rank draws the same *global* batch of ``world_size * b`` examples (the samplers share a seed)
+  and takes its own slice of ``b``; gradients are averaged with one ``all_reduce`` per step, so a run
+  with N processes and per-rank batch b takes the same steps as one process with batch N*b;
+* every rank seeds its RNG identically, so the sampled gates agree, and the weights, gates and the
+  multiplier, updated from identical averaged gradients and costs, stay identical on every rank;
+* only rank 0 writes files and shows progress.
+
+We all-reduce gradients ourselves rather than wrap the model in ``DistributedDataParallel``: the
+search alternates two parameter groups with different batches, which DDP's single-graph bucketing
+(``find_unused_parameters``, ``no_sync``) handles only awkwardly.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init(device_spec: str = "auto", timeout_s: float = 300.0) -> DistInfo:
+    """Join the process group if a launcher started us; pick gloo on CPU and NCCL on GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_spec != "cpu" and torch.cuda.is_available()
+    if not dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if use_cuda else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    info = DistInfo(rank, world, local)
+    if not info.is_main:  # one voice: rank 0 logs, the others only warn
+        logging.getLogger("rankalloc").setLevel(logging.WARNING)
+    logger.info("distributed: %d processes, backend %s", world, dist.get_backend())
+    return info
+
+
+def device_for(info: DistInfo, device: torch.device) -> torch.device:
+    """On GPU, rank r uses the local GPU ``LOCAL_RANK``."""
+    if info.enabled and device.type == "cuda":
+        return torch.device("cuda", info.local_rank)
+    return device
+
+
+def shard(indices, info: DistInfo):
+    """This rank's slice of a global batch of indices (equal slices; the global batch divides evenly)."""
+    if not info.enabled:
+        return indices
+    per = len(indices) // info.world_size
+    return indices[info.rank * per:(info.rank + 1) * per]
+
+
+def average_gradients(params: Iterable[torch.nn.Parameter], info: DistInfo) -> None:
+    """Average the gradients of ``params`` over ranks with a single flattened all-reduce."""
+    if not info.enabled:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= info.world_size
+    offset = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset:offset + n].view_as(g))
+        offset += n
+
+
+def mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The mean of a scalar over ranks (for logging losses)."""
+    if not info.enabled:
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value / info.world_size
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,93 @@
+"""Data-parallel search under torchrun (gloo on CPU): same result as one process with the global batch."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _env():
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _search_args(model: str, out: Path, batch: int, steps: int = 10) -> list[str]:
+    return ["-m", "rankalloc.search", "--model", model, "--budget", "1500", "--out", str(out), "--device", "cpu",
+            "--max-steps", str(steps), "--data.max_train_examples", "160", "--data.max_eval_examples", "32",
+            "--data.max_length", "24", "--data.batch_size", str(batch), "--search.r_max", "4",
+            "--search.warmup_steps", "2", "--search.checkpoint_every", "2", "--search.gap_batches", "1"]
+
+
+def _torchrun(nproc: int, args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+
+
+def _final(out: Path):
+    ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
+    return json.loads((out / "rank_map.json").read_text())["modules"], ckpt["adapters"], ckpt["history"]
+
+
+def test_two_processes_match_one_process_with_the_global_batch(tmp_path, tiny_llama):
+    # tiny Llama has no dropout, so the only difference is the order of floating-point sums
+    single = subprocess.run([sys.executable, *_search_args(tiny_llama, tmp_path / "one", batch=16)],
+                            cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = subprocess.run(_torchrun(2, _search_args(tiny_llama, tmp_path / "two", batch=8)),
+                            cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert double.returncode == 0, double.stderr[:3000]
+    modules_1, adapters_1, history_1 = _final(tmp_path / "one")
+    modules_2, adapters_2, history_2 = _final(tmp_path / "two")
+    assert modules_1 == modules_2
+    for key in adapters_1:
+        assert torch.allclose(adapters_1[key], adapters_2[key], atol=1e-4, rtol=1e-3), key
+    for a, b in zip(history_1, history_2):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-4)
+        assert a["lam"] == pytest.approx(b["lam"], abs=1e-4)
+
+
+def _children_with_rank(parent: int, rank: str) -> list[int]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            stat = Path(f"/proc/{pid}/stat").read_text().split()
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ and int(stat[3]) == parent:
+            found.append(int(pid))
+    return found
+
+
+def test_a_killed_rank_fails_the_job_cleanly(tmp_path, tiny_llama):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_torchrun(2, _search_args(tiny_llama, out, batch=8, steps=400)), cwd=REPO, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out / "checkpoint.pt").is_file():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.1)
+    victims = _children_with_rank(proc.pid, "1")
+    assert victims, "rank 1 not found"
+    os.kill(victims[0], signal.SIGKILL)
+    try:
+        _, err = proc.communicate(timeout=180)  # no hang: the launcher ends the job
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the job hung after a rank was killed")
+    assert proc.returncode != 0
+    assert "SIGKILL" in err or "Signal 9" in err or "exitcode" in err.lower() or "failed" in err.lower()
+    assert not (out / "rank_map.json").exists()
