@@ -38,7 +38,7 @@ from .export import SCORES
 from .lagrangian import Lagrangian
 from .models import Target, count_parameters, find_targets, head_modules, load_model, load_tokenizer, resolve_device
 from .rank_map import RankMap
-from .training import check_finite, evaluate, rng_state, set_rng_state, set_seed, to_device
+from .training import check_finite, evaluate, grads_finite, rng_state, set_rng_state, set_seed, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ def weight_step(gated: GatedModel, batch: dict[str, torch.Tensor], opt: torch.op
         loss = gated(**batch).loss
         loss.backward()
     distributed.average_gradients(gated.weight_parameters(), dist_info)
+    _refuse_non_finite(gated.weight_parameters(), opt, loss)
     opt.step()
     if sched is not None:
         sched.step()
@@ -88,9 +89,25 @@ def gate_step(gated: GatedModel, batch: dict[str, torch.Tensor], opt: torch.opti
         cost = gated.expected_cost()  # identical on every rank: the gates are
         (val_loss + lagrangian.term(cost, target)).backward()
     distributed.average_gradients(gated.gate_parameters(), dist_info)
+    _refuse_non_finite(gated.gate_parameters(), opt, val_loss)
     opt.step()
     gated.clamp_gates_()
     return val_loss.detach(), gated.expected_cost().detach()
+
+
+def _refuse_non_finite(params: list[torch.nn.Parameter], opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """Never apply a non-finite update: drop the gradients and report the step as diverged."""
+    if not (torch.isfinite(loss) and grads_finite(params)):
+        opt.zero_grad(set_to_none=True)
+        raise NonFiniteStep(float(loss.detach()))
+
+
+class NonFiniteStep(FloatingPointError):
+    """A step produced a non-finite loss or gradient (turned into DivergenceError by the loop)."""
+
+    def __init__(self, loss: float) -> None:
+        super().__init__(loss)
+        self.loss = loss
 
 
 def cost_target(step: int, initial: float, budget: float, start: int, ramp: int) -> float:
@@ -122,13 +139,20 @@ def search_loop(cfg: SearchConfig, gated: GatedModel, task: TaskData, budget: in
     while state.step < steps:
         step = state.step
         batch = to_device(task.weight.batch(distributed.shard(weight_batches.next(), dist_info)), device)
-        loss = distributed.mean(weight_step(gated, batch, weight_opt, sched, dist_info), dist_info)
-        check_finite(loss, "training loss", step, last_ckpt)
+        try:
+            loss = distributed.mean(weight_step(gated, batch, weight_opt, sched, dist_info), dist_info)
+        except NonFiniteStep as e:
+            check_finite(float("nan"), f"a weight step (loss {e.loss}) had a non-finite gradient; it", step,
+                         last_ckpt)
         row = {"step": step + 1, "train_loss": float(loss), "val_loss": None, "lam": lagr.lam}
         if step >= p.warmup_steps and (step + 1) % p.gate_every == 0:
             target = cost_target(step, initial_cost, budget, p.warmup_steps, ramp)
             gbatch = to_device(task.gate.batch(distributed.shard(gate_batches.next(), dist_info)), device)
-            val_loss, cost = gate_step(gated, gbatch, gate_opt, lagr, target, dist_info)
+            try:
+                val_loss, cost = gate_step(gated, gbatch, gate_opt, lagr, target, dist_info)
+            except NonFiniteStep as e:
+                check_finite(float("nan"), f"a gate step (held-out loss {e.loss}) had a non-finite gradient; it",
+                             step, last_ckpt)
             val_loss = distributed.mean(val_loss, dist_info)
             check_finite(val_loss, "held-out loss", step, last_ckpt)
             lagr.dual_step(float(cost), target)

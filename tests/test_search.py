@@ -96,3 +96,17 @@ def test_tiny_search_on_random_llama(tmp_path, tiny_llama):
     cfg = tiny_config(tmp_path, ModelConfig(name=tiny_llama), budget="1500", r_max=4)
     rm = _check_run(run_search(cfg, command="test").out, 1500)
     assert any(name.endswith("mlp.gate_proj") for name in rm.modules)
+
+
+def test_divergence_stops_with_one_line_naming_step_and_checkpoint(tmp_path):
+    from rankalloc.errors import DivergenceError
+
+    cfg = tiny_config(tmp_path, ModelConfig(num_layers=1), budget="5k", steps=12, r_max=4, weight_lr=1e30)
+    cfg.search.checkpoint_every = 1
+    with pytest.raises(DivergenceError) as err:
+        run_search(cfg, command="test")
+    message = str(err.value)
+    assert "\n" not in message and "at step" in message and "checkpoint" in message
+    out = tmp_path / "run"
+    assert json.loads((out / "status.json").read_text())["state"] == "failed"
+    assert not (out / "rank_map.json").exists()  # never export from a diverged state
