@@ -181,14 +181,15 @@ class TrainParams:
     """The one recipe every retrain method shares; only the adapter shape differs between methods."""
 
     epochs: int = _f(2, "Passes over the training examples (the search's weight + gate splits).")
-    lr: float = _f(5e-4, "AdamW learning rate of the LoRA weights and the task head (rank map and uniform).")
+    lr: float = _f(2e-3, "AdamW learning rate of the LoRA weights and the task head (rank map and uniform).")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     warmup_ratio: float = _f(0.06, "Share of the steps with a linear learning-rate warm-up; then linear decay to 0.")
     scale: float = _f(2.0, "LoRA scale s = alpha / r, the same for every module and method (alpha = scale * r; "
                       "AdaLoRA: alpha = scale * init_r, as it divides by its initial rank).")
     lora_dropout: float = _f(0.0, "Dropout on the adapter input.")
     log_every: int = _f(25, "Steps between log lines.")
-    adalora_lr: float = _f(2e-3, "AdamW learning rate of AdaLoRA (its authors tune a larger one than LoRA's).")
+    adalora_lr: float = _f(5e-3, "AdamW learning rate of AdaLoRA (its authors tune a larger one than LoRA's; "
+                           "5e-3 was best of 2e-3/5e-3/1e-2 on tweets at 82,944 parameters).")
     adalora_init_ratio: float = _f(1.5, "AdaLoRA's initial budget as a multiple of the final one (the paper's "
                                    "b(0) = 1.5 b(T)); sets init_r.")
     adalora_tinit: float = _f(0.1, "Share of the steps before AdaLoRA starts pruning (its tinit).")
@@ -260,6 +261,79 @@ class RetrainConfig:
         _validate_common(self)
         self.model.validate()
         self.data.validate()
+        self.train.validate()
+
+
+TUNABLE = ("weight_lr", "gate_lr", "r_max", "gate_every", "temperature")
+SHARED_BUDGETS = ("geomean", "max")
+
+
+@dataclass
+class SweepConfig:
+    """`python -m rankalloc.sweep`: an optuna study of adapter parameters versus accuracy over budgets."""
+
+    budgets: list[str] | None = _f(None, "Budgets to sweep: a list (41k,83k,166k,332k) or a log-spaced range "
+                                   "LO:HI:N (40k:400k:4 = 4 budgets); absolute parameter counts.")
+    baseline: list[str] | None = _f(None, "Also train these baselines at every budget, in the same study and "
+                                    "report: uniform and/or adalora.")
+    tune: list[str] | None = _f(None, "Search hyperparameters to tune per trial (multi-objective TPE, one "
+                                "search per trial): weight_lr, gate_lr, r_max, gate_every, temperature.")
+    n_trials: int | None = _f(None, "Trials this worker runs at most; null = until every budget (and "
+                              "baseline) is complete. With --tune: tuned trials in the whole study "
+                              "(null = 4 per budget).")
+    storage: str | None = _f(None, "optuna storage: sqlite:///FILE.db, postgresql://USER:PW@HOST/DB, "
+                             "mysql://..., or journal:FILE (also a FILE.log / FILE.jsonl path); null = "
+                             "sqlite in --out.")
+    study_name: str = _f("rankalloc-sweep", "Study to create or resume (completed trials are never rerun).")
+    shared_search: bool = _f(True, "Search once and re-export every budget from it (false: a full search "
+                             "per budget). Ignored with --tune, which searches per trial.")
+    shared_budget: str = _f("geomean", "Budget of the shared search: 'geomean' (the geometric middle of the "
+                            "budgets: every budget is then at most sqrt(max/min) away from it), 'max', or a budget.")
+    heartbeat_interval: int = _f(60, "Seconds between a running trial's heartbeats (RDB storages).")
+    grace_period: int = _f(180, "Seconds without a heartbeat after which a trial counts as crashed: it is "
+                           "failed and retried by another worker.")
+    max_retry: int = _f(3, "Retries of a crashed trial (its point is retried as a new trial).")
+    poll_interval: float = _f(10.0, "Seconds between looks at the study while the remaining trials run in "
+                              "other workers.")
+    seed: int = _f(0, "Seed of every search and retrain (and of the sampler).")
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N.")
+    out: str | None = _f(None, "Sweep folder (default: runs/sweep-<study name>): shared search, trials, "
+                         "pareto.csv/.md/.png, the default SQLite storage.")
+    max_steps: int | None = _f(None, "Cap on optimisation steps of every search and retrain, for quick runs.")
+    overwrite: bool = _f(False, "Delete the study and empty --out before starting.")
+    resume: bool = _f(False, "Require the study to exist already (a sweep always resumes an existing one).")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    search: SearchParams = field(default_factory=SearchParams)
+    train: TrainParams = field(default_factory=TrainParams)
+
+    def validate(self) -> None:
+        if not self.budgets:
+            raise ConfigError("--budgets is required (e.g. --budgets 41k,83k,166k,332k or a range 40k:400k:4)")
+        for name in self.baseline or []:
+            if name not in BASELINES:
+                raise ConfigError(f"--baseline must be among {', '.join(BASELINES)}, got {name!r}")
+        for name in self.tune or []:
+            if name not in TUNABLE:
+                raise ConfigError(f"--tune: {name!r} cannot be tuned; allowed: {', '.join(TUNABLE)}")
+        if self.n_trials is not None and self.n_trials <= 0:
+            raise ConfigError(f"--n-trials must be a positive integer, got {self.n_trials}")
+        if not self.study_name.strip():
+            raise ConfigError("--study-name must not be empty")
+        for name in ("heartbeat_interval", "grace_period"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name} must be a positive integer, got {getattr(self, name)}")
+        if self.grace_period <= self.heartbeat_interval:
+            raise ConfigError(f"--grace_period ({self.grace_period}) must exceed --heartbeat_interval "
+                              f"({self.heartbeat_interval}), or live trials would count as crashed")
+        if self.max_retry < 0:
+            raise ConfigError(f"--max_retry must be >= 0, got {self.max_retry}")
+        if not self.poll_interval > 0:
+            raise ConfigError(f"--poll_interval must be > 0, got {self.poll_interval}")
+        _validate_common(self)
+        self.model.validate()
+        self.data.validate()
+        self.search.validate()
         self.train.validate()
 
 

@@ -1,0 +1,186 @@
+"""The two baselines of the retrain stage, at the same parameter budget ``B`` as a rank map.
+
+* **uniform** - one rank ``r`` on every target, the largest with ``r * sum(d_in + d_out) <= B``;
+  it becomes an ordinary rank map, so it trains through exactly the same peft LoRA path.
+* **adalora** - peft's AdaLoRA (Zhang et al., ICLR 2023): ``W x + s/r0 * P diag(E) Q x``, pruning
+  singular-value triplets ``(P_k, E_k, Q_k)`` by a smoothed sensitivity score while the budget falls
+  on a cubic schedule from ``b(0)`` to ``b(T)``.
+
+AdaLoRA's own budget counts triplets (``target_r * number of modules``).  When modules differ in width
+- BERT's MLP matrices cost 1,920 parameters per rank, its attention matrices 768 - a triplet count does
+not fix the parameter count: 72 triplets on MiniLM-L6 cost anywhere from 55k to 138k parameters.
+:class:`ParamBudgetAllocator` therefore keeps peft's scores, schedule and masking, and counts the
+budget in parameters: a kept triplet on a module costs ``d_in + d_out`` (the singular value adds 1,
+reported apart), and each re-allocation keeps the best-scoring triplets that fit, chosen by the exact
+knapsack of :mod:`rankalloc.discretize`, so the final adapter uses between 99% and 100% of ``B``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from peft import AdaLoraConfig
+from peft.tuners.adalora import AdaLoraLayer
+from peft.tuners.adalora.layer import RankAllocator
+from torch import nn
+
+from .budget import check_budget
+from .config import TrainParams
+from .discretize import discretize
+from .errors import BudgetError
+from .models import Target
+
+ADAPTER = "default"
+
+
+# --------------------------------------------------------------------------------------------------
+# Uniform LoRA
+# --------------------------------------------------------------------------------------------------
+def uniform_rank(targets: list[Target], budget: int, budget_text: str | None = None) -> int:
+    """The largest ``r`` with ``r * sum(d_in + d_out) <= budget``.
+
+    Raises:
+        BudgetError: rank 1 on every target already exceeds ``budget``, or ``r`` would exceed a module.
+    """
+    per_rank = sum(t.cost_per_rank for t in targets)
+    shown = budget_text or f"{budget:,}"
+    r = budget // per_rank
+    if r < 1:
+        raise BudgetError(f"--budget {shown} ({budget:,} parameters) is below rank 1 on all {len(targets)} "
+                          f"targets ({per_rank:,}); a uniform baseline needs at least that")
+    limit = min(t.max_rank for t in targets)
+    if r > limit:
+        raise BudgetError(f"--budget {shown} affords rank {r} everywhere, above the smallest module's "
+                          f"largest rank {limit}; allowed: {per_rank:,} to {per_rank * limit:,}")
+    return int(r)
+
+
+# --------------------------------------------------------------------------------------------------
+# AdaLoRA
+# --------------------------------------------------------------------------------------------------
+def adalora_config(targets: list[Target], budget: int, total_steps: int, p: TrainParams,
+                   modules_to_save: list[str], budget_text: str | None = None) -> AdaLoraConfig:
+    """An ``AdaLoraConfig`` whose initial budget is ``p.adalora_init_ratio * budget``.
+
+    ``init_r = ceil(ratio * B / sum(d_in + d_out))`` on every target; ``target_r`` is the mean final
+    rank (peft requires it; :class:`ParamBudgetAllocator` replaces its triplet budget by ``B``).
+    ``lora_alpha = scale * init_r``: AdaLoRA divides by its initial rank, so the scale is ``scale``.
+    """
+    per_rank = sum(t.cost_per_rank for t in targets)
+    check_budget(budget, [t.cost_per_rank for t in targets], [t.max_rank for t in targets], budget_text)
+    init_r = min(max(1, math.ceil(p.adalora_init_ratio * budget / per_rank)), min(t.max_rank for t in targets))
+    if init_r * per_rank < budget:
+        raise BudgetError(f"--budget {budget_text or budget}: AdaLoRA's initial rank would exceed the smallest "
+                          f"module; allowed up to {init_r * per_rank:,} parameters")
+    tinit, tfinal = adalora_schedule(total_steps, p)
+    return AdaLoraConfig(
+        init_r=init_r, target_r=max(1, round(budget / per_rank)), lora_alpha=p.scale * init_r,
+        lora_dropout=p.lora_dropout, target_modules=[t.name for t in targets], modules_to_save=modules_to_save,
+        tinit=tinit, tfinal=tfinal, deltaT=p.adalora_delta_t, beta1=p.adalora_beta1, beta2=p.adalora_beta2,
+        orth_reg_weight=p.adalora_orth_reg_weight, total_step=total_steps, task_type="SEQ_CLS", bias="none")
+
+
+def adalora_schedule(total_steps: int, p: TrainParams) -> tuple[int, int]:
+    """(tinit, tfinal) in steps, leaving at least one step of budget decrease."""
+    tinit = int(p.adalora_tinit * total_steps)
+    tfinal = int(round(p.adalora_tfinal * total_steps))
+    tfinal = max(0, min(tfinal, total_steps - tinit - 1))
+    return tinit, tfinal
+
+
+class ParamBudgetAllocator(RankAllocator):
+    """peft's AdaLoRA rank allocator with its budget counted in parameters instead of triplets.
+
+    Unchanged from peft: the sensitivity ``|w * grad|`` smoothed by ``beta1``, its uncertainty smoothed
+    by ``beta2``, the triplet score ``s(E_k) + mean s(Q_k) + mean s(P_k)``, the cubic budget schedule,
+    and masking by zeroing ``E_k``.  Changed: the schedule runs from the initial *parameters* to
+    ``budget``, and the kept triplets are the highest-scoring set whose cost fits (exact knapsack).
+    """
+
+    def __init__(self, model: nn.Module, peft_config: AdaLoraConfig, adapter_name: str, budget: int) -> None:
+        self.budget_params = int(budget)
+        super().__init__(model, peft_config, adapter_name)
+
+    def _set_budget_scheduler(self, model: nn.Module) -> None:
+        super()._set_budget_scheduler(model)  # name_set: "<module>.%s.<adapter>" keys
+        self.cost: dict[str, int] = {}
+        self.init_params = 0
+        for name, module in model.named_modules():
+            if isinstance(module, AdaLoraLayer) and self.adapter_name in module.lora_A:
+                key = f"{name}.%s.{self.adapter_name}"
+                self.cost[key] = module.in_features + module.out_features
+                self.init_params += module.r[self.adapter_name] * self.cost[key]
+
+    def budget_schedule(self, step: int) -> tuple[int, bool]:
+        c = self.peft_config
+        if step <= c.tinit:
+            return self.init_params, False
+        if step > c.total_step - c.tfinal:
+            return self.budget_params, True
+        remaining = 1 - (step - c.tinit) / (c.total_step - c.tfinal - c.tinit)
+        budget = int((self.init_params - self.budget_params) * remaining ** 3 + self.budget_params)
+        return budget, step % c.deltaT == 0
+
+    def triplet_scores(self, key: str) -> torch.Tensor:
+        s = self._element_score
+        return s(key % "lora_E").view(-1) + s(key % "lora_A").mean(dim=1) + s(key % "lora_B").mean(dim=0)
+
+    def mask_to_budget(self, model: nn.Module, budget: int) -> dict[str, list[bool]]:
+        keys = sorted(self.cost)
+        scores = [self.triplet_scores(k).float().cpu() for k in keys]
+        ranks = discretize([s.tolist() for s in scores], [self.cost[k] for k in keys], budget)
+        params = dict(model.named_parameters())
+        rank_pattern = {}
+        with torch.no_grad():
+            for key, score, r in zip(keys, scores, ranks):
+                keep = torch.zeros(len(score), dtype=torch.bool)
+                keep[torch.argsort(score, descending=True, stable=True)[:r]] = True
+                lora_e = params[key % "lora_E"]
+                lora_e.masked_fill_(~keep.to(lora_e.device).view(-1, 1), 0.0)
+                rank_pattern[key % "lora_E"] = keep.tolist()
+        return rank_pattern
+
+
+def install_param_budget(peft_model: nn.Module, budget: int) -> ParamBudgetAllocator:
+    """Replace the triplet-count allocator of a freshly built AdaLoRA ``PeftModel`` by ours."""
+    tuner = peft_model.base_model
+    allocator = ParamBudgetAllocator(tuner.model, tuner.peft_config[ADAPTER], ADAPTER, budget)
+    tuner.rankallocator = allocator
+    return allocator
+
+
+def adalora_kept_ranks(peft_model: nn.Module) -> dict[str, int]:
+    """Final kept rank of every AdaLoRA module (its unmasked triplets), keyed by module name."""
+    pattern = peft_model.peft_config[ADAPTER].rank_pattern
+    if not pattern:
+        raise RuntimeError("AdaLoRA never allocated its budget: was update_and_allocate called every step?")
+    kept = {}
+    for key, mask in pattern.items():
+        name = key.replace(f".{ADAPTER}", "").removesuffix(".lora_E")
+        kept[name] = int(sum(bool(m) for m in mask))
+    return kept
+
+
+def adalora_summary(peft_model: nn.Module, targets: list[Target], budget: int) -> dict[str, Any]:
+    """Kept ranks and parameters of a trained AdaLoRA adapter, both ways, against ``budget``."""
+    kept = adalora_kept_ranks(peft_model)
+    cost = {t.name: t.cost_per_rank for t in targets}
+    params = sum(r * cost[n] for n, r in kept.items())
+    with_values = params + sum(kept.values())
+    cfg = peft_model.peft_config[ADAPTER]
+    trained = sum(cfg.init_r * (c + 1) for c in cost.values())
+    side = "equal to" if params == budget else ("above" if params > budget else "below")
+    return {
+        "kept_ranks": kept,
+        "kept_params": params,  # d_in + d_out per kept triplet: the same cost model as LoRA
+        "kept_params_with_singular_values": with_values,  # + 1 per kept triplet
+        "budget_ratio": params / budget,
+        "budget_ratio_with_singular_values": with_values / budget,
+        "vs_budget": side,
+        "trained_params": trained,  # init_r triplets on every module during training
+        "init_r": cfg.init_r, "target_r": cfg.target_r, "tinit": cfg.tinit, "tfinal": cfg.tfinal,
+        "deltaT": cfg.deltaT, "total_step": cfg.total_step, "beta1": cfg.beta1, "beta2": cfg.beta2,
+        "orth_reg_weight": cfg.orth_reg_weight, "lora_alpha": cfg.lora_alpha,
+        "allocator": "peft RankAllocator scores, budget in parameters (exact knapsack per re-allocation)",
+    }

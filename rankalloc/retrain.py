@@ -1,0 +1,387 @@
+"""Retrain: fixed-rank peft adapters from a rank map, and the two baselines, under one recipe.
+
+``python -m rankalloc.retrain --rank-map RUN/rank_map.json`` builds ``LoraConfig(rank_pattern=...)``
+from the rank map - layer ``l`` gets a plain LoRA of rank ``r_l``, ``W x + (alpha/r) B A x`` with
+``alpha = scale * r`` - trains it from a fresh initialisation on every training example of the task
+(the search's weight and gate splits together) and evaluates it on the task's evaluation split, which
+the search never saw.  ``--baseline uniform|adalora --budget B`` trains the baselines with the very
+same recipe (:class:`~rankalloc.config.TrainParams`); only the adapter shape differs (AdaLoRA also
+keeps its own learning rate and budget schedule, as its authors tune it).
+
+Outputs in ``--out``: ``adapter/`` (an ordinary peft adapter), ``metrics.json``, ``rank_map.json``
+(the ranks trained; for AdaLoRA the ranks it kept), ``merged/`` with ``--merge``, and ``status.json``.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__, io, rundir
+from .baselines import adalora_config, adalora_summary, install_param_budget, uniform_rank
+from .budget import parse_budget
+from .config import RetrainConfig, to_dict
+from .data import EpochSampler, Split, TaskData, prepare_task
+from .models import (Target, count_parameters, find_targets, head_modules, load_model, load_tokenizer,
+                     resolve_device)
+from .rank_map import RankMap
+from .training import check_finite, set_seed, to_device
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "minilm-l6"
+
+
+@dataclass
+class RetrainResult:
+    out: Path
+    metrics: dict[str, Any]
+    logits: np.ndarray  # the trained model's logits on the evaluation split
+    labels: np.ndarray
+
+
+# --------------------------------------------------------------------------------------------------
+# The training loop and the evaluation
+# --------------------------------------------------------------------------------------------------
+def linear_schedule(total: int, warmup: int) -> Callable[[int], float]:
+    """Learning-rate factor: linear warm-up over ``warmup`` steps, then linear decay to 0 at ``total``."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return factor
+
+
+def train(model: nn.Module, train_split: Split, steps: int, lr: float, cfg: RetrainConfig, device: torch.device,
+          adalora: bool = False, on_step: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """``steps`` AdamW steps on batches of ``train_split``; AdaLoRA re-allocates its ranks after each."""
+    p = cfg.train
+    params = [q for q in model.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=p.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(steps, math.ceil(p.warmup_ratio * steps)))
+    sampler = EpochSampler(len(train_split), cfg.data.batch_size, cfg.seed)
+    history = []
+    model.train()
+    for step in range(steps):
+        batch = to_device(train_split.batch(sampler.next()), device)
+        opt.zero_grad(set_to_none=True)
+        loss = model(**batch).loss  # AdaLoRA adds its orthogonality regulariser here
+        value = float(loss.detach())
+        check_finite(value, "training loss", step, None)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if adalora:  # after the update, before the gradients are cleared: it scores |w * grad|
+            model.base_model.update_and_allocate(step + 1)
+        row = {"step": step + 1, "total_steps": steps, "train_loss": value, "lr": sched.get_last_lr()[0]}
+        history.append(row)
+        if (step + 1) % p.log_every == 0 or step + 1 == steps:
+            recent = [r["train_loss"] for r in history[-p.log_every:]]
+            logger.info("step %d/%d  loss %.4f  lr %.2e", step + 1, steps, float(np.mean(recent)), row["lr"])
+        if on_step is not None:
+            on_step(row)
+    return history
+
+
+@torch.no_grad()
+def predict(model: nn.Module, split: Split, batch_size: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels over ``split`` in eval mode (labels are kept out of the forward pass, so no
+    method adds a regulariser to the loss)."""
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    try:
+        for batch in split.iter_batches(batch_size):
+            labels.append(batch.pop("labels").numpy())
+            logits.append(model(**to_device(batch, device)).logits.float().cpu().numpy())
+    finally:
+        model.train(was_training)
+    return np.concatenate(logits), np.concatenate(labels)
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray, num_labels: int) -> dict[str, float]:
+    """accuracy, macro F1, eval loss (mean cross-entropy) and, for two classes, the MCC."""
+    from sklearn.metrics import f1_score, matthews_corrcoef
+
+    preds = logits.argmax(-1)
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    out = {"accuracy": float((preds == labels).mean()),
+           "macro_f1": float(f1_score(labels, preds, average="macro", zero_division=0)),
+           "eval_loss": float(-log_probs[np.arange(len(labels)), labels].mean())}
+    if num_labels == 2:
+        out["mcc"] = float(matthews_corrcoef(labels, preds))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Building the adapter of each method
+# --------------------------------------------------------------------------------------------------
+def build_adapter(cfg: RetrainConfig, model: nn.Module, targets: list[Target], rank_map: RankMap | None,
+                  budget: int, budget_text: str | None, steps: int) -> tuple[nn.Module, RankMap | None]:
+    """Wrap ``model`` in peft: LoRA with the rank map's (or the uniform) ranks, or AdaLoRA at ``budget``."""
+    from peft import LoraConfig, get_peft_model
+
+    heads = sorted(head_modules(model))
+    p = cfg.train
+    if cfg.baseline == "adalora":
+        peft_model = get_peft_model(model, adalora_config(targets, budget, steps, p, heads, budget_text))
+        install_param_budget(peft_model, budget)
+        return peft_model, None
+    if cfg.baseline == "uniform":
+        r = uniform_rank(targets, budget, budget_text)
+        rank_map = RankMap.from_ranks(targets, {t.name: r for t in targets}, base_model=cfg.model.name,
+                                      budget=budget, search={"baseline": "uniform", "uniform_rank": r,
+                                                             "num_layers": cfg.model.num_layers})
+    lora = LoraConfig(**rank_map.lora_config(p.scale, modules_to_save=heads, dropout=p.lora_dropout))
+    return get_peft_model(model, lora), rank_map
+
+
+def saved_adapter_params(folder: Path) -> int:
+    """Adapter parameters stored in ``folder/adapter_model.safetensors`` (LoRA/AdaLoRA tensors only)."""
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if "lora_" in k)
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------------
+def run_retrain(cfg: RetrainConfig, command: str | None = None,
+                on_step: Callable[[dict[str, Any]], None] | None = None) -> RetrainResult:
+    """Train and evaluate one adapter into ``cfg.out``.
+
+    The rank map is checked against the model before any training; nothing is written when it does
+    not fit.
+
+    Raises:
+        RankallocError: bad rank map, budget, data, model, config or run folder (one-line messages).
+    """
+    t0 = time.time()
+    command = command or "python -m rankalloc.retrain " + " ".join(sys.argv[1:])
+    rank_map = RankMap.load(cfg.rank_map) if cfg.rank_map else None  # format errors before any model work
+    spec = parse_budget(cfg.budget) if cfg.budget else None
+    if cfg.model.name == "auto":
+        cfg.model.name = rank_map.base_model if rank_map else DEFAULT_MODEL
+    if rank_map and cfg.model.num_layers is None:
+        cfg.model.num_layers = rank_map.search.get("num_layers")
+    method = cfg.baseline or "rank_map"
+
+    set_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    task = prepare_task(cfg.data, tokenizer, cfg.seed)
+    model = load_model(cfg.model, task.num_labels, task.problem_type, tokenizer.pad_token_id)
+    targets = find_targets(model, cfg.model)
+    if rank_map is not None:
+        rank_map.check_against(targets, source=f"--rank-map {cfg.rank_map}")
+        budget, budget_text = rank_map.budget, None
+        if rank_map.search.get("task") not in (None, task.name):
+            logger.warning("the rank map was searched on task %s, retraining on %s", rank_map.search["task"],
+                           task.name)
+    else:
+        budget, budget_text = spec.resolve(count_parameters(model)), spec.text
+    steps = cfg.train.epochs * (len(task.train) // cfg.data.batch_size)
+    steps = steps if cfg.max_steps is None else min(steps, cfg.max_steps)
+    device = resolve_device(cfg.device)
+    set_seed(cfg.seed)
+    peft_model, rank_map = build_adapter(cfg, model, targets, rank_map, budget, budget_text, steps)
+    peft_model.to(device)
+
+    out = Path(cfg.out) if cfg.out else rundir.default_out("retrain", f"{method}-{budget}", cfg.seed)
+    out, _ = rundir.open_run(out, overwrite=cfg.overwrite, resume=False)
+    rundir.set_status(out, "running", command=command)
+    wall = {"load": time.time() - t0}
+    lr = cfg.train.adalora_lr if method == "adalora" else cfg.train.lr
+    logger.info("retrain %s: %d targets, budget %d, %d steps (%d epochs of %d examples), lr %g, device %s, out %s",
+                method, len(targets), budget, steps, cfg.train.epochs, len(task.train), lr, device, out)
+    try:
+        t = time.time()
+        history = train(peft_model, task.train, steps, lr, cfg, device, method == "adalora", on_step)
+        wall["train"] = time.time() - t
+
+        t = time.time()
+        logits, labels = predict(peft_model, task.eval, cfg.data.eval_batch_size, device)
+        scores = classification_metrics(logits, labels, task.num_labels)
+        wall["eval"] = time.time() - t
+        logger.info("eval on %d examples: accuracy %.4f  macro F1 %.4f  loss %.4f", len(labels),
+                    scores["accuracy"], scores["macro_f1"], scores["eval_loss"])
+
+        t = time.time()
+        rank_map, adapter = describe_adapter(peft_model, method, targets, rank_map, budget, cfg)
+        checks = save_outputs(out, cfg, peft_model, tokenizer, task, logits, device)
+        rank_map.save(out / "rank_map.json")
+        wall["save"] = time.time() - t
+        wall["total"] = time.time() - t0
+
+        metrics = {
+            "method": method, "task": task.name, "base_model": cfg.model.name, **scores,
+            "eval_examples": int(len(labels)), "train_examples": len(task.train), "steps": steps,
+            "final_train_loss": float(np.mean([r["train_loss"] for r in history[-cfg.train.log_every:]])),
+            **adapter, "budget": int(budget), "budget_used": adapter["adapter_params"] / budget,
+            "ranks": rank_map.ranks, "checks": checks, "wall_time_s": wall, "peak_memory_mb": _peak_memory(device),
+            "device": str(device), "seed": cfg.seed,
+            "recipe": to_dict(cfg.train) | {"lr_used": lr, "batch_size": cfg.data.batch_size,
+                                            "max_length": cfg.data.max_length, "optimizer": "AdamW",
+                                            "schedule": "linear warm-up, then linear decay to 0"},
+            "config": to_dict(cfg), "rankalloc_version": __version__, "command": command,
+        }
+        io.write_json(out / "history.json", history)
+        io.write_json(out / "metrics.json", metrics)
+    except BaseException as e:
+        rundir.set_status(out, "failed", error=f"{type(e).__name__}: {e}", command=command)
+        raise
+    rundir.set_status(out, "done", command=command)
+    return RetrainResult(out, metrics, logits, labels)
+
+
+def describe_adapter(peft_model: nn.Module, method: str, targets: list[Target], rank_map: RankMap | None,
+                     budget: int, cfg: RetrainConfig) -> tuple[RankMap, dict[str, Any]]:
+    """The ranks trained (for AdaLoRA: those it kept) as a rank map, and the parameter counts.
+
+    ``adapter_params`` counts real parameters: every LoRA tensor of the model, or for AdaLoRA its
+    unmasked triplets at ``d_in + d_out`` each (``adalora`` also gives the count with singular values).
+    """
+    heads = {"head_params": sum(q.numel() for n, q in peft_model.named_parameters() if ".modules_to_save." in n)}
+    if method != "adalora":
+        return rank_map, {"adapter_params": sum(q.numel() for n, q in peft_model.named_parameters() if "lora_" in n),
+                          **heads}
+    summary = adalora_summary(peft_model, targets, budget)
+    kept = summary["kept_ranks"]
+    rank_map = RankMap.from_ranks(targets, {t.name: kept.get(t.name, 0) for t in targets}, base_model=cfg.model.name,
+                                  budget=budget, search={"baseline": "adalora", "num_layers": cfg.model.num_layers})
+    logger.info("AdaLoRA kept %d parameters (%d with singular values): %.2f%% of the budget, %s it",
+                summary["kept_params"], summary["kept_params_with_singular_values"],
+                100 * summary["kept_params"] / budget, summary["vs_budget"])
+    return rank_map, {"adapter_params": summary["kept_params"], **heads, "adalora": summary}
+
+
+def save_outputs(out: Path, cfg: RetrainConfig, peft_model: nn.Module, tokenizer: Any, task: TaskData,
+                 logits: np.ndarray, device: torch.device) -> dict[str, Any]:
+    """Write ``adapter/`` (and ``merged/``), and check that each reproduces the trained logits."""
+    with _atomic_dir(out / "adapter") as tmp, _quiet_peft():
+        peft_model.save_pretrained(str(tmp))
+    probe = task.eval.batch(slice(0, min(len(task.eval), cfg.data.eval_batch_size)))
+    probe.pop("labels")
+    checks = {"saved_adapter_params": saved_adapter_params(out / "adapter"),
+              "reload_max_abs_diff": _reload_difference(cfg, task, tokenizer, out / "adapter", probe, logits,
+                                                        device)}
+    if cfg.merge:
+        merged = peft_model.merge_and_unload()
+        checks["merged_max_abs_diff"] = _max_diff(merged, probe, logits, device)
+        with _atomic_dir(out / "merged") as tmp:
+            merged.save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
+    return checks
+
+
+def _reload_difference(cfg: RetrainConfig, task: TaskData, tokenizer: Any, folder: Path, probe: dict[str, torch.Tensor],
+                       logits: np.ndarray, device: torch.device) -> float:
+    """Largest logit difference between the trained model and its saved adapter on a fresh base."""
+    from peft import PeftModel
+
+    base = load_model(cfg.model, task.num_labels, task.problem_type, tokenizer.pad_token_id)
+    with _quiet_peft():
+        reloaded = PeftModel.from_pretrained(base, str(folder)).to(device)
+    return _max_diff(reloaded, probe, logits, device)
+
+
+@torch.no_grad()
+def _max_diff(model: nn.Module, probe: dict[str, torch.Tensor], logits: np.ndarray, device: torch.device) -> float:
+    model.eval()
+    got = model(**to_device(probe, device)).logits.float().cpu().numpy()
+    return float(np.abs(got - logits[: len(got)]).max())
+
+
+def _peak_memory(device: torch.device) -> dict[str, float]:
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    peak = {"cpu_rss": rss_kb / 1024}
+    if device.type == "cuda":
+        peak["cuda_max_allocated"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return peak
+
+
+@contextlib.contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """Silence two peft warnings that are false alarms here: AdaLoRA modules pruned to rank 0 save
+    zero-sized tensors (not unsharded ZeRO-3 shards), and AdaLoRA's own ``rank_pattern`` (masks, applied
+    by its loader) does not match LoRA's ``rank_pattern`` key syntax."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*LoRA tensor\(s\) have invalid shape")
+        warnings.filterwarnings("ignore", message=r".*rank_pattern keys did not match")
+        yield
+
+
+@contextlib.contextmanager
+def _atomic_dir(path: Path) -> Iterator[Path]:
+    """Fill a temporary folder beside ``path``, then rename it into place (readers never see half)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+DESCRIPTION = """Train a fixed-rank peft adapter from a rank map (or a baseline at the same budget) and evaluate it.
+
+--model defaults to the rank map's base_model (minilm-l6 for baselines); --model.num_layers to the
+searched one.  --resume is not supported: retrain keeps no checkpoints; rerun with --overwrite.
+
+examples:
+  python -m rankalloc.retrain --rank-map runs/my-search/rank_map.json --merge
+  python -m rankalloc.retrain --baseline uniform --budget 82944
+  python -m rankalloc.retrain --baseline adalora --budget 82944 --config configs/retrain/default.yaml
+"""
+
+
+def cli(argv: list[str] | None = None) -> int:
+    from .cli import command_line, progress_bar
+    from .config import parse_args
+
+    cfg, _ = parse_args(RetrainConfig, argv, "rankalloc retrain", DESCRIPTION)
+    bar, on_step = progress_bar(0, "retrain", enabled=sys.stderr.isatty())
+
+    def advance(row: dict[str, Any]) -> None:
+        if not bar.total:  # the step count is known once the data is loaded
+            bar.total = row["total_steps"]
+        on_step(row)
+
+    try:
+        result = run_retrain(cfg, command_line("retrain", argv), advance)
+    finally:
+        bar.close()
+    m = result.metrics
+    print(f"{m['method']}: accuracy {m['accuracy']:.4f}, macro F1 {m['macro_f1']:.4f} with {m['adapter_params']:,} "
+          f"adapter parameters ({100 * m['budget_used']:.2f}% of {m['budget']:,}); "
+          f"adapter: {result.out / 'adapter'}, metrics: {result.out / 'metrics.json'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli import run_stage
+
+    return run_stage("retrain", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

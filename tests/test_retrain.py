@@ -1,0 +1,236 @@
+"""Retrain: exact ranks, reload and merge fidelity, refusals before training, baselines at the budget."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rankalloc.config import DataConfig, ModelConfig, RetrainConfig, load_yaml, parse_args
+from rankalloc.errors import BudgetError, ConfigError
+from rankalloc.models import find_targets, load_model
+from rankalloc.rank_map import RankMap
+
+pytestmark = pytest.mark.filterwarnings("ignore:The following rank_pattern keys did not match")
+REPO = Path(__file__).resolve().parents[1]
+# The first block of the real MiniLM-L6: q, k, v, attention output (384x384, 768 per rank),
+# intermediate (384x1536) and output (1536x384, 1920 per rank): 6,912 per rank on all six.
+RANKS = [3, 0, 5, 1, 2, 7]
+DATA = dict(max_train_examples=64, max_eval_examples=32, batch_size=8, eval_batch_size=32)
+SMALL = ["--model", "minilm-l6", "--model.num_layers", "1", "--device", "cpu", "--max-steps", "4",
+         "--train.log_every", "2"] + [f"--data.{k}={v}" for k, v in DATA.items()]
+DOCUMENTED = {"method", "task", "base_model", "accuracy", "macro_f1", "eval_loss", "adapter_params", "head_params",
+              "budget", "budget_used", "ranks", "wall_time_s", "peak_memory_mb", "recipe", "config", "seed",
+              "rankalloc_version", "command", "checks", "steps", "train_examples", "eval_examples"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls on 2 shared cores run far faster on one thread than on two contending ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _run(argv: list[str]):
+    from rankalloc.retrain import run_retrain
+
+    cfg, _ = parse_args(RetrainConfig, argv, "rankalloc retrain", "")
+    return run_retrain(cfg, command="test")
+
+
+def _eval_split():
+    from rankalloc.data import prepare_task
+    from rankalloc.models import load_tokenizer
+
+    return prepare_task(DataConfig(**DATA), load_tokenizer(ModelConfig()), 0).eval
+
+
+def _reload(folder: Path):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(load_model(ModelConfig(num_layers=1), num_labels=3), str(folder))
+
+
+def _logits(model) -> np.ndarray:
+    from rankalloc.retrain import predict
+
+    return predict(model, _eval_split(), 32, torch.device("cpu"))[0]
+
+
+@pytest.fixture(scope="module")
+def targets(minilm_1layer):
+    cfg, model = minilm_1layer
+    return find_targets(model, cfg)
+
+
+@pytest.fixture(scope="module")
+def rank_map_file(targets, tmp_path_factory) -> Path:
+    rm = RankMap.from_ranks(targets, {t.name: r for t, r in zip(targets, RANKS)}, base_model="minilm-l6",
+                            budget=30000, search={"num_layers": 1, "task": "tweets"})
+    path = tmp_path_factory.mktemp("map") / "rank_map.json"
+    rm.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def rank_map_run(rank_map_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rt") / "run"
+    return _run(["--rank-map", str(rank_map_file), "--out", str(out), "--merge", *SMALL])
+
+
+# --------------------------------------------------------------------------------------------------
+# The rank-map method end to end
+# --------------------------------------------------------------------------------------------------
+def test_adapter_has_exactly_the_mapped_ranks(rank_map_run, targets):
+    model = _reload(rank_map_run.out / "adapter")
+    built = {}
+    for name, module in model.base_model.model.named_modules():
+        if hasattr(module, "lora_A") and "default" in module.lora_A:
+            built[name] = module.lora_A["default"].weight.shape[0]
+    wanted = {t.name: r for t, r in zip(targets, RANKS)}
+    assert built == {n: r for n, r in wanted.items() if r > 0}  # rank-0 modules carry no adapter
+    assert rank_map_run.metrics["adapter_params"] == sum(r * t.cost_per_rank for t, r in zip(targets, RANKS))
+    assert rank_map_run.metrics["checks"]["saved_adapter_params"] == rank_map_run.metrics["adapter_params"]
+
+
+def test_saved_adapter_and_merged_model_reproduce_the_trained_logits(rank_map_run):
+    from transformers import AutoModelForSequenceClassification
+
+    trained = rank_map_run.logits
+    assert not np.allclose(trained, _logits(load_model(ModelConfig(num_layers=1), num_labels=3)))  # it trained
+    np.testing.assert_allclose(_logits(_reload(rank_map_run.out / "adapter")), trained, atol=1e-5, rtol=0)
+    merged = AutoModelForSequenceClassification.from_pretrained(str(rank_map_run.out / "merged"))
+    np.testing.assert_allclose(_logits(merged), trained, atol=1e-4, rtol=0)
+    assert (rank_map_run.out / "merged" / "tokenizer_config.json").is_file()
+    assert rank_map_run.metrics["checks"]["reload_max_abs_diff"] <= 1e-5
+
+
+def test_metrics_json_has_the_documented_keys(rank_map_run):
+    metrics = json.loads((rank_map_run.out / "metrics.json").read_text())
+    assert DOCUMENTED <= set(metrics)
+    assert set(metrics["wall_time_s"]) >= {"load", "train", "eval"}
+    assert metrics["peak_memory_mb"]["cpu_rss"] > 0 and "mcc" not in metrics  # 3 classes: no MCC
+    assert metrics["method"] == "rank_map" and metrics["steps"] == 4 and metrics["eval_examples"] == 32
+    assert metrics["recipe"]["scale"] == 2.0 and metrics["config"]["model"]["num_layers"] == 1
+    assert json.loads((rank_map_run.out / "status.json").read_text())["state"] == "done"
+    assert (rank_map_run.out / "adapter" / "adapter_config.json").is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# Refusals: one line, before any training, nothing written
+# --------------------------------------------------------------------------------------------------
+def _edit(data: dict, case: str) -> dict:
+    first = next(iter(data["modules"]))
+    if case == "version":
+        data["version"] = 2
+    elif case == "negative":
+        data["modules"][first]["rank"] = -1
+    elif case == "too_big":
+        data["modules"][first]["rank"] = 385  # q is 384x384
+        data.pop("total_params")
+    return data
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("corrupted", "not valid JSON"),
+    ("version", "version 2"),
+    ("negative", "negative"),
+    ("too_big", "exceeds min(d_in, d_out) = 384"),
+])
+def test_bad_rank_map_files_are_refused_in_one_line(case, needle, rank_map_file, tmp_path, capsys):
+    from rankalloc.retrain import main
+
+    bad = tmp_path / "bad.json"
+    if case == "corrupted":
+        bad.write_text(rank_map_file.read_text()[:-40])
+    else:
+        bad.write_text(json.dumps(_edit(json.loads(rank_map_file.read_text()), case)))
+    out = tmp_path / "run"
+    assert main(["--rank-map", str(bad), "--out", str(out), *SMALL]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0] and err[0].startswith("rankalloc retrain: error:")
+    assert not out.exists()
+
+
+def test_rank_map_of_another_model_is_refused_before_training(tiny_gpt2, tmp_path, capsys):
+    from rankalloc.retrain import main
+
+    gpt2_cfg = ModelConfig(name=tiny_gpt2)
+    gpt2_targets = find_targets(load_model(gpt2_cfg, num_labels=3), gpt2_cfg)
+    path = tmp_path / "gpt2_map.json"
+    RankMap.from_ranks(gpt2_targets, {t.name: 1 for t in gpt2_targets}, base_model=tiny_gpt2, budget=10**6).save(path)
+    out = tmp_path / "run"
+    assert main(["--rank-map", str(path), "--out", str(out), *SMALL]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0] and "Traceback" not in err
+    assert "transformer.h.0" in errors[0] and "another model" in errors[0]
+    assert "step 1/" not in err and not out.exists()  # refused before the first training step
+
+
+# --------------------------------------------------------------------------------------------------
+# Baselines at the budget
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("baseline, budget", [("uniform", 13824), ("adalora", 12000)])
+def test_baselines_use_the_budget_within_two_percent(baseline, budget, tmp_path):
+    result = _run(["--baseline", baseline, "--budget", str(budget), "--out", str(tmp_path / "run"), *SMALL])
+    m = result.metrics
+    assert m["method"] == baseline and m["budget"] == budget
+    assert 0.98 * budget <= m["adapter_params"] <= 1.02 * budget
+    np.testing.assert_allclose(_logits(_reload(result.out / "adapter")), result.logits, atol=1e-5, rtol=0)
+    if baseline == "uniform":
+        assert set(m["ranks"].values()) == {2}  # 2 * 6,912 = 13,824
+    else:
+        a = m["adalora"]
+        assert a["kept_params"] == m["adapter_params"] <= budget and a["vs_budget"] == "below"
+        assert a["kept_params_with_singular_values"] == a["kept_params"] + sum(a["kept_ranks"].values())
+        assert m["checks"]["saved_adapter_params"] == a["kept_params_with_singular_values"]
+        assert m["recipe"]["lr_used"] == m["recipe"]["adalora_lr"]
+
+
+def test_uniform_rank_is_the_largest_that_fits(targets):
+    from rankalloc.baselines import uniform_rank
+
+    assert uniform_rank(targets, 6912) == 1 and uniform_rank(targets, 20735) == 2
+    with pytest.raises(BudgetError, match="below rank 1"):
+        uniform_rank(targets, 6911)
+
+
+# --------------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, flag", [
+    ([], "--rank-map"),
+    (["--rank-map", "x.json", "--baseline", "uniform", "--budget", "1k"], "exactly one"),
+    (["--baseline", "lora"], "--baseline"),
+    (["--baseline", "uniform"], "--budget"),
+    (["--rank-map", "x.json", "--budget", "1k"], "--budget"),
+    (["--rank-map", "x.json", "--resume"], "--resume"),
+    (["--rank-map", "x.json", "--train.lr", "0"], "--train.lr"),
+    (["--rank-map", "x.json", "--train.adalora_tinit", "0.7"], "--train.adalora_tinit"),
+    (["--rank-map", "x.json", "--train.epochs", "two"], "--train.epochs"),
+])
+def test_bad_flags_name_the_flag(argv, flag):
+    with pytest.raises(ConfigError, match=flag):
+        parse_args(RetrainConfig, argv, "rankalloc retrain", "")
+
+
+@pytest.mark.parametrize("name", ["default.yaml", "smoke.yaml"])
+def test_retrain_configs_load(name):
+    cfg = load_yaml(RetrainConfig, REPO / "configs" / "retrain" / name)
+    cfg.baseline, cfg.budget = "uniform", "83k"
+    cfg.validate()
+    header = (REPO / "configs" / "retrain" / name).read_text().splitlines()[0]
+    assert header.startswith("# python -m rankalloc.retrain --config configs/retrain/" + name)
+
+
+def test_classification_metrics_binary_has_mcc():
+    from rankalloc.retrain import classification_metrics
+
+    logits = np.array([[2.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 3.0]])
+    m = classification_metrics(logits, np.array([0, 1, 1, 1]), 2)
+    assert m["accuracy"] == 0.75 and -1 <= m["mcc"] <= 1 and m["eval_loss"] > 0
