@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__, io, rundir
+from . import __version__, distributed, io, rundir
 from .baselines import adalora_config, adalora_summary, install_param_budget, uniform_rank
 from .budget import parse_budget
 from .config import RetrainConfig, to_dict
@@ -66,22 +66,25 @@ def linear_schedule(total: int, warmup: int) -> Callable[[int], float]:
 
 
 def train(model: nn.Module, train_split: Split, steps: int, lr: float, cfg: RetrainConfig, device: torch.device,
-          adalora: bool = False, on_step: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+          adalora: bool = False, on_step: Callable[[dict[str, Any]], None] | None = None,
+          dist_info: distributed.DistInfo = distributed.DistInfo()) -> list[dict[str, Any]]:
     """``steps`` AdamW steps on batches of ``train_split``; AdaLoRA re-allocates its ranks after each."""
     p = cfg.train
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=p.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(steps, math.ceil(p.warmup_ratio * steps)))
-    sampler = EpochSampler(len(train_split), cfg.data.batch_size, cfg.seed)
+    # every rank draws the same global batch and keeps its slice (see rankalloc.distributed)
+    sampler = EpochSampler(len(train_split), cfg.data.batch_size * dist_info.world_size, cfg.seed)
     history = []
     model.train()
     for step in range(steps):
-        batch = to_device(train_split.batch(sampler.next()), device)
+        batch = to_device(train_split.batch(distributed.shard(sampler.next(), dist_info)), device)
         opt.zero_grad(set_to_none=True)
         loss = model(**batch).loss  # AdaLoRA adds its orthogonality regulariser here
-        value = float(loss.detach())
+        value = float(distributed.mean(loss.detach(), dist_info))
         check_finite(value, "training loss", step, None)
         loss.backward()
+        distributed.average_gradients(params, dist_info)
         opt.step()
         sched.step()
         if adalora:  # after the update, before the gradients are cleared: it scores |w * grad|
@@ -162,8 +165,8 @@ def saved_adapter_params(folder: Path) -> int:
 # The stage
 # --------------------------------------------------------------------------------------------------
 def run_retrain(cfg: RetrainConfig, command: str | None = None,
-                on_step: Callable[[dict[str, Any]], None] | None = None) -> RetrainResult:
-    """Train and evaluate one adapter into ``cfg.out``.
+                on_step: Callable[[dict[str, Any]], None] | None = None) -> RetrainResult | None:
+    """Train and evaluate one adapter into ``cfg.out`` (under torchrun: rank 0 returns it, others None).
 
     The rank map is checked against the model before any training; nothing is written when it does
     not fit.
@@ -181,6 +184,7 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
         cfg.model.num_layers = rank_map.search.get("num_layers")
     method = cfg.baseline or "rank_map"
 
+    dist_info = distributed.init(cfg.device)
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     task = prepare_task(cfg.data, tokenizer, cfg.seed)
@@ -194,24 +198,28 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
                            task.name)
     else:
         budget, budget_text = spec.resolve(count_parameters(model)), spec.text
-    steps = cfg.train.epochs * (len(task.train) // cfg.data.batch_size)
+    steps = cfg.train.epochs * (len(task.train) // (cfg.data.batch_size * dist_info.world_size))
     steps = steps if cfg.max_steps is None else min(steps, cfg.max_steps)
-    device = resolve_device(cfg.device)
+    device = distributed.device_for(dist_info, resolve_device(cfg.device))
     set_seed(cfg.seed)
     peft_model, rank_map = build_adapter(cfg, model, targets, rank_map, budget, budget_text, steps)
     peft_model.to(device)
 
     out = Path(cfg.out) if cfg.out else rundir.default_out("retrain", f"{method}-{budget}", cfg.seed)
-    out, _ = rundir.open_run(out, overwrite=cfg.overwrite, resume=False)
-    rundir.set_status(out, "running", command=command)
+    if dist_info.is_main:  # rank 0 alone owns the run folder
+        out, _ = rundir.open_run(out, overwrite=cfg.overwrite, resume=False)
+        rundir.set_status(out, "running", command=command)
+    distributed.barrier(dist_info)
     wall = {"load": time.time() - t0}
     lr = cfg.train.adalora_lr if method == "adalora" else cfg.train.lr
     logger.info("retrain %s: %d targets, budget %d, %d steps (%d epochs of %d examples), lr %g, device %s, out %s",
                 method, len(targets), budget, steps, cfg.train.epochs, len(task.train), lr, device, out)
     try:
         t = time.time()
-        history = train(peft_model, task.train, steps, lr, cfg, device, method == "adalora", on_step)
+        history = train(peft_model, task.train, steps, lr, cfg, device, method == "adalora", on_step, dist_info)
         wall["train"] = time.time() - t
+        if not dist_info.is_main:  # identical weights on every rank: rank 0 evaluates and writes
+            return None
 
         t = time.time()
         logits, labels = predict(peft_model, task.eval, cfg.data.eval_batch_size, device)
@@ -242,8 +250,11 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
         io.write_json(out / "history.json", history)
         io.write_json(out / "metrics.json", metrics)
     except BaseException as e:
-        rundir.set_status(out, "failed", error=f"{type(e).__name__}: {e}", command=command)
+        if dist_info.is_main:
+            rundir.set_status(out, "failed", error=f"{type(e).__name__}: {e}", command=command)
         raise
+    finally:
+        distributed.shutdown(dist_info)
     rundir.set_status(out, "done", command=command)
     return RetrainResult(out, metrics, logits, labels)
 
@@ -359,7 +370,7 @@ def cli(argv: list[str] | None = None) -> int:
     from .config import parse_args
 
     cfg, _ = parse_args(RetrainConfig, argv, "rankalloc retrain", DESCRIPTION)
-    bar, on_step = progress_bar(0, "retrain", enabled=sys.stderr.isatty())
+    bar, on_step = progress_bar(0, "retrain", enabled=sys.stderr.isatty() and os.environ.get("RANK", "0") == "0")
 
     def advance(row: dict[str, Any]) -> None:
         if not bar.total:  # the step count is known once the data is loaded
@@ -370,6 +381,8 @@ def cli(argv: list[str] | None = None) -> int:
         result = run_retrain(cfg, command_line("retrain", argv), advance)
     finally:
         bar.close()
+    if result is None:  # a non-zero rank under torchrun
+        return 0
     m = result.metrics
     print(f"{m['method']}: accuracy {m['accuracy']:.4f}, macro F1 {m['macro_f1']:.4f} with {m['adapter_params']:,} "
           f"adapter parameters ({100 * m['budget_used']:.2f}% of {m['budget']:,}); "

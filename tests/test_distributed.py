@@ -91,3 +91,28 @@ def test_a_killed_rank_fails_the_job_cleanly(tmp_path, tiny_llama):
     assert proc.returncode != 0
     assert "SIGKILL" in err or "Signal 9" in err or "exitcode" in err.lower() or "failed" in err.lower()
     assert not (out / "rank_map.json").exists()
+
+
+def _retrain_args(model: str, rank_map: Path, out: Path, batch: int) -> list[str]:
+    return ["-m", "rankalloc.retrain", "--rank-map", str(rank_map), "--model", model, "--out", str(out),
+            "--device", "cpu", "--max-steps", "6", "--data.max_train_examples", "160",
+            "--data.max_eval_examples", "32", "--data.max_length", "24", "--data.batch_size", str(batch)]
+
+
+def test_two_process_retrain_matches_one_process(tmp_path, tiny_llama):
+    search = subprocess.run([sys.executable, *_search_args(tiny_llama, tmp_path / "s", batch=16, steps=4)],
+                            cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert search.returncode == 0, search.stderr[-3000:]
+    rank_map = tmp_path / "s" / "rank_map.json"
+    one = subprocess.run([sys.executable, *_retrain_args(tiny_llama, rank_map, tmp_path / "r1", 16)],
+                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(_torchrun(2, _retrain_args(tiny_llama, rank_map, tmp_path / "r2", 8)),
+                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    m1 = json.loads((tmp_path / "r1" / "metrics.json").read_text())
+    m2 = json.loads((tmp_path / "r2" / "metrics.json").read_text())
+    assert m1["steps"] == m2["steps"] == 6
+    assert m1["adapter_params"] == m2["adapter_params"]
+    assert m1["eval_loss"] == pytest.approx(m2["eval_loss"], abs=1e-4)
+    assert m1["final_train_loss"] == pytest.approx(m2["final_train_loss"], abs=1e-4)
