@@ -105,6 +105,25 @@ class GatedModel(nn.Module):
         for name, layer in self.layers.items():
             layer.gates.set_hard_rank(int(ranks[name]))
 
+    @torch.no_grad()
+    def project_cost_(self, target: float, iterations: int = 40) -> float:
+        """Shift every gate logit by one common offset so that the expected cost equals ``target``.
+
+        The expected cost is increasing in the offset, so bisection finds it; the order of the
+        components (what the knapsack ranks by) is unchanged.  Returns the offset applied.
+        """
+        lo, hi = -24.0, 24.0
+        for _ in range(iterations):
+            mid = 0.5 * (lo + hi)
+            cost = sum(float(layer.gates.keep_prob_shifted(mid).sum()) * self._costs[name]
+                       for name, layer in self.layers.items())
+            lo, hi = (mid, hi) if cost < target else (lo, mid)
+        offset = 0.5 * (lo + hi)
+        for layer in self.layers.values():
+            layer.gates.log_alpha.add_(offset)
+        self.clamp_gates_()
+        return offset
+
     def clamp_gates_(self, bound: float = 12.0) -> None:
         for layer in self.layers.values():
             layer.gates.clamp_(bound)

@@ -100,6 +100,9 @@ class SearchParams:
     budget_warmup: float = _f(0.4, "Fraction of the steps over which the cost target falls from the "
                               "initial expected cost to the budget.")
     gate_init: float = _f(0.9, "Initial keep-probability of each rank component.")
+    project_cost: bool = _f(True, "Once the cost target has reached the budget, follow each gate step by "
+                            "a projection (one common shift of all gate logits) onto C = B exactly, which "
+                            "removes the overshoot of dual ascent.")
     temperature: float = _f(0.5, "Hard-concrete temperature beta (lower = closer to binary samples).")
     lora_dropout: float = _f(0.0, "Dropout on the adapter input.")
     log_every: int = _f(20, "Weight steps between log lines.")

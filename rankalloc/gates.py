@@ -45,6 +45,10 @@ class RankGates(nn.Module):
         """P(component kept), differentiable in ``log_alpha``."""
         return torch.sigmoid(self.log_alpha - self.temperature * math.log(-GAMMA / ZETA))
 
+    def keep_prob_shifted(self, offset: float) -> torch.Tensor:
+        """P(keep) if every ``log_alpha`` were shifted by ``offset`` (for the cost projection)."""
+        return torch.sigmoid(self.log_alpha + offset - self.temperature * math.log(-GAMMA / ZETA))
+
     def expected(self) -> torch.Tensor:
         """Deterministic gate values (the median of the distribution, clipped to [0, 1])."""
         return torch.clamp(torch.sigmoid(self.log_alpha) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)

@@ -108,3 +108,15 @@ def test_lagrangian_term_pushes_cost_towards_target():
     cost = torch.tensor(50.0, requires_grad=True)
     Lagrangian(budget=100, lr=0.1, penalty=1.0, lam=0.0).term(cost, 100).backward()
     assert cost.grad < 0  # below target with lam = 0: the penalty raises it
+
+
+def test_cost_projection_hits_the_target_and_keeps_the_order(gated_minilm):
+    torch.manual_seed(1)
+    for layer in gated_minilm.layers.values():
+        layer.gates.log_alpha.data.normal_(0.0, 2.0)
+    order = {n: torch.argsort(l.gates.log_alpha.detach()) for n, l in gated_minilm.layers.items()}
+    target = 0.3 * gated_minilm.max_cost()
+    gated_minilm.project_cost_(target)
+    assert float(gated_minilm.expected_cost().detach()) == pytest.approx(target, rel=1e-4)
+    for name, layer in gated_minilm.layers.items():
+        assert torch.equal(torch.argsort(layer.gates.log_alpha.detach()), order[name])
