@@ -1,0 +1,302 @@
+"""Sweep: a study over budgets on SQLite, resumed without rerunning points; re-exports within budget;
+refused storages; a journal's crashed trial retried; two real worker processes on PostgreSQL, one of them
+killed mid-trial (RANKALLOC_TEST_PG_URL, set by .ci/postgres.sh)."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from rankalloc import sweep
+from rankalloc.config import ExportConfig, RetrainConfig, SearchConfig, SweepConfig, TrainParams, parse_args
+from rankalloc.errors import BudgetError
+
+REPO = Path(__file__).resolve().parents[1]
+# One block of the real MiniLM-L6 (6,912 parameters per rank over its six projections), 96 tweets,
+# 2 steps of search and of retrain: a trial takes a few seconds.
+SMALL = ["--model.num_layers", "1", "--data.max_train_examples", "96", "--data.max_eval_examples", "32",
+         "--data.batch_size", "16", "--data.max_length", "16", "--device", "cpu", "--max-steps", "2",
+         "--search.warmup_steps", "0", "--search.log_every", "1", "--search.gap_batches", "1",
+         "--train.log_every", "1", "--poll_interval", "0.5"]
+PG_URL = os.environ.get("RANKALLOC_TEST_PG_URL")
+PG_DB = sweep.postgres_driver_url(PG_URL) if PG_URL else None  # with the installed driver, for optuna here
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls on 2 shared cores run far faster on one thread than on two contending ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _study(storage: str, name: str):
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def _complete(study) -> dict[tuple[str, int], list[int]]:
+    """point -> numbers of its complete trials."""
+    from optuna.trial import TrialState
+
+    out: dict[tuple[str, int], list[int]] = {}
+    for t in study.get_trials(states=(TrialState.COMPLETE,)):
+        out.setdefault(sweep.point_of(t), []).append(t.number)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure parts
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("items, expected", [
+    (["41k", "83k", "166k", "332k"], [41000, 83000, 166000, 332000]),
+    (["40k:400k:4"], [40000, 86177, 185664, 400000]),
+    (["0.1M", "100000", "50k"], [50000, 100000]),
+    (["7k:28k:3", "41472"], [7000, 14000, 28000, 41472]),
+])
+def test_budget_lists_and_log_ranges(items, expected):
+    assert sweep.parse_budgets(items) == expected
+
+
+@pytest.mark.parametrize("items, fragment", [
+    (["40k:4"], "give budgets"), (["400k:40k:3"], "LO < HI"), (["1%"], "parameter counts"),
+    (["abc"], "is not a budget"), (["40k:400k:x"], "LO:HI:N"),
+])
+def test_bad_budgets_are_refused(items, fragment):
+    with pytest.raises(BudgetError, match=fragment):
+        sweep.parse_budgets(items)
+
+
+@pytest.mark.parametrize("cls, argv", [
+    (SearchConfig, ["--budget", "27648", "--out", "runs/s", "--search.r_max", "16", "--model.num_layers", "1",
+                    "--model.target_modules", "query,value", "--data.max_train_examples", "null"]),
+    (ExportConfig, ["--run", "runs/s", "--budget", "14000", "--out", "runs/e"]),
+    (RetrainConfig, ["--baseline", "uniform", "--budget", "7000", "--merge", "--train.lr", "0.001",
+                     "--model", "minilm-l6"]),
+])
+def test_recorded_commands_rebuild_the_same_config(cls, argv):
+    """The commands in pareto.md are exact: parsing one gives back the config that ran."""
+    import shlex
+
+    cfg, _ = parse_args(cls, argv, "t", "")
+    command = sweep.stage_command(cls.__name__.replace("Config", "").lower(), cfg)
+    again, _ = parse_args(cls, shlex.split(command)[3:], "t", "")
+    assert again == cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# SQLite: a 3-trial sweep, resumed with more budgets; re-export at 5 budgets from its shared search
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sqlite_sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep") / "s"
+    argv = SMALL + ["--budgets", "7k,14k,28k", "--out", str(out), "--study-name", "t3"]
+    assert sweep.main(argv) == 0
+    return out, argv
+
+
+def test_sweep_writes_reports_and_resumes_without_rerunning(sqlite_sweep):
+    out, argv = sqlite_sweep
+    storage = f"sqlite:///{out / 'sweep.db'}"
+    study = _study(storage, "t3")
+    first = {t.number: t.datetime_complete for t in study.trials}
+    assert sorted(_complete(study)) == [("rankalloc", 7000), ("rankalloc", 14000), ("rankalloc", 28000)]
+    assert len(first) == 3
+    for t in study.trials:  # what it takes to retrain or ship any point
+        u = t.user_attrs
+        assert u["method"] == "rankalloc" and Path(u["rank_map"]).is_file() and Path(u["adapter"]).is_dir()
+        assert json.loads(Path(u["metrics"]).read_text())["accuracy"] == pytest.approx(t.values[1])
+        assert t.values[0] <= u["budget"] and len(u["commands"]) == 3  # search, export, retrain
+    for name in ("pareto.csv", "pareto.md", "pareto.png", "trials.csv", "sweep.json"):
+        assert (out / name).is_file(), name
+    rows = list(csv.DictReader((out / "pareto.csv").open()))
+    assert rows and all(r["front"] == "True" for r in rows)
+    assert "python -m rankalloc.export --run" in (out / "pareto.md").read_text()
+    summary = json.loads((out / "sweep.json").read_text())
+    assert summary["full_search_estimate_s"] == pytest.approx(3 * summary["shared_search"]["wall_time_s"])
+
+    # the same study with more budgets (a range, too): only the new point runs
+    more = [a if a != "7k,14k,28k" else "7k:28k:3,41472" for a in argv]
+    assert sweep.main(more) == 0
+    study = _study(storage, "t3")
+    assert len(study.trials) == 4
+    assert {t.number: t.datetime_complete for t in study.trials if t.number in first} == first
+    assert all(len(n) == 1 for n in _complete(study).values()) and ("rankalloc", 41472) in _complete(study)
+    assert len(list(csv.DictReader((out / "trials.csv").open()))) == 4
+
+
+def test_reexports_from_one_search_respect_their_budgets(sqlite_sweep):
+    out, argv = sqlite_sweep
+    budgets = sweep.parse_budgets(["10k", "15k", "20k", "30k", "40k"])
+    cfg, _ = parse_args(SweepConfig, SMALL + ["--budgets", "10k,40k", "--out", str(out)], "t", "")
+    shared = sweep.run_shared_search(cfg, out, budgets)  # the finished one is reused, not rerun
+    assert shared.path == str(out / "search")
+    runner = sweep.Sweep(cfg, out, budgets, [], shared)
+    for b in budgets:
+        path, commands = runner._rank_map(b, out / "export-test" / str(b), cfg.search, {})
+        rank_map = json.loads(path.read_text())
+        assert 0.99 * b <= rank_map["total_params"] <= b, (b, rank_map["total_params"])
+        assert rank_map["search"]["exported_from_budget"] == shared.budget and commands[0] == shared.command
+
+
+def test_changed_settings_are_refused_on_resume(sqlite_sweep, capsys):
+    out, argv = sqlite_sweep
+    code = sweep.main(argv + ["--train.lr", "0.0123"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "Traceback" not in "\n".join(err)
+    assert f"study 't3' was run with --train.lr {TrainParams().lr!r}, not 0.0123" in err[-1]
+
+
+# --------------------------------------------------------------------------------------------------
+# Storages
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("url, fragment", [
+    ("sqlite:////nonexistent-folder/sweep.db", "cannot open it"),
+    ("redis://localhost:6379/0", "not a storage URL"),
+    ("postgresql://someone:s3cret@127.0.0.1:1/db", "cannot open it"),
+    ("journal:/nonexistent-folder/sweep.log", "cannot open it"),
+])
+def test_a_storage_that_cannot_be_opened_is_refused_in_one_line(tmp_path, capsys, url, fragment):
+    out = tmp_path / "s"
+    code = sweep.main(SMALL + ["--budgets", "7k", "--storage", url, "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "Traceback" not in err
+    assert len(err.splitlines()) == 1 and err.startswith("rankalloc sweep: error: --storage"), err
+    assert fragment in err and "allowed: sqlite:///" in err and "s3cret" not in err
+    assert not out.exists()
+
+
+def test_journal_trial_of_a_dead_worker_is_failed_and_retried(tmp_path):
+    """A journal file has no heartbeats: a running trial whose process is gone is failed and requeued."""
+    import optuna
+    from optuna.trial import TrialState
+
+    cfg, _ = parse_args(SweepConfig, ["--budgets", "7k", "--storage", f"journal:{tmp_path / 'j.log'}"], "t", "")
+    study = sweep.open_study(cfg, sweep.open_storage(cfg, tmp_path), tmp_path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    trial = study.ask({"budget": optuna.distributions.IntDistribution(1, 10**13, log=True)})
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{dead.pid}")
+    alive = study.ask()
+    alive.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    sweep._recover_crashed(study, cfg)
+    states = {t.number: t.state for t in study.trials}
+    assert states[trial.number] == TrialState.FAIL and states[alive.number] == TrialState.RUNNING
+    retry = [t for t in study.trials if t.state == TrialState.WAITING]
+    assert len(retry) == 1 and retry[0].system_attrs["failed_trial"] == trial.number
+    assert retry[0].params == {"budget": trial.params["budget"]}
+
+
+# --------------------------------------------------------------------------------------------------
+# PostgreSQL: two worker processes on one study; one killed mid-trial
+# --------------------------------------------------------------------------------------------------
+def _pg_reachable() -> str | None:
+    if not PG_URL:
+        return "RANKALLOC_TEST_PG_URL is not set (run: eval \"$(bash .ci/postgres.sh)\")"
+    try:
+        import sqlalchemy
+
+        with sqlalchemy.create_engine(PG_DB, connect_args={"connect_timeout": 5}).connect():
+            return None
+    except Exception as e:  # driver missing or server down
+        return f"PostgreSQL at RANKALLOC_TEST_PG_URL cannot be reached: {str(e).splitlines()[0]}"
+
+
+pg = pytest.mark.skipif(_pg_reachable() is not None, reason=str(_pg_reachable()))
+PG_ARGS = ["--heartbeat_interval", "1", "--grace_period", "4", "--baseline", "uniform"]
+
+
+def _worker(out: Path, study: str, budgets: str, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    argv = [sys.executable, "-m", "rankalloc.sweep", *SMALL, *PG_ARGS, "--budgets", budgets, "--storage", PG_URL,
+            "--study-name", study, "--out", str(out)]
+    return subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO, env=env)
+
+
+def _finish(procs: list[subprocess.Popen], logs: list[Path], timeout: float = 240) -> list[int]:
+    deadline = time.time() + timeout
+    codes = []
+    for p, log in zip(procs, logs):
+        try:
+            codes.append(p.wait(timeout=max(1, deadline - time.time())))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"sweep workers did not finish in {timeout} s; log:\n" + log.read_text()[-3000:])
+    return codes
+
+
+@pytest.fixture(scope="module")
+def pg_out(tmp_path_factory):
+    """One sweep folder for the PostgreSQL studies: the second one reuses the first one's shared search."""
+    return tmp_path_factory.mktemp("pg") / "sweep"
+
+
+@pg
+def test_two_workers_share_one_postgres_study(pg_out, tmp_path):
+    import optuna
+    from optuna.trial import TrialState
+
+    name = f"two-{uuid.uuid4().hex[:8]}"
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    procs = [_worker(pg_out, name, "7k,14k", log) for log in logs]
+    codes = _finish(procs, logs)
+    assert codes == [0, 0], "\n".join(log.read_text()[-2000:] for log in logs)
+    study = _study(PG_DB, name)
+    done = _complete(study)
+    assert sorted(done) == [("rankalloc", 7000), ("rankalloc", 14000), ("uniform", 7000), ("uniform", 14000)]
+    assert all(len(numbers) == 1 for numbers in done.values()), done  # none twice
+    assert not [t for t in study.trials if t.state == TrialState.FAIL]
+    assert "shared search at" in "".join(log.read_text() for log in logs)  # run by one worker, reused by the other
+    optuna.delete_study(study_name=name, storage=PG_DB)
+
+
+@pg
+def test_a_worker_killed_mid_trial_is_retried_by_the_other(pg_out, tmp_path):
+    import optuna
+    from optuna.trial import TrialState
+
+    name = f"kill-{uuid.uuid4().hex[:8]}"
+    logs = [tmp_path / "victim.log", tmp_path / "survivor.log"]
+    victim = _worker(pg_out, name, "7k,14k,28k", logs[0])
+    survivor = _worker(pg_out, name, "7k,14k,28k", logs[1])
+    killed = None
+    deadline = time.time() + 120
+    while killed is None and time.time() < deadline and victim.poll() is None:
+        time.sleep(0.2)
+        victim.send_signal(signal.SIGSTOP)  # frozen: a trial it holds as running now is one it is inside of
+        try:
+            trials = _study(PG_DB, name).get_trials(states=(TrialState.RUNNING,))
+        except KeyError:  # the study is not created yet
+            trials = []
+        mine = [t for t in trials if t.user_attrs.get("worker", "").endswith(f":{victim.pid}")]
+        if mine:
+            victim.send_signal(signal.SIGKILL)
+            victim.wait()
+            killed = mine[0].number
+        else:
+            victim.send_signal(signal.SIGCONT)
+    assert killed is not None, "the victim never ran a trial:\n" + logs[0].read_text()[-2000:]
+    assert _finish([survivor], logs[1:]) == [0], logs[1].read_text()[-3000:]
+    study = _study(PG_DB, name)
+    states = {t.number: t.state for t in study.trials}
+    assert states[killed] == TrialState.FAIL
+    done = _complete(study)
+    assert len(done) == 6 and all(len(numbers) == 1 for numbers in done.values()), done
+    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed]
+    assert [t.state for t in retried] == [TrialState.COMPLETE]
+    assert retried[0].user_attrs["worker"].endswith(f":{survivor.pid}")
+    optuna.delete_study(study_name=name, storage=PG_DB)
