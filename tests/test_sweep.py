@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rankalloc import sweep
+from rankalloc import sweep, sweep_shared, sweep_study
 from rankalloc.config import ExportConfig, RetrainConfig, SearchConfig, SweepConfig, TrainParams, parse_args
 from rankalloc.errors import BudgetError
 
@@ -29,7 +29,7 @@ SMALL = ["--model.num_layers", "1", "--data.max_train_examples", "96", "--data.m
          "--search.warmup_steps", "0", "--search.log_every", "1", "--search.gap_batches", "1",
          "--train.log_every", "1", "--poll_interval", "0.5"]
 PG_URL = os.environ.get("RANKALLOC_TEST_PG_URL")
-PG_DB = sweep.postgres_driver_url(PG_URL) if PG_URL else None  # with the installed driver, for optuna here
+PG_DB = sweep_study.postgres_driver_url(PG_URL) if PG_URL else None  # with the installed driver, for optuna here
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -53,7 +53,7 @@ def _complete(study) -> dict[tuple[str, int], list[int]]:
 
     out: dict[tuple[str, int], list[int]] = {}
     for t in study.get_trials(states=(TrialState.COMPLETE,)):
-        out.setdefault(sweep.point_of(t), []).append(t.number)
+        out.setdefault(sweep_study.point_of(t), []).append(t.number)
     return out
 
 
@@ -67,7 +67,7 @@ def _complete(study) -> dict[tuple[str, int], list[int]]:
     (["7k:28k:3", "41472"], [7000, 14000, 28000, 41472]),
 ])
 def test_budget_lists_and_log_ranges(items, expected):
-    assert sweep.parse_budgets(items) == expected
+    assert sweep_shared.parse_budgets(items) == expected
 
 
 @pytest.mark.parametrize("items, fragment", [
@@ -76,7 +76,7 @@ def test_budget_lists_and_log_ranges(items, expected):
 ])
 def test_bad_budgets_are_refused(items, fragment):
     with pytest.raises(BudgetError, match=fragment):
-        sweep.parse_budgets(items)
+        sweep_shared.parse_budgets(items)
 
 
 @pytest.mark.parametrize("cls, argv", [
@@ -91,7 +91,7 @@ def test_recorded_commands_rebuild_the_same_config(cls, argv):
     import shlex
 
     cfg, _ = parse_args(cls, argv, "t", "")
-    command = sweep.stage_command(cls.__name__.replace("Config", "").lower(), cfg)
+    command = sweep_shared.stage_command(cls.__name__.replace("Config", "").lower(), cfg)
     again, _ = parse_args(cls, shlex.split(command)[3:], "t", "")
     assert again == cfg
 
@@ -139,9 +139,9 @@ def test_sweep_writes_reports_and_resumes_without_rerunning(sqlite_sweep):
 
 def test_reexports_from_one_search_respect_their_budgets(sqlite_sweep):
     out, argv = sqlite_sweep
-    budgets = sweep.parse_budgets(["10k", "15k", "20k", "30k", "40k"])
+    budgets = sweep_shared.parse_budgets(["10k", "15k", "20k", "30k", "40k"])
     cfg, _ = parse_args(SweepConfig, SMALL + ["--budgets", "10k,40k", "--out", str(out)], "t", "")
-    shared = sweep.run_shared_search(cfg, out, budgets)  # the finished one is reused, not rerun
+    shared = sweep_shared.run_shared_search(cfg, out, budgets)  # the finished one is reused, not rerun
     assert shared.path == str(out / "search")
     runner = sweep.Sweep(cfg, out, budgets, [], shared)
     for b in budgets:
@@ -184,14 +184,14 @@ def test_journal_trial_of_a_dead_worker_is_failed_and_retried(tmp_path):
     from optuna.trial import TrialState
 
     cfg, _ = parse_args(SweepConfig, ["--budgets", "7k", "--storage", f"journal:{tmp_path / 'j.log'}"], "t", "")
-    study = sweep.open_study(cfg, sweep.open_storage(cfg, tmp_path), tmp_path)
+    study = sweep_study.open_study(cfg, sweep_study.open_storage(cfg, tmp_path), tmp_path)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     trial = study.ask({"budget": optuna.distributions.IntDistribution(1, 10**13, log=True)})
     trial.set_user_attr("worker", f"{socket.gethostname()}:{dead.pid}")
     alive = study.ask()
     alive.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-    sweep._recover_crashed(study, cfg)
+    sweep_study.recover_crashed(study, cfg)
     states = {t.number: t.state for t in study.trials}
     assert states[trial.number] == TrialState.FAIL and states[alive.number] == TrialState.RUNNING
     retry = [t for t in study.trials if t.state == TrialState.WAITING]

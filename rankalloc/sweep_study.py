@@ -1,0 +1,331 @@
+"""Where a sweep's trials live: the optuna storage (SQLite, PostgreSQL, MySQL or a journal file), the
+study and the check that every run of it used the same settings, the grid of ``(method, budget)`` points
+with its duplicate guard, and the recovery of trials whose worker died."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import socket
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+from .config import SweepConfig, to_dict
+from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+RANKALLOC = "rankalloc"
+METHODS = (RANKALLOC, "uniform", "adalora")  # choices of the "method" parameter; fixed for every study
+OBJECTIVES = ("adapter_params", "accuracy")
+DIRECTIONS = ("minimize", "maximize")
+ALLOWED_STORAGE = ("sqlite:///FILE.db, postgresql://USER:PASSWORD@HOST[:PORT]/DB, mysql://USER:PASSWORD@HOST/DB, "
+                   "or journal:FILE (also a path ending in .log or .jsonl) for several processes on one machine")
+
+
+# --------------------------------------------------------------------------------------------------
+# Storages and the study
+# --------------------------------------------------------------------------------------------------
+def open_storage(cfg: SweepConfig, out: Path) -> Any:
+    """The optuna storage named by ``--storage`` (default: SQLite in the sweep folder).
+
+    Raises:
+        ConfigError: naming the URL (password hidden) and what is allowed, when it cannot be opened.
+    """
+    import optuna
+
+    url = cfg.storage or f"sqlite:///{(out / 'sweep.db').resolve()}"
+    journal = url[len("journal:"):] if url.startswith("journal:") else (
+        url if "://" not in url and url.endswith((".log", ".jsonl")) else None)
+    shown = _hide_password(url)
+    try:
+        with quiet_optuna():
+            if journal is not None:
+                try:
+                    from optuna.storages.journal import JournalFileBackend, JournalStorage
+                except ImportError:  # optuna < 4.0
+                    from optuna.storages import JournalFileStorage as JournalFileBackend, JournalStorage
+
+                if not journal or not Path(journal).parent.is_dir():
+                    raise ValueError(f"no folder {Path(journal).parent} for the journal file")
+                return JournalStorage(JournalFileBackend(journal))
+            url = postgres_driver_url(url)
+            scheme = url.split("://", 1)[0].split("+", 1)[0] if "://" in url else ""
+            if scheme not in ("sqlite", "postgresql", "mysql"):
+                raise ConfigError(f"--storage {shown}: not a storage URL; allowed: {ALLOWED_STORAGE}")
+            engine: dict[str, Any] = {"pool_pre_ping": True}
+            if scheme == "sqlite":
+                engine["connect_args"] = {"timeout": 60}  # several local workers wait for the write lock
+            elif scheme == "postgresql":
+                engine["connect_args"] = {"connect_timeout": 10}
+            new_api = hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")  # optuna >= 4.9
+            retry = _retry_callback()(max_retry=cfg.max_retry)
+            callback = {"heartbeat_stale_trial_callback" if new_api else "failed_trial_callback": retry}
+            return _with_retries(lambda: optuna.storages.RDBStorage(
+                url, engine_kwargs=engine, heartbeat_interval=cfg.heartbeat_interval,
+                grace_period=cfg.grace_period, **callback))
+    except ConfigError:
+        raise
+    except Exception as e:  # driver missing, server unreachable, bad file: one line for the user
+        reason = first_line(e)
+        if isinstance(e, ImportError) or "No module named" in reason:
+            reason += (" (the database driver is missing: pip install psycopg2-binary)" if "postgres" in url else
+                       " (the database driver is missing: pip install pymysql, with a mysql+pymysql:// URL)"
+                       if "mysql" in url else "")
+        raise ConfigError(f"--storage {shown}: cannot open it ({reason}); allowed: {ALLOWED_STORAGE}") from None
+
+
+def postgres_driver_url(url: str) -> str:
+    """``postgres://`` and ``postgresql://`` with whichever driver is installed: SQLAlchemy 2.1 defaults to
+    psycopg 3, older ones to psycopg2 (``pip install psycopg2-binary`` or ``psycopg[binary]``)."""
+    import importlib.util
+
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            rest = url[len(prefix):]
+            if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+                return "postgresql+psycopg2://" + rest
+            return "postgresql://" + rest
+    return url
+
+
+def _with_retries(make: Any, attempts: int = 5) -> Any:
+    """Workers that start together on a fresh database race to create optuna's tables; the losers see
+    'already exists' / 'duplicate key' errors.  Once the winner is done the tables are there: try again."""
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(attempts):
+        try:
+            return make()
+        except (IntegrityError, ProgrammingError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 + attempt)
+
+
+def _retry_callback() -> type:
+    """optuna's callback that queues a crashed trial's parameters again, and says so in the log."""
+    import optuna
+
+    base = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or \
+        optuna.storages.RetryFailedTrialCallback
+
+    class Retry(base):
+        def __call__(self, study: Any, trial: Any) -> None:
+            logger.warning("trial %d (%s at %s, worker %s) crashed: failed, and its point queued again", trial.number,
+                           trial.params.get("method", trial.user_attrs.get("method", "?")),
+                           trial.params.get("budget", "?"), trial.user_attrs.get("worker", "?"))
+            super().__call__(study, trial)
+
+    return Retry
+
+
+def first_line(e: BaseException) -> str:
+    cause = e.__cause__ or e
+    text = str(cause).strip().splitlines()
+    return text[0] if text else type(cause).__name__
+
+
+def _hide_password(url: str) -> str:
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True) if "://" in url else url
+    except Exception:
+        return url
+
+
+@contextlib.contextmanager
+def quiet_optuna() -> Iterator[None]:
+    """Heartbeats and retries are 'experimental' in optuna; their warnings say nothing to a user."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
+
+
+def _settings(cfg: SweepConfig) -> dict[str, Any]:
+    """What every trial of a study must share to be comparable."""
+    d = to_dict(cfg)
+    return {k: d[k] for k in ("seed", "max_steps", "model", "data", "search", "train", "shared_search",
+                              "shared_budget")}
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def open_study(cfg: SweepConfig, storage: Any, out: Path) -> Any:
+    """Create the study, or load it and check that it was run with the same settings.
+
+    Raises:
+        ConfigError: ``--resume`` without a study, or other settings than the study's.
+    """
+    import optuna
+
+    exists = cfg.study_name in optuna.get_all_study_names(storage)
+    if cfg.resume and not exists:
+        raise ConfigError(f"--resume: no study {cfg.study_name!r} in {storage_name(cfg, out)}")
+    study = optuna.create_study(storage=storage, study_name=cfg.study_name, directions=list(DIRECTIONS),
+                                load_if_exists=True)
+    want = _settings(cfg)
+    have = study.user_attrs.get("settings")
+    if have is None:
+        study.set_user_attr("settings", want)
+        study.set_user_attr("objectives", list(OBJECTIVES))
+    else:
+        old, new = _flatten(have), _flatten(want)
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                raise ConfigError(f"study {cfg.study_name!r} was run with --{key} {old.get(key)!r}, not "
+                                  f"{new.get(key)!r}; use the same settings, another --study-name, or --overwrite")
+    return study
+
+
+def storage_name(cfg: SweepConfig, out: Path) -> str:
+    return _hide_password(cfg.storage) if cfg.storage else str(out / "sweep.db")
+
+
+def delete_study(cfg: SweepConfig, out: Path) -> None:
+    import optuna
+
+    if cfg.storage is None and not (out / "sweep.db").exists():
+        return
+    storage = open_storage(cfg, out)
+    with contextlib.suppress(KeyError):
+        optuna.delete_study(study_name=cfg.study_name, storage=storage)
+        logger.info("--overwrite: deleted study %r", cfg.study_name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Points, the grid sampler, and the duplicate guard
+# --------------------------------------------------------------------------------------------------
+def point_of(trial: Any) -> tuple[str, int] | None:
+    """``(method, budget)`` of a trial, from its parameters or what its sampler recorded first."""
+    recorded = trial.system_attrs.get("rankalloc_point")
+    params = {**(trial.system_attrs.get("fixed_params") or {}), **trial.params}  # enqueued: fixed_params
+    method = params.get("method", trial.user_attrs.get("method"))
+    budget = params.get("budget")
+    if budget is None and recorded:
+        method, budget = recorded
+    if budget is None:
+        return None
+    return str(method or RANKALLOC), int(budget)
+
+
+def make_grid_sampler(points: list[tuple[str, int]], seed: int) -> Any:
+    from optuna.samplers import GridSampler
+    from optuna.trial import TrialState
+
+    class PointGrid(GridSampler):
+        """GridSampler over (budget, method) whose 'visited' means: some trial of the study - from any
+        worker, any earlier sweep of it, whatever budget list that one had - completed this point or is
+        running it.  Free points go in order (rankalloc first, small budgets first); a trial that starts while
+        k earlier trials have no point yet takes the k-th free point, so workers starting together pick
+        different points.  The worker loop, not the sampler, decides when the sweep is over."""
+
+        def __init__(self) -> None:
+            budgets = sorted({b for _, b in points})
+            methods = [m for m in METHODS if any(pm == m for pm, _ in points)]
+            super().__init__({"budget": budgets, "method": methods}, seed=seed)
+            self._wanted = set(points)
+
+        def before_trial(self, study: Any, trial: Any) -> None:
+            if "grid_id" in trial.system_attrs or "fixed_params" in trial.system_attrs:
+                return  # a retried (or enqueued) trial keeps its point
+            taken, done, starting = set(), set(), 0
+            for t in study._storage.get_all_trials(study._study_id, deepcopy=False):
+                p = point_of(t)
+                if p is not None and t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING):
+                    taken.add(p)
+                    if t.state == TrialState.COMPLETE:
+                        done.add(p)
+                elif p is None and t.state == TrialState.RUNNING and t.number < trial.number:
+                    starting += 1  # another worker's trial, between creation and its point
+            ids = sorted((i for i, g in enumerate(self._all_grids) if self._point(g) in self._wanted),
+                         key=lambda i: point_order(self._point(self._all_grids[i])))  # rankalloc first, small first
+            free = [i for i in ids if self._point(self._all_grids[i]) not in taken]
+            free = free or [i for i in ids if self._point(self._all_grids[i]) not in done] or ids
+            grid_id = free[starting % len(free)]
+            method, budget = self._point(self._all_grids[grid_id])
+            study._storage.set_trial_system_attr(trial._trial_id, "search_space", self._search_space)
+            study._storage.set_trial_system_attr(trial._trial_id, "grid_id", grid_id)
+            study._storage.set_trial_system_attr(trial._trial_id, "rankalloc_point", [method, budget])
+
+        def _point(self, grid: tuple) -> tuple[str, int]:
+            values = dict(zip(self._param_names, grid))
+            return str(values["method"]), int(values["budget"])
+
+        def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+            pass
+
+    return PointGrid()
+
+
+def point_order(point: tuple[str, int]) -> tuple[int, int]:
+    return (METHODS.index(point[0]) if point[0] in METHODS else len(METHODS), point[1])
+
+
+def duplicate_of(study: Any, number: int, point: tuple[str, int]) -> int | None:
+    """The trial that already holds ``point``: complete, or running and started before trial ``number``."""
+    from optuna.trial import TrialState
+
+    for t in study.get_trials(deepcopy=False):
+        if t.number == number or point_of(t) != point:
+            continue
+        if t.state == TrialState.COMPLETE or (t.state == TrialState.RUNNING and t.number < number):
+            return t.number
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Crash recovery
+# --------------------------------------------------------------------------------------------------
+def recover_crashed(study: Any, cfg: SweepConfig) -> None:
+    """Fail trials whose worker died, and queue their points again (at most --max_retry times).
+
+    RDB storages: by heartbeat (optuna's ``fail_stale_trials``).  A journal file has no heartbeats:
+    there, a running trial counts as dead when its worker process on this machine is gone, or when it
+    has no worker recorded and started more than --grace_period ago.
+    """
+    import optuna
+    from optuna.storages._heartbeat import is_heartbeat_enabled
+    from optuna.trial import TrialState
+
+    with quiet_optuna():
+        if is_heartbeat_enabled(study._storage):
+            optuna.storages.fail_stale_trials(study)
+            return
+        host = socket.gethostname()
+        retry = _retry_callback()(max_retry=cfg.max_retry)
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            worker = t.user_attrs.get("worker")
+            if worker is None:
+                started = t.datetime_start.timestamp() if t.datetime_start else time.time()
+                dead = time.time() - started > cfg.grace_period
+            else:
+                where, _, pid = worker.rpartition(":")
+                dead = where == host and not _alive(int(pid))
+            if dead and study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                retry(study, copy.deepcopy(study._storage.get_trial(t._trial_id)))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
