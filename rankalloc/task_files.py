@@ -1,0 +1,359 @@
+"""Task data from local files and ``datasets`` hub names, and the label encoding every source shares.
+
+:func:`rankalloc.tasks.load_raw_task` is the entry point; this module holds :class:`RawTask`, the label
+encoding (:func:`encode_labels`), local-file reading (:func:`read_table`) and hub loading.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+
+from .config import DataConfig
+from .errors import DataError
+
+logger = logging.getLogger("rankalloc.tasks")  # one logger for the task modules, as before the split
+
+LOCAL_EXTENSIONS = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
+
+
+@dataclass
+class RawTask:
+    """Untokenised task data: ``text``, optional ``text_pair``, and ``label`` (int64 ids 0..K-1)."""
+
+    name: str
+    train: pd.DataFrame
+    eval: pd.DataFrame | None  # None when the source has no evaluation split
+    label_names: list[str]
+    has_pair: bool
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+# --------------------------------------------------------------------------------------------------
+# Label encoding (shared by every source)
+# --------------------------------------------------------------------------------------------------
+def _label_kind(values: pd.Series, where: str) -> str:
+    """'int' or 'name' for a column of labels.
+
+    Raises:
+        DataError: a label is missing, or neither an integer nor a class name (e.g. 0.5).
+    """
+    missing = values.isna().to_numpy()
+    if missing.any():
+        row = int(np.flatnonzero(missing)[0])
+        raise DataError(f"{where}: {int(missing.sum())} missing label(s) (first at row {row}); labels must be "
+                        "integer ids or class names")
+    kinds = set()
+    for v in pd.unique(values):
+        if isinstance(v, (bool, np.bool_)):
+            kinds.add("int")
+        elif isinstance(v, (int, np.integer)):
+            kinds.add("int")
+        elif isinstance(v, (float, np.floating)):
+            if not float(v).is_integer():
+                raise DataError(f"{where}: label {v!r} is neither an integer id nor a class name (is this a "
+                                "regression target? only classification is supported)")
+            kinds.add("int")
+        elif isinstance(v, str):
+            if not v.strip():
+                raise DataError(f"{where}: empty label (labels must be integer ids or non-empty class names)")
+            kinds.add("name")
+        else:
+            raise DataError(f"{where}: label {v!r} of type {type(v).__name__} is neither an integer id nor a "
+                            "class name")
+    if kinds == {"int", "name"}:
+        raise DataError(f"{where}: labels mix integer ids and class names; use one or the other")
+    return kinds.pop()
+
+
+def _normalise_labels(values: pd.Series, where: str) -> pd.Series:
+    """Integers as int64; strings stripped, and turned into int64 when every one is an integer literal."""
+    kind = _label_kind(values, where)
+    if kind == "int":
+        return values.astype("int64")
+    names = values.astype(str).str.strip()
+    if names.str.fullmatch(r"[+-]?\d+").all():
+        return names.astype("int64")
+    return names
+
+
+def encode_labels(columns: list[tuple[pd.Series, str]],
+                  label_names: list[str] | None = None) -> tuple[list[pd.Series], list[str]]:
+    """Map the label columns of several splits onto shared ids ``0..K-1``.
+
+    ``columns`` holds ``(labels, where)`` pairs, the training split first; ``where`` names the source in
+    error messages.  With ``label_names`` given, names are mapped in that order (a name outside it is an
+    error).
+
+    Raises:
+        DataError: a label is missing or malformed, an unknown name appears, or training has one class.
+    """
+    normalised = [(_normalise_labels(s, where), where) for s, where in columns]
+    kinds = {"int" if pd.api.types.is_integer_dtype(s) else "name" for s, _ in normalised}
+    if len(kinds) > 1:
+        raise DataError(f"{' and '.join(w for _, w in columns)}: labels are integer ids in one and class names "
+                        "in the other; use the same kind in both")
+    kind = kinds.pop()
+    everything = pd.concat([s for s, _ in normalised], ignore_index=True)
+    if label_names is not None:
+        mapping = {name: i for i, name in enumerate(label_names)}
+        names = list(label_names)
+    elif kind == "int" and everything.min() >= 0:
+        names = [str(i) for i in range(int(everything.max()) + 1)]
+        mapping = None
+    else:
+        uniques = sorted(everything.unique().tolist())
+        mapping = {v: i for i, v in enumerate(uniques)}
+        names = [str(v) for v in uniques]
+    encoded = []
+    for s, where in normalised:
+        if mapping is None:
+            encoded.append(s.astype("int64"))
+            continue
+        ids = s.map(mapping)
+        if ids.isna().any():
+            bad = s[ids.isna()].iloc[0]
+            raise DataError(f"{where}: unknown label {bad!r}; allowed: {', '.join(map(str, mapping))}")
+        encoded.append(ids.astype("int64"))
+    train_classes = encoded[0].nunique()
+    if train_classes < 2:
+        only = names[int(encoded[0].iloc[0])] if len(encoded[0]) else "none"
+        raise DataError(f"{columns[0][1]}: only one class ({only!r}) in the labels; a classifier needs at least two")
+    unseen = sorted(set(range(len(names))) - set(encoded[0].unique().tolist()))
+    if unseen:
+        logger.warning("%s: classes without training examples: %s", columns[0][1],
+                       ", ".join(names[i] for i in unseen[:10]))
+    return encoded, names
+
+
+def _frame(texts: Iterable[str], labels: Iterable[int], pairs: Iterable[str] | None = None) -> pd.DataFrame:
+    data: dict[str, Any] = {"text": list(texts)}
+    if pairs is not None:
+        data["text_pair"] = list(pairs)
+    data["label"] = np.asarray(list(labels), dtype=np.int64)
+    return pd.DataFrame(data)
+
+
+# --------------------------------------------------------------------------------------------------
+# Local files
+# --------------------------------------------------------------------------------------------------
+def _load_local(cfg: DataConfig, path: Path) -> RawTask:
+    train = _select_columns(read_table(path), cfg, str(path))
+    evaluation = None
+    if cfg.eval_file is not None:
+        eval_path = Path(cfg.eval_file).expanduser()
+        if eval_path.suffix.lower() not in LOCAL_EXTENSIONS:
+            raise DataError(f"--data.eval_file {cfg.eval_file}: unknown file extension {eval_path.suffix!r}; "
+                            f"use one of {', '.join(LOCAL_EXTENSIONS)}")
+        evaluation = _select_columns(read_table(eval_path), cfg, str(eval_path))
+    columns = [(train["label"], f"{path} column {cfg.label_column!r}")]
+    if evaluation is not None:
+        columns.append((evaluation["label"], f"{cfg.eval_file} column {cfg.label_column!r}"))
+    encoded, names = encode_labels(columns)
+    train["label"] = encoded[0].to_numpy()
+    if evaluation is not None:
+        evaluation["label"] = encoded[1].to_numpy()
+    return RawTask(path.stem, train, evaluation, names, cfg.text_pair_column is not None)
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """Read a .csv/.tsv/.json/.jsonl/.parquet file into a frame.
+
+    Raises:
+        DataError: the file is missing, empty, of an unknown kind, or cannot be parsed.
+    """
+    suffix = path.suffix.lower()
+    if suffix not in LOCAL_EXTENSIONS:
+        raise DataError(f"{path}: unknown file extension {suffix!r}; use one of {', '.join(LOCAL_EXTENSIONS)}")
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "no such file"
+        raise DataError(f"{path}: {what}")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty")
+    try:
+        if suffix in (".csv", ".tsv"):
+            df = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", encoding_errors="replace")
+        elif suffix == ".parquet":
+            df = pd.read_parquet(path)
+        else:
+            df = _read_json(path)
+    except DataError:
+        raise
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: the file is empty") from None
+    except Exception as e:  # parser errors of pandas/pyarrow/json come in many types
+        raise DataError(f"{path}: cannot parse it as {suffix[1:]} ({_first_line(e)})") from None
+    if len(df) == 0:
+        raise DataError(f"{path}: the file has no rows")
+    return df
+
+
+def _read_json(path: Path) -> pd.DataFrame:
+    """A JSON list of records, {"data"|"examples"|...: [records]}, a column mapping, or JSON lines."""
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return _read_json_lines(path, text)
+    if isinstance(data, list):
+        return _records_frame(data, path)
+    if isinstance(data, dict):
+        lists = {k: v for k, v in data.items() if isinstance(v, list)}
+        if lists and len(lists) == len(data) and len({len(v) for v in lists.values()}) == 1 \
+                and not all(isinstance(x, dict) for v in lists.values() for x in v[:1]):
+            return pd.DataFrame(data)  # column mapping {"text": [...], "label": [...]}
+        records = [v for v in lists.values() if v and all(isinstance(x, dict) for x in v)]
+        if len(records) == 1:
+            return _records_frame(records[0], path)
+    raise DataError(f"{path}: expected a JSON list of records (or JSON lines), got a {type(data).__name__}")
+
+
+def _read_json_lines(path: Path, text: str) -> pd.DataFrame:
+    records = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {number} is not valid JSON ({e.msg})") from None
+    return _records_frame(records, path)
+
+
+def _records_frame(records: list[Any], path: Path) -> pd.DataFrame:
+    if not records:
+        raise DataError(f"{path}: the file has no rows")
+    bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise DataError(f"{path}: record {bad} is a {type(records[bad]).__name__}, expected an object with "
+                        "text and label fields")
+    return pd.DataFrame.from_records(records)
+
+
+def _select_columns(df: pd.DataFrame, cfg: DataConfig, where: str) -> pd.DataFrame:
+    """Pick the text, pair and label columns; drop rows whose text is missing.
+
+    Raises:
+        DataError: a named column is missing (the message lists the available ones).
+    """
+    wanted = [("--data.text_column", cfg.text_column), ("--data.label_column", cfg.label_column)]
+    if cfg.text_pair_column is not None:
+        wanted.append(("--data.text_pair_column", cfg.text_pair_column))
+    available = [str(c) for c in df.columns]
+    for flag, column in wanted:
+        if column not in df.columns:
+            raise DataError(f"{where}: no column {column!r} (set by {flag}); available columns: "
+                            f"{', '.join(available)}")
+    out = pd.DataFrame({"text": df[cfg.text_column]})
+    if cfg.text_pair_column is not None:
+        out["text_pair"] = df[cfg.text_pair_column]
+    out["label"] = df[cfg.label_column]
+    text_cols = [c for c in ("text", "text_pair") if c in out]
+    missing = out[text_cols].isna().any(axis=1)
+    if missing.all():
+        raise DataError(f"{where}: column {cfg.text_column!r} holds no text (every value is missing)")
+    if missing.any():
+        logger.warning("%s: dropping %d row(s) with missing text", where, int(missing.sum()))
+        out = out[~missing]
+    for c in text_cols:
+        out[c] = out[c].astype(str)
+    return out.reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# datasets hub
+# --------------------------------------------------------------------------------------------------
+def _load_hub(cfg: DataConfig, builtin_names: Iterable[str]) -> RawTask:
+    """Load ``cfg.task`` with ``datasets.load_dataset``; train = "train", eval = "validation" or "test".
+
+    ``builtin_names`` are the built-in tasks, suggested in the message when the hub cannot be reached.
+
+    Raises:
+        DataError: the dataset cannot be loaded (e.g. offline), has no train split, or is malformed.
+    """
+    label = f"--task {cfg.task}" + (f" (--data.hub_config {cfg.hub_config})" if cfg.hub_config else "")
+    offline_hint = (f"offline, give a local {'/'.join(LOCAL_EXTENSIONS)} file or a built-in task "
+                    f"({', '.join(builtin_names)})")
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{label}: not a built-in task or local file, and the 'datasets' package is not "
+                        f"installed to load it from the hub; {offline_hint}") from None
+    try:
+        splits = datasets.load_dataset(cfg.task, cfg.hub_config)
+    except Exception as e:  # network, missing dataset, bad config: all user-fixable
+        raise DataError(f"{label}: could not be loaded as a datasets hub name ({_first_line(e)}); "
+                        f"{offline_hint}") from None
+    if not hasattr(splits, "keys") or "train" not in splits:
+        found = ", ".join(splits.keys()) if hasattr(splits, "keys") else type(splits).__name__
+        raise DataError(f"{label}: has no 'train' split (splits: {found})")
+    eval_name = next((s for s in ("validation", "test") if s in splits), None)
+    train = _select_columns(splits["train"].to_pandas(), cfg, f"{label} split 'train'")
+    evaluation = None
+    if eval_name is not None:
+        evaluation = _select_columns(splits[eval_name].to_pandas(), cfg, f"{label} split {eval_name!r}")
+    feature = splits["train"].features.get(cfg.label_column)
+    class_names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+    if class_names is not None:
+        train, evaluation = _drop_hidden_labels(train, evaluation, label, eval_name)
+        names = class_names
+        _check_class_ids(train, names, f"{label} split 'train'", is_train=True)
+        if evaluation is not None:
+            _check_class_ids(evaluation, names, f"{label} split {eval_name!r}", is_train=False)
+    else:
+        columns = [(train["label"], f"{label} split 'train' column {cfg.label_column!r}")]
+        if evaluation is not None:
+            columns.append((evaluation["label"], f"{label} split {eval_name!r} column {cfg.label_column!r}"))
+        encoded, names = encode_labels(columns)
+        train["label"] = encoded[0].to_numpy()
+        if evaluation is not None:
+            evaluation["label"] = encoded[1].to_numpy()
+    if evaluation is not None:
+        logger.info("%s: evaluating on the %r split", label, eval_name)
+    name = cfg.task.rstrip("/").split("/")[-1] + (f"-{cfg.hub_config}" if cfg.hub_config else "")
+    return RawTask(name, train, evaluation, names, cfg.text_pair_column is not None)
+
+
+def _drop_hidden_labels(train: pd.DataFrame, evaluation: pd.DataFrame | None, label: str,
+                        eval_name: str | None) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """ClassLabel -1 marks a hidden label (e.g. GLUE test splits): drop such rows, or the whole split."""
+    hidden = train["label"] < 0
+    if hidden.any():
+        logger.warning("%s: dropping %d training row(s) without a label", label, int(hidden.sum()))
+        train = train[~hidden].reset_index(drop=True)
+    if evaluation is not None:
+        hidden = evaluation["label"] < 0
+        if hidden.all():
+            logger.warning("%s: split %r has no labels; holding out part of 'train' instead", label, eval_name)
+            evaluation = None
+        elif hidden.any():
+            evaluation = evaluation[~hidden].reset_index(drop=True)
+    train["label"] = train["label"].astype("int64")
+    if evaluation is not None:
+        evaluation["label"] = evaluation["label"].astype("int64")
+    return train, evaluation
+
+
+def _check_class_ids(df: pd.DataFrame, names: list[str], where: str, is_train: bool) -> None:
+    """Raises: DataError when a split is empty, an id has no class name, or training has one class."""
+    if len(df) == 0:
+        raise DataError(f"{where}: no labelled rows")
+    if df["label"].max() >= len(names):
+        raise DataError(f"{where}: label id {int(df['label'].max())} outside the {len(names)} class names")
+    if is_train and df["label"].nunique() < 2:
+        raise DataError(f"{where}: only one class in the labels; a classifier needs at least two")
