@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         record["meta"] = meta
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        # paths relative to the repository, so a result names no machine's folders
+        tmp.write_text(json.dumps(record, indent=2).replace(str(REPO) + os.sep, "") + "\n")
         tmp.replace(path)
         print(f"    accuracy {record['accuracy']:.4f}  params {record['adapter_params']:,}  "
               f"{record['total_s']:.0f} s", flush=True)
