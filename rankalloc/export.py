@@ -109,7 +109,7 @@ example:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    from .config import parse_args
+    from .flags import parse_args
 
     cfg, _ = parse_args(ExportConfig, argv, "rankalloc export", DESCRIPTION)
     out, rm = run_export(cfg)

@@ -33,7 +33,8 @@ from torch import nn
 from . import __version__, distributed, io, rundir
 from .baselines import adalora_config, adalora_summary, install_param_budget, uniform_rank
 from .budget import parse_budget
-from .config import RetrainConfig, to_dict
+from .config import RetrainConfig
+from .flags import to_dict
 from .data import EpochSampler, Split, TaskData, prepare_task
 from .models import (Target, count_parameters, find_targets, head_modules, load_model, load_tokenizer,
                      resolve_device)
@@ -367,7 +368,7 @@ examples:
 
 def cli(argv: list[str] | None = None) -> int:
     from .cli import command_line, progress_bar
-    from .config import parse_args
+    from .flags import parse_args
 
     cfg, _ = parse_args(RetrainConfig, argv, "rankalloc retrain", DESCRIPTION)
     bar, on_step = progress_bar(0, "retrain", enabled=sys.stderr.isatty() and os.environ.get("RANK", "0") == "0")

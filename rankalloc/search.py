@@ -34,7 +34,8 @@ import torch
 from . import __version__, distributed, io, rundir
 from .adapters import GatedModel, trainable_only
 from .budget import auto_r_max, check_budget, parse_budget
-from .config import SearchConfig, to_dict
+from .config import SearchConfig
+from .flags import to_dict
 from .data import EpochSampler, TaskData, prepare_task
 from .discretize import discretize
 from .errors import RunDirError
@@ -366,7 +367,7 @@ example:
 
 def cli(argv: list[str] | None = None) -> int:
     from .cli import command_line, progress_bar
-    from .config import parse_args
+    from .flags import parse_args
 
     cfg, _ = parse_args(SearchConfig, argv, "rankalloc search", DESCRIPTION)
     main_rank = os.environ.get("RANK", "0") == "0"

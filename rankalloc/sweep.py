@@ -305,7 +305,7 @@ examples:
 
 def cli(argv: list[str] | None = None) -> int:
     from .cli import command_line
-    from .config import parse_args
+    from .flags import parse_args
 
     cfg, _ = parse_args(SweepConfig, argv, "rankalloc sweep", DESCRIPTION)
     import optuna

@@ -17,7 +17,8 @@ from typing import Any, Iterator
 
 from . import io
 from .budget import auto_r_max, check_budget, parse_budget
-from .config import SHORT_FLAGS, SearchConfig, SweepConfig, _walk_fields, to_dict
+from .config import SearchConfig, SweepConfig
+from .flags import SHORT_FLAGS, to_dict, walk_fields
 from .errors import BudgetError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def stage_command(stage: str, cfg: Any) -> str:
     default = type(cfg)()
     short = {v: k for k, v in SHORT_FLAGS.items()}
     args = []
-    for dotted, _tp, _f in _walk_fields(type(cfg)):
+    for dotted, _tp, _f in walk_fields(type(cfg)):
         value, base = _get(cfg, dotted), _get(default, dotted)
         if value == base or dotted in ("overwrite", "resume"):
             continue

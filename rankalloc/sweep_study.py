@@ -13,7 +13,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
-from .config import SweepConfig, to_dict
+from .config import SweepConfig
+from .flags import to_dict
 from .errors import ConfigError
 
 logger = logging.getLogger(__name__)

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from rankalloc import search
-from rankalloc.config import SearchConfig, load_yaml, parse_args
+from rankalloc.config import SearchConfig
+from rankalloc.flags import load_yaml, parse_args
 from rankalloc.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from rankalloc.config import DataConfig, ModelConfig, RetrainConfig, load_yaml, parse_args
+from rankalloc.config import DataConfig, ModelConfig, RetrainConfig
+from rankalloc.flags import load_yaml, parse_args
 from rankalloc.errors import BudgetError, ConfigError
 from rankalloc.models import find_targets, load_model
 from rankalloc.rank_map import RankMap
 
-pytestmark = pytest.mark.filterwarnings("ignore:The following rank_pattern keys did not match")
+pytestmark = [pytest.mark.filterwarnings("ignore:The following rank_pattern keys did not match"),
+              pytest.mark.usefixtures("one_thread")]
 REPO = Path(__file__).resolve().parents[1]
 # The first block of the real MiniLM-L6: q, k, v, attention output (384x384, 768 per rank),
 # intermediate (384x1536) and output (1536x384, 1920 per rank): 6,912 per rank on all six.
@@ -26,13 +28,6 @@ DOCUMENTED = {"method", "task", "base_model", "accuracy", "macro_f1", "eval_loss
               "rankalloc_version", "command", "checks", "steps", "train_examples", "eval_examples"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls on 2 shared cores run far faster on one thread than on two contending ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _run(argv: list[str]):

@@ -15,10 +15,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-import torch
 
 from rankalloc import sweep, sweep_shared, sweep_study
-from rankalloc.config import ExportConfig, RetrainConfig, SearchConfig, SweepConfig, TrainParams, parse_args
+from rankalloc.config import ExportConfig, RetrainConfig, SearchConfig, SweepConfig, TrainParams
+from rankalloc.flags import parse_args
 from rankalloc.errors import BudgetError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,13 +32,7 @@ PG_URL = os.environ.get("RANKALLOC_TEST_PG_URL")
 PG_DB = sweep_study.postgres_driver_url(PG_URL) if PG_URL else None  # with the installed driver, for optuna here
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls on 2 shared cores run far faster on one thread than on two contending ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _study(storage: str, name: str):
