@@ -139,6 +139,19 @@ def encode_labels(columns: list[tuple[pd.Series, str]],
     return encoded, names
 
 
+def _encode_in_place(train: pd.DataFrame, evaluation: pd.DataFrame | None, train_where: str,
+                     eval_where: str) -> list[str]:
+    """Encode the ``label`` column of train (and eval) with one shared mapping; return the class names."""
+    columns = [(train["label"], train_where)]
+    if evaluation is not None:
+        columns.append((evaluation["label"], eval_where))
+    encoded, names = encode_labels(columns)
+    train["label"] = encoded[0].to_numpy()
+    if evaluation is not None:
+        evaluation["label"] = encoded[1].to_numpy()
+    return names
+
+
 def _frame(texts: Iterable[str], labels: Iterable[int], pairs: Iterable[str] | None = None) -> pd.DataFrame:
     data: dict[str, Any] = {"text": list(texts)}
     if pairs is not None:
@@ -159,13 +172,8 @@ def _load_local(cfg: DataConfig, path: Path) -> RawTask:
             raise DataError(f"--data.eval_file {cfg.eval_file}: unknown file extension {eval_path.suffix!r}; "
                             f"use one of {', '.join(LOCAL_EXTENSIONS)}")
         evaluation = _select_columns(read_table(eval_path), cfg, str(eval_path))
-    columns = [(train["label"], f"{path} column {cfg.label_column!r}")]
-    if evaluation is not None:
-        columns.append((evaluation["label"], f"{cfg.eval_file} column {cfg.label_column!r}"))
-    encoded, names = encode_labels(columns)
-    train["label"] = encoded[0].to_numpy()
-    if evaluation is not None:
-        evaluation["label"] = encoded[1].to_numpy()
+    names = _encode_in_place(train, evaluation, f"{path} column {cfg.label_column!r}",
+                             f"{cfg.eval_file} column {cfg.label_column!r}")
     return RawTask(path.stem, train, evaluation, names, cfg.text_pair_column is not None)
 
 
@@ -316,13 +324,8 @@ def _load_hub(cfg: DataConfig, builtin_names: Iterable[str]) -> RawTask:
         if evaluation is not None:
             _check_class_ids(evaluation, names, f"{label} split {eval_name!r}", is_train=False)
     else:
-        columns = [(train["label"], f"{label} split 'train' column {cfg.label_column!r}")]
-        if evaluation is not None:
-            columns.append((evaluation["label"], f"{label} split {eval_name!r} column {cfg.label_column!r}"))
-        encoded, names = encode_labels(columns)
-        train["label"] = encoded[0].to_numpy()
-        if evaluation is not None:
-            evaluation["label"] = encoded[1].to_numpy()
+        names = _encode_in_place(train, evaluation, f"{label} split 'train' column {cfg.label_column!r}",
+                                 f"{label} split {eval_name!r} column {cfg.label_column!r}")
     if evaluation is not None:
         logger.info("%s: evaluating on the %r split", label, eval_name)
     name = cfg.task.rstrip("/").split("/")[-1] + (f"-{cfg.hub_config}" if cfg.hub_config else "")

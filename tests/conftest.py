@@ -27,6 +27,17 @@ def _save_random(tmp: Path, config) -> str:
     return str(tmp)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls on 2 shared cores run far faster on one thread than on two contending ones."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory) -> str:
     """A random 2-block GPT-2 (its projections are transformers' Conv1D)."""
