@@ -48,7 +48,9 @@ def check_finite(value: torch.Tensor | float, what: str, step: int, last_checkpo
 
 
 def grads_finite(params: Iterable[nn.Parameter]) -> bool:
-    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+    """True when every gradient is finite; one device sync for all of them, not one per tensor."""
+    checks = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
+    return bool(torch.stack(checks).all()) if checks else True
 
 
 @torch.no_grad()
