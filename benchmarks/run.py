@@ -88,7 +88,8 @@ def cell(task: str, budget: int, method: str, seed: int, work: Path, search_args
     commands.append(retrain)
     metrics = json.loads((folder / "retrain" / "metrics.json").read_text())
     record = {"task": task, "budget": budget, "method": method, "seed": seed,
-              "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
+              "metric": metrics["metric"], "score": metrics["score"],  # the task family's metric
+              "accuracy": metrics.get("accuracy"), "macro_f1": metrics.get("macro_f1"),
               "adapter_params": metrics["adapter_params"], "times": times,
               "total_s": sum(times.values()), "peak_memory_mb": metrics.get("peak_memory_mb"),
               "commands": [" ".join(shlex.quote(c) for c in cmd).replace(sys.executable, "python")

@@ -23,26 +23,33 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def score(record: dict) -> float:
+    """The task family's metric (accuracy for classification and multiple choice); older records hold accuracy."""
+    return record["score"] if record.get("score") is not None else record["accuracy"]
+
+
 def summarize(records: list[dict]) -> tuple[str, list[dict]]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
         groups[(r["task"], r["budget"], r["method"])].append(r)
-    lines = ["| task | budget | method | seeds | accuracy (mean ± std) | macro-F1 | adapter params (% of B) | "
-             "wall time (s) | Δ acc vs uniform | Δ acc vs AdaLoRA |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| task | budget | method | seeds | score (mean ± std) | macro-F1 | adapter params (% of B) | "
+             "wall time (s) | Δ vs uniform | Δ vs AdaLoRA |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     points = []
     for (task, budget, method), rs in sorted(groups.items()):
-        acc, acc_sd = mean_std([100 * r["accuracy"] for r in rs])
-        f1, _ = mean_std([100 * r["macro_f1"] for r in rs])
+        acc, acc_sd = mean_std([100 * score(r) for r in rs])
+        metric = rs[0].get("metric", "accuracy")
+        f1s = [100 * r["macro_f1"] for r in rs if r.get("macro_f1") is not None]
+        f1 = f"{statistics.fmean(f1s):.2f}" if f1s else "n/a"
         params = statistics.fmean(r["adapter_params"] for r in rs)
         wall = statistics.fmean(r["total_s"] for r in rs)
         deltas = []
         for base in ("uniform", "adalora"):
             other = groups.get((task, budget, base))
             if method == "rankalloc" and other:
-                deltas.append(f"{acc - statistics.fmean(100 * r['accuracy'] for r in other):+.2f}")
+                deltas.append(f"{acc - statistics.fmean(100 * score(r) for r in other):+.2f}")
             else:
                 deltas.append("")
-        lines.append(f"| {task} | {budget:,} | {method} | {len(rs)} | {acc:.2f} ± {acc_sd:.2f} | {f1:.2f} | "
+        lines.append(f"| {task} | {budget:,} | {method} | {len(rs)} | {acc:.2f} ± {acc_sd:.2f} ({metric}) | {f1} | "
                      f"{params:,.0f} ({100 * params / budget:.1f}%) | {wall:.0f} | {deltas[0]} | {deltas[1]} |")
         points.append({"method": f"{method} ({task})" if len({k[0] for k in groups}) > 1 else method,
                        "params": params, "accuracy": acc / 100, "accuracy_std": acc_sd / 100})

@@ -16,6 +16,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .families import Classification, Family, Output
 from .gates import MODES, RankGates
 from .models import Target, head_parameters, linear_shape
 
@@ -48,9 +49,11 @@ class GatedModel(nn.Module):
     """A base model whose targets are wrapped with :class:`GatedLoRA`."""
 
     def __init__(self, model: nn.Module, targets: list[Target], r_max: dict[str, int], scale: float,
-                 dropout: float = 0.0, init_keep: float = 0.9, temperature: float = 0.5) -> None:
+                 dropout: float = 0.0, init_keep: float = 0.9, temperature: float = 0.5,
+                 family: Family | None = None) -> None:
         super().__init__()
         self.model = model
+        self.family = family or Classification()
         self.targets = list(targets)
         self.layers: dict[str, GatedLoRA] = {}
         for t in self.targets:
@@ -60,8 +63,9 @@ class GatedModel(nn.Module):
             self.layers[t.name] = layer
         self._costs = {t.name: t.cost_per_rank for t in self.targets}
 
-    def forward(self, **batch):
-        return self.model(**batch)
+    def forward(self, **batch) -> Output:
+        """The task family's loss and outputs (see :mod:`rankalloc.families`)."""
+        return self.family.forward(self.model, batch)
 
     # ---- parameter groups ---------------------------------------------------------------------------
     def adapter_parameters(self) -> list[nn.Parameter]:

@@ -60,7 +60,8 @@ def uniform_rank(targets: list[Target], budget: int, budget_text: str | None = N
 # AdaLoRA
 # --------------------------------------------------------------------------------------------------
 def adalora_config(targets: list[Target], budget: int, total_steps: int, p: TrainParams,
-                   modules_to_save: list[str], budget_text: str | None = None) -> AdaLoraConfig:
+                   modules_to_save: list[str], budget_text: str | None = None,
+                   task_type: str | None = "SEQ_CLS") -> AdaLoraConfig:
     """An ``AdaLoraConfig`` whose initial budget is ``p.adalora_init_ratio * budget``.
 
     ``init_r = ceil(ratio * B / sum(d_in + d_out))`` on every target; ``target_r`` is the mean final
@@ -78,7 +79,24 @@ def adalora_config(targets: list[Target], budget: int, total_steps: int, p: Trai
         init_r=init_r, target_r=max(1, round(budget / per_rank)), lora_alpha=p.scale * init_r,
         lora_dropout=p.lora_dropout, target_modules=[t.name for t in targets], modules_to_save=modules_to_save,
         tinit=tinit, tfinal=tfinal, deltaT=p.adalora_delta_t, beta1=p.adalora_beta1, beta2=p.adalora_beta2,
-        orth_reg_weight=p.adalora_orth_reg_weight, total_step=total_steps, task_type="SEQ_CLS", bias="none")
+        orth_reg_weight=p.adalora_orth_reg_weight, total_step=total_steps, task_type=task_type, bias="none")
+
+
+def orthogonality_penalty(model: nn.Module, adapter: str = ADAPTER) -> torch.Tensor:
+    """AdaLoRA's regulariser R(P, Q) = mean over its A (Q) and B (P) matrices of ||Q Q^T - I||_F and
+    ||P^T P - I||_F, which keeps the triplets near-orthogonal so their scores mean something.
+
+    peft adds it inside its own forward only when labels go into the model; every task family here
+    computes its loss outside the model, so the training loop adds it explicitly.
+    """
+    terms = []
+    for layer in model.modules():
+        if isinstance(layer, AdaLoraLayer) and adapter in layer.lora_A:
+            for cov in (layer.lora_A[adapter] @ layer.lora_A[adapter].T,
+                        layer.lora_B[adapter].T @ layer.lora_B[adapter]):
+                terms.append(torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], device=cov.device,
+                                                                      dtype=cov.dtype)))
+    return torch.stack(terms).mean() if terms else torch.zeros(())
 
 
 def adalora_schedule(total_steps: int, p: TrainParams) -> tuple[int, int]:

@@ -46,7 +46,15 @@ class DataConfig:
     hub_config: str | None = _f(None, "Configuration name of a datasets hub task (e.g. 'sst2').")
     text_column: str = _f("text", "Column holding the text (local files and hub tasks).")
     text_pair_column: str | None = _f(None, "Column holding the second text of a pair task.")
-    label_column: str = _f("label", "Column holding the label (integer id or class name).")
+    label_column: str = _f("label", "Column holding the label: a class id or name, a float target (regression), "
+                           "or the index or text of the right option (multiple choice).")
+    family: str = _f("auto", "Task family: classification, regression, multiple_choice, causal_lm, or auto "
+                     "(multiple_choice with --data.choice_columns, causal_lm with --data.answer_column, "
+                     "regression for non-integer float labels, else classification; built-in tasks know theirs).")
+    choice_columns: list[str] | None = _f(None, "Multiple choice: one column holding a list of options per row, "
+                                          "or several columns holding one option each (e.g. ending0,ending1).")
+    answer_column: str | None = _f(None, "Causal LM: the column holding the answer text that follows the prompt "
+                                   "in --data.text_column (the loss is on the answer only).")
     max_length: int = _f(64, "Tokens per example after truncation.")
     max_train_examples: int | None = _f(4000, "Cap on training examples (weight + gate split); null = all.")
     max_eval_examples: int | None = _f(2000, "Cap on evaluation examples; null = all.")
@@ -58,6 +66,10 @@ class DataConfig:
                          "that every run sees the same examples.")
 
     def validate(self) -> None:
+        from .families import FAMILIES
+
+        if self.family not in FAMILIES + ("auto",):
+            raise ConfigError(f"--data.family must be auto or one of {', '.join(FAMILIES)}, got {self.family!r}")
         if self.split_seed < 0:
             raise ConfigError(f"--data.split_seed must be a non-negative integer, got {self.split_seed}")
         if self.max_length <= 0:

@@ -25,12 +25,11 @@ import torch
 
 from .config import DataConfig
 from .errors import DataError
+from .families import MODEL_INPUTS, Classification, Family, make_family
 from .tasks import RawTask, load_raw_task
 
 logger = logging.getLogger(__name__)
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-_TOKENIZE_CHUNK = 8192  # examples per tokenizer call, to bound peak memory on large tasks
 # Sub-streams of the split seed / run seed, so that each random choice is independent of the others.
 _EVAL_SPLIT, _TRAIN_CAP, _EVAL_CAP, _GATE_SPLIT = 1, 2, 3, 4
 
@@ -42,9 +41,15 @@ Indices = Sequence[int] | np.ndarray | torch.Tensor | slice
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class Split:
-    """Padded tensors of one split: ``input_ids``, ``attention_mask``, optional ``token_type_ids``, ``labels``."""
+    """Padded tensors of one split: ``input_ids``, ``attention_mask``, optional ``token_type_ids``,
+    ``labels``, and whatever else the task family adds (option masks, answer token labels).
+
+    ``sequence_keys`` name the tensors whose last axis is the token axis (trimmed per batch).
+    Multiple-choice tensors are ``(examples, options, tokens)``.
+    """
 
     tensors: dict[str, torch.Tensor]
+    sequence_keys: tuple[str, ...] = MODEL_INPUTS
 
     def __post_init__(self) -> None:
         missing = [k for k in ("input_ids", "attention_mask", "labels") if k not in self.tensors]
@@ -69,12 +74,12 @@ class Split:
         """
         index = indices if isinstance(indices, slice) else torch.as_tensor(np.asarray(indices), dtype=torch.long)
         mask = self.tensors["attention_mask"][index]
-        used = torch.nonzero(mask.any(dim=0)).flatten()
+        used = torch.nonzero(mask.reshape(-1, mask.shape[-1]).any(dim=0)).flatten()
         start, stop = (int(used[0]), int(used[-1]) + 1) if len(used) else (0, 1)
         out = {}
         for key, value in self.tensors.items():
             value = value[index]
-            out[key] = value if key == "labels" else value[:, start:stop]
+            out[key] = value[..., start:stop] if key in self.sequence_keys else value
         return out
 
     def iter_batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -87,10 +92,7 @@ class Split:
     def subset(self, indices: Indices) -> "Split":
         """A new split holding the examples at ``indices`` (padding kept as it is)."""
         index = indices if isinstance(indices, slice) else torch.as_tensor(np.asarray(indices), dtype=torch.long)
-        return Split({k: v[index] for k, v in self.tensors.items()})
-
-    def label_counts(self, num_labels: int) -> list[int]:
-        return torch.bincount(self.labels, minlength=num_labels).tolist()
+        return Split({k: v[index] for k, v in self.tensors.items()}, self.sequence_keys)
 
 
 @dataclass
@@ -104,7 +106,7 @@ class TaskData:
     weight: Split
     gate: Split
     eval: Split
-    problem_type: str = "single_label_classification"
+    family: Family = field(default_factory=Classification)
     has_pair: bool = False
     weight_index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # rows of train
     gate_index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # rows of train
@@ -116,11 +118,11 @@ class TaskData:
             "task": self.name,
             "num_labels": self.num_labels,
             "label_names": list(self.label_names),
-            "problem_type": self.problem_type,
+            "family": self.family.describe(),
             "has_pair": self.has_pair,
             "sizes": {k: len(v) for k, v in splits.items()},
-            "label_counts": {k: v.label_counts(self.num_labels) for k, v in splits.items()},
-            "max_length": int(self.train.tensors["input_ids"].shape[1]),
+            "label_counts": {k: self.family.label_summary(v.labels, self.num_labels) for k, v in splits.items()},
+            "max_length": int(self.train.tensors["input_ids"].shape[-1]),
             "fingerprint": self.fingerprint(),
         }
 
@@ -137,8 +139,11 @@ class TaskData:
 # --------------------------------------------------------------------------------------------------
 # Building a TaskData
 # --------------------------------------------------------------------------------------------------
-def prepare_task(cfg: DataConfig, tokenizer: Any, seed: int) -> TaskData:
+def prepare_task(cfg: DataConfig, tokenizer: Any, seed: int, model_config: Any = None) -> TaskData:
     """Load, split, cap and tokenise ``cfg.task``; partition train into weight/gate with ``seed``.
+
+    ``model_config`` (the base model's transformers config) decides how a multiple-choice task is
+    tokenised: question/option pairs for an encoder's choice head, prompt + option for a decoder.
 
     Raises:
         DataError: the task cannot be loaded, or a split is too small for ``cfg.batch_size``.
@@ -146,21 +151,23 @@ def prepare_task(cfg: DataConfig, tokenizer: Any, seed: int) -> TaskData:
     _check_seed(seed, "--seed")
     _check_seed(cfg.split_seed, "--data.split_seed")
     raw = load_raw_task(cfg)
-    train_df, eval_df = train_eval_frames(raw, cfg)
-    weight_idx, gate_idx = stratified_split(train_df["label"].to_numpy(), cfg.gate_fraction,
+    family = make_family(raw.family, model_config)
+    train_df, eval_df = train_eval_frames(raw, cfg, family)
+    weight_idx, gate_idx = stratified_split(family.strata(train_df), cfg.gate_fraction,
                                             np.random.default_rng([seed, _GATE_SPLIT]))
     _check_batch_fits(len(weight_idx), len(gate_idx), len(train_df), cfg)
-    train = tokenize_frame(train_df, tokenizer, cfg.max_length)
-    evaluation = tokenize_frame(eval_df, tokenizer, cfg.max_length)
+    train = Split(family.tokenize(train_df, tokenizer, cfg.max_length), family.sequence_keys)
+    evaluation = Split(family.tokenize(eval_df, tokenizer, cfg.max_length), family.sequence_keys)
     data = TaskData(name=raw.name, num_labels=raw.num_labels, label_names=list(raw.label_names), train=train,
                     weight=train.subset(weight_idx), gate=train.subset(gate_idx), eval=evaluation,
-                    has_pair=raw.has_pair, weight_index=weight_idx, gate_index=gate_idx)
-    logger.info("task %s: %d classes; train %d (weight %d, gate %d), eval %d; max length %d", data.name,
-                data.num_labels, len(train), len(weight_idx), len(gate_idx), len(evaluation), cfg.max_length)
+                    family=family, has_pair=raw.has_pair, weight_index=weight_idx, gate_index=gate_idx)
+    logger.info("task %s: %s, %d labels; train %d (weight %d, gate %d), eval %d; max length %d", data.name,
+                family.describe(), data.num_labels, len(train), len(weight_idx), len(gate_idx), len(evaluation),
+                cfg.max_length)
     return data
 
 
-def train_eval_frames(raw: RawTask, cfg: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+def train_eval_frames(raw: RawTask, cfg: DataConfig, family: Family | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Train and eval frames after the held-out split (if the source has none) and the caps.
 
     Depends only on the data and ``cfg`` (``split_seed``, ``eval_fraction``, caps), never on the run seed.
@@ -171,7 +178,8 @@ def train_eval_frames(raw: RawTask, cfg: DataConfig) -> tuple[pd.DataFrame, pd.D
     train_df = raw.train.reset_index(drop=True)
     eval_df = raw.eval.reset_index(drop=True) if raw.eval is not None else None
     if eval_df is None:
-        rest, held = stratified_split(train_df["label"].to_numpy(), cfg.eval_fraction,
+        strata = (family or make_family(raw.family)).strata(train_df)
+        rest, held = stratified_split(strata, cfg.eval_fraction,
                                       np.random.default_rng([cfg.split_seed, _EVAL_SPLIT]),
                                       what="--data.eval_fraction")
         train_df, eval_df = train_df.iloc[rest], train_df.iloc[held]
@@ -238,21 +246,9 @@ def _check_seed(seed: int, flag: str) -> None:
 
 
 def tokenize_frame(df: pd.DataFrame, tokenizer: Any, max_length: int) -> Split:
-    """Tokenise ``text`` (and ``text_pair`` if present), truncated and padded to ``max_length``."""
-    has_pair = "text_pair" in df.columns
-    accepted = set(getattr(tokenizer, "model_input_names", MODEL_INPUTS)) & set(MODEL_INPUTS)
-    accepted |= {"input_ids", "attention_mask"}
-    parts: dict[str, list[torch.Tensor]] = {}
-    for start in range(0, len(df), _TOKENIZE_CHUNK):
-        chunk = df.iloc[start:start + _TOKENIZE_CHUNK]
-        encoded = tokenizer(chunk["text"].tolist(), chunk["text_pair"].tolist() if has_pair else None,
-                            truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
-        for key in MODEL_INPUTS:
-            if key in encoded and key in accepted:
-                parts.setdefault(key, []).append(encoded[key].to(torch.long))
-    tensors = {k: torch.cat(v) for k, v in parts.items()}
-    tensors["labels"] = torch.tensor(df["label"].to_numpy(dtype=np.int64, copy=True))
-    return Split(tensors)
+    """Tokenise a classification frame (``text``, optional ``text_pair``, ``label``) into a split."""
+    family = Classification()
+    return Split(family.tokenize(df, tokenizer, max_length), family.sequence_keys)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,12 +13,14 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from .config import ModelConfig
 from .errors import ModelError
+from .families import Classification, Family
 
 logger = logging.getLogger(__name__)
 
@@ -80,14 +82,26 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
-def load_model(cfg: ModelConfig, num_labels: int, problem_type: str = "single_label_classification",
+def load_model_config(cfg: ModelConfig) -> Any:
+    """The transformers config of ``cfg.name`` (decides, e.g., how a multiple-choice task is scored)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(resolve_model_path(cfg.name))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"--model {cfg.name}: cannot load its config ({_first_line(e)})") from None
+
+
+def load_model(cfg: ModelConfig, num_labels: int = 2, family: Family | None = None,
                pad_token_id: int | None = None) -> nn.Module:
-    """A sequence-classification model with frozen base weights and a trainable head."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    """The model class of the task family (a classification head by default), with frozen base weights
+    and a trainable task head (none for language modelling: the output layer is the pretrained one)."""
+    from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
+    family = family or Classification()
     path = resolve_model_path(cfg.name)
-    kwargs = {"num_labels": num_labels, "problem_type": problem_type}
+    kwargs = family.config_kwargs(num_labels)
     if cfg.num_layers is not None:
         kwargs["num_hidden_layers"] = cfg.num_layers
     try:
@@ -100,11 +114,18 @@ def load_model(cfg: ModelConfig, num_labels: int, problem_type: str = "single_la
     hf_logging.set_verbosity_error()  # the "newly initialised head" notice is expected here
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, config=config)
+        model, info = family.model_class().from_pretrained(path, config=config, output_loading_info=True)
     except (OSError, ValueError) as e:
-        raise ModelError(f"--model {cfg.name}: cannot load its weights ({_first_line(e)})") from None
+        raise ModelError(f"--model {cfg.name}: cannot load its weights as {family.describe()} "
+                         f"({_first_line(e)})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    fresh = [k for k in info.get("missing_keys", []) if output is not None
+             and any(p is output.weight for n, p in model.named_parameters() if n == k)]
+    if fresh:
+        logger.warning("--model %s: its checkpoint has no language-model head (%s is freshly initialised), so "
+                       "answer scores start from random; use a causal-LM checkpoint", cfg.name, fresh[0])
     for p in model.parameters():
         p.requires_grad_(False)
     for p in head_parameters(model):
@@ -113,10 +134,15 @@ def load_model(cfg: ModelConfig, num_labels: int, problem_type: str = "single_la
 
 
 def head_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Top-level children other than the base model that hold parameters (classifier, score, ...)."""
+    """Top-level children other than the base model that hold parameters (classifier, score, ...).
+
+    A language model's output layer (``get_output_embeddings()``, often tied to the input embeddings)
+    is pretrained, not a task head: it is neither trained nor saved with the adapter.
+    """
     prefix = getattr(model, "base_model_prefix", None)
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return {name: child for name, child in model.named_children()
-            if name != prefix and any(True for _ in child.parameters())}
+            if name != prefix and child is not output and any(True for _ in child.parameters())}
 
 
 def head_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -31,13 +31,15 @@ import torch
 from torch import nn
 
 from . import __version__, distributed, io, rundir
-from .baselines import adalora_config, adalora_summary, install_param_budget, uniform_rank
+from .baselines import adalora_config, adalora_summary, install_param_budget, orthogonality_penalty, uniform_rank
 from .budget import parse_budget
 from .config import RetrainConfig
 from .flags import to_dict
 from .data import EpochSampler, Split, TaskData, prepare_task
-from .models import (Target, count_parameters, find_targets, head_modules, load_model, load_tokenizer,
-                     resolve_device)
+from .families import Classification, Family
+from .metrics import classification_metrics  # noqa: F401  (importable from here, as before)
+from .models import (Target, count_parameters, find_targets, head_modules, load_model, load_model_config,
+                     load_tokenizer, resolve_device)
 from .rank_map import RankMap
 from .training import check_finite, set_seed, to_device
 
@@ -68,8 +70,10 @@ def linear_schedule(total: int, warmup: int) -> Callable[[int], float]:
 
 def train(model: nn.Module, train_split: Split, steps: int, lr: float, cfg: RetrainConfig, device: torch.device,
           adalora: bool = False, on_step: Callable[[dict[str, Any]], None] | None = None,
-          dist_info: distributed.DistInfo = distributed.DistInfo()) -> list[dict[str, Any]]:
-    """``steps`` AdamW steps on batches of ``train_split``; AdaLoRA re-allocates its ranks after each."""
+          dist_info: distributed.DistInfo = distributed.DistInfo(), family: Family | None = None) -> list[dict[str, Any]]:
+    """``steps`` AdamW steps on batches of ``train_split``; AdaLoRA adds its orthogonality regulariser to
+    the loss and re-allocates its ranks after each step."""
+    family = family or Classification()
     p = cfg.train
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=p.weight_decay)
@@ -81,7 +85,9 @@ def train(model: nn.Module, train_split: Split, steps: int, lr: float, cfg: Retr
     for step in range(steps):
         batch = to_device(train_split.batch(distributed.shard(sampler.next(), dist_info)), device)
         opt.zero_grad(set_to_none=True)
-        loss = model(**batch).loss  # AdaLoRA adds its orthogonality regulariser here
+        loss = family.forward(model, batch).loss
+        if adalora:
+            loss = loss + p.adalora_orth_reg_weight * orthogonality_penalty(model)
         value = float(distributed.mean(loss.detach(), dist_info))
         check_finite(value, "training loss", step, None)
         loss.backward()
@@ -101,48 +107,37 @@ def train(model: nn.Module, train_split: Split, steps: int, lr: float, cfg: Retr
 
 
 @torch.no_grad()
-def predict(model: nn.Module, split: Split, batch_size: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and labels over ``split`` in eval mode (labels are kept out of the forward pass, so no
-    method adds a regulariser to the loss)."""
+def predict(model: nn.Module, split: Split, batch_size: int, device: torch.device,
+            family: Family | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The family's per-example outputs ("logits") and labels over ``split``, in eval mode."""
+    family = family or Classification()
     was_training = model.training
     model.eval()
     logits, labels = [], []
     try:
         for batch in split.iter_batches(batch_size):
-            labels.append(batch.pop("labels").numpy())
-            logits.append(model(**to_device(batch, device)).logits.float().cpu().numpy())
+            labels.append(family.eval_labels(batch).numpy())
+            logits.append(family.forward(model, to_device(batch, device)).logits.float().cpu().numpy())
     finally:
         model.train(was_training)
     return np.concatenate(logits), np.concatenate(labels)
-
-
-def classification_metrics(logits: np.ndarray, labels: np.ndarray, num_labels: int) -> dict[str, float]:
-    """accuracy, macro F1, eval loss (mean cross-entropy) and, for two classes, the MCC."""
-    from sklearn.metrics import f1_score, matthews_corrcoef
-
-    preds = logits.argmax(-1)
-    shifted = logits - logits.max(-1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-    out = {"accuracy": float((preds == labels).mean()),
-           "macro_f1": float(f1_score(labels, preds, average="macro", zero_division=0)),
-           "eval_loss": float(-log_probs[np.arange(len(labels)), labels].mean())}
-    if num_labels == 2:
-        out["mcc"] = float(matthews_corrcoef(labels, preds))
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
 # Building the adapter of each method
 # --------------------------------------------------------------------------------------------------
 def build_adapter(cfg: RetrainConfig, model: nn.Module, targets: list[Target], rank_map: RankMap | None,
-                  budget: int, budget_text: str | None, steps: int) -> tuple[nn.Module, RankMap | None]:
+                  budget: int, budget_text: str | None, steps: int,
+                  family: Family | None = None) -> tuple[nn.Module, RankMap | None]:
     """Wrap ``model`` in peft: LoRA with the rank map's (or the uniform) ranks, or AdaLoRA at ``budget``."""
     from peft import LoraConfig, get_peft_model
 
     heads = sorted(head_modules(model))
     p = cfg.train
+    family = family or Classification()
     if cfg.baseline == "adalora":
-        peft_model = get_peft_model(model, adalora_config(targets, budget, steps, p, heads, budget_text))
+        peft_model = get_peft_model(model, adalora_config(targets, budget, steps, p, heads, budget_text,
+                                                          family.peft_task_type))
         install_param_budget(peft_model, budget)
         return peft_model, None
     if cfg.baseline == "uniform":
@@ -188,8 +183,8 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
     dist_info = distributed.init(cfg.device)
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
-    task = prepare_task(cfg.data, tokenizer, cfg.seed)
-    model = load_model(cfg.model, task.num_labels, task.problem_type, tokenizer.pad_token_id)
+    task = prepare_task(cfg.data, tokenizer, cfg.seed, load_model_config(cfg.model))
+    model = load_model(cfg.model, task.num_labels, task.family, tokenizer.pad_token_id)
     targets = find_targets(model, cfg.model)
     if rank_map is not None:
         rank_map.check_against(targets, source=f"--rank-map {cfg.rank_map}")
@@ -203,7 +198,7 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
     steps = steps if cfg.max_steps is None else min(steps, cfg.max_steps)
     device = distributed.device_for(dist_info, resolve_device(cfg.device))
     set_seed(cfg.seed)
-    peft_model, rank_map = build_adapter(cfg, model, targets, rank_map, budget, budget_text, steps)
+    peft_model, rank_map = build_adapter(cfg, model, targets, rank_map, budget, budget_text, steps, task.family)
     peft_model.to(device)
 
     out = Path(cfg.out) if cfg.out else rundir.default_out("retrain", f"{method}-{budget}", cfg.seed)
@@ -217,17 +212,20 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
                 method, len(targets), budget, steps, cfg.train.epochs, len(task.train), lr, device, out)
     try:
         t = time.time()
-        history = train(peft_model, task.train, steps, lr, cfg, device, method == "adalora", on_step, dist_info)
+        history = train(peft_model, task.train, steps, lr, cfg, device, method == "adalora", on_step, dist_info,
+                        task.family)
         wall["train"] = time.time() - t
         if not dist_info.is_main:  # identical weights on every rank: rank 0 evaluates and writes
             return None
 
         t = time.time()
-        logits, labels = predict(peft_model, task.eval, cfg.data.eval_batch_size, device)
-        scores = classification_metrics(logits, labels, task.num_labels)
+        logits, labels = predict(peft_model, task.eval, cfg.data.eval_batch_size, device, task.family)
+        metric = task.family.primary_metric
+        scores = {"metric": metric, **task.family.metrics(logits, labels, task.num_labels)}
+        scores["score"] = scores[metric]
         wall["eval"] = time.time() - t
-        logger.info("eval on %d examples: accuracy %.4f  macro F1 %.4f  loss %.4f", len(labels),
-                    scores["accuracy"], scores["macro_f1"], scores["eval_loss"])
+        logger.info("eval on %d examples: %s", len(labels),
+                    "  ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float)))
 
         t = time.time()
         rank_map, adapter = describe_adapter(peft_model, method, targets, rank_map, budget, cfg)
@@ -237,7 +235,7 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
         wall["total"] = time.time() - t0
 
         metrics = {
-            "method": method, "task": task.name, "base_model": cfg.model.name, **scores,
+            "method": method, "task": task.name, "family": task.family.name, "base_model": cfg.model.name, **scores,
             "eval_examples": int(len(labels)), "train_examples": len(task.train), "steps": steps,
             "final_train_loss": float(np.mean([r["train_loss"] for r in history[-cfg.train.log_every:]])),
             **adapter, "budget": int(budget), "budget_used": adapter["adapter_params"] / budget,
@@ -287,13 +285,12 @@ def save_outputs(out: Path, cfg: RetrainConfig, peft_model: nn.Module, tokenizer
     with _atomic_dir(out / "adapter") as tmp, _quiet_peft():
         peft_model.save_pretrained(str(tmp))
     probe = task.eval.batch(slice(0, min(len(task.eval), cfg.data.eval_batch_size)))
-    probe.pop("labels")
     checks = {"saved_adapter_params": saved_adapter_params(out / "adapter"),
               "reload_max_abs_diff": _reload_difference(cfg, task, tokenizer, out / "adapter", probe, logits,
                                                         device)}
     if cfg.merge:
         merged = peft_model.merge_and_unload()
-        checks["merged_max_abs_diff"] = _max_diff(merged, probe, logits, device)
+        checks["merged_max_abs_diff"] = _max_diff(merged, task.family, probe, logits, device)
         with _atomic_dir(out / "merged") as tmp:
             merged.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
@@ -305,16 +302,17 @@ def _reload_difference(cfg: RetrainConfig, task: TaskData, tokenizer: Any, folde
     """Largest logit difference between the trained model and its saved adapter on a fresh base."""
     from peft import PeftModel
 
-    base = load_model(cfg.model, task.num_labels, task.problem_type, tokenizer.pad_token_id)
+    base = load_model(cfg.model, task.num_labels, task.family, tokenizer.pad_token_id)
     with _quiet_peft():
         reloaded = PeftModel.from_pretrained(base, str(folder)).to(device)
-    return _max_diff(reloaded, probe, logits, device)
+    return _max_diff(reloaded, task.family, probe, logits, device)
 
 
 @torch.no_grad()
-def _max_diff(model: nn.Module, probe: dict[str, torch.Tensor], logits: np.ndarray, device: torch.device) -> float:
+def _max_diff(model: nn.Module, family: Family, probe: dict[str, torch.Tensor], logits: np.ndarray,
+              device: torch.device) -> float:
     model.eval()
-    got = model(**to_device(probe, device)).logits.float().cpu().numpy()
+    got = family.forward(model, to_device(probe, device)).logits.float().cpu().numpy()
     return float(np.abs(got - logits[: len(got)]).max())
 
 
@@ -385,7 +383,7 @@ def cli(argv: list[str] | None = None) -> int:
     if result is None:  # a non-zero rank under torchrun
         return 0
     m = result.metrics
-    print(f"{m['method']}: accuracy {m['accuracy']:.4f}, macro F1 {m['macro_f1']:.4f} with {m['adapter_params']:,} "
+    print(f"{m['method']}: {m['metric']} {m['score']:.4f} with {m['adapter_params']:,} "
           f"adapter parameters ({100 * m['budget_used']:.2f}% of {m['budget']:,}); "
           f"adapter: {result.out / 'adapter'}, metrics: {result.out / 'metrics.json'}")
     return 0

@@ -41,7 +41,8 @@ from .discretize import discretize
 from .errors import RunDirError
 from .export import SCORES
 from .lagrangian import Lagrangian
-from .models import Target, count_parameters, find_targets, head_modules, load_model, load_tokenizer, resolve_device
+from .models import (Target, count_parameters, find_targets, head_modules, load_model, load_model_config,
+                     load_tokenizer, resolve_device)
 from .rank_map import RankMap
 from .training import check_finite, evaluate, grads_finite, rng_state, set_rng_state, set_seed, to_device
 
@@ -275,8 +276,8 @@ def run_search(cfg: SearchConfig, command: str | None = None,
     dist_info = distributed.init(cfg.device)
     set_seed(cfg.seed)  # the same seed on every rank: sampled gates agree across ranks
     tokenizer = load_tokenizer(cfg.model)
-    task = prepare_task(cfg.data, tokenizer, cfg.seed)
-    model = load_model(cfg.model, task.num_labels, task.problem_type, tokenizer.pad_token_id)
+    task = prepare_task(cfg.data, tokenizer, cfg.seed, load_model_config(cfg.model))
+    model = load_model(cfg.model, task.num_labels, task.family, tokenizer.pad_token_id)
     targets = find_targets(model, cfg.model)
     base_params = count_parameters(model)
     budget = spec.resolve(base_params)
@@ -289,7 +290,8 @@ def run_search(cfg: SearchConfig, command: str | None = None,
         resume = (out / rundir.CHECKPOINT).is_file()
     device = distributed.device_for(dist_info, resolve_device(cfg.device))
     p = cfg.search
-    gated = GatedModel(model, targets, r_max, p.scale, p.lora_dropout, p.gate_init, p.temperature).to(device)
+    gated = GatedModel(model, targets, r_max, p.scale, p.lora_dropout, p.gate_init, p.temperature,
+                       task.family).to(device)
     opts = make_optimizers(cfg, gated, budget, task, dist_info.world_size)
     state = load_checkpoint(out, cfg, gated, opts) if resume else SearchState()
     if dist_info.is_main:
@@ -329,7 +331,7 @@ def finish(cfg: SearchConfig, gated: GatedModel, task: TaskData, targets: list[T
     lam = opts["lagrangian"].lam
     final_ratio = state.history[-1]["cost_ratio"] if state.history else float("nan")
     rm = RankMap.from_ranks(targets, ranks, base_model=cfg.model.name, budget=budget, search={
-        "task": task.name, "seed": cfg.seed, "steps": state.step, "final_lambda": lam,
+        "task": task.name, "family": task.family.name, "seed": cfg.seed, "steps": state.step, "final_lambda": lam,
         "final_cost_ratio": final_ratio, "r_max": max(r_max.values()), "scale": cfg.search.scale,
         "num_layers": cfg.model.num_layers, "rankalloc_version": __version__})
     heads = sorted(head_modules(gated.model))

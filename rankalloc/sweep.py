@@ -136,16 +136,17 @@ class Sweep:
         timings["retrain_s"] = time.time() - t
         timings["trial_s"] = time.time() - t0
         m = result.metrics
-        attrs = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "eval_loss": m["eval_loss"],
+        attrs = {"metric": m["metric"], "score": m["score"], "accuracy": m.get("accuracy"),
+                 "macro_f1": m.get("macro_f1"), "eval_loss": m["eval_loss"],
                  "adapter_params": m["adapter_params"], "budget_used": m["budget_used"],
                  "rank_map": str(rank_map) if method == RANKALLOC else str(result.out / "rank_map.json"),
                  "adapter": str(result.out / "adapter"), "metrics": str(result.out / "metrics.json"),
                  "commands": commands + [command], "wall_time_s": timings}
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
-        logger.info("trial %d: %s at %s: %s adapter parameters, accuracy %.4f (%.0f s)", trial.number, method,
-                    f"{budget:,}", f"{m['adapter_params']:,}", m["accuracy"], timings["trial_s"])
-        return float(m["adapter_params"]), float(m["accuracy"])
+        logger.info("trial %d: %s at %s: %s adapter parameters, %s %.4f (%.0f s)", trial.number, method,
+                    f"{budget:,}", f"{m['adapter_params']:,}", m["metric"], m["score"], timings["trial_s"])
+        return float(m["adapter_params"]), float(m["score"])  # the task family's metric (accuracy, ...)
 
     def _rank_map(self, budget: int, folder: Path, params: Any, timings: dict[str, float]) -> tuple[Path, list[str]]:
         """Re-export from the shared search, or run a search of this trial's own."""

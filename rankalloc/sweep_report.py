@@ -32,7 +32,7 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
         method, budget = point_of(t) or (u.get("method", RANKALLOC), u.get("budget"))
         params = {k: v for k, v in t.params.items() if k not in ("budget", "method")}
         rows.append({"trial": t.number, "method": method, "budget": budget, "adapter_params": int(t.values[0]),
-                     "accuracy": t.values[1], "macro_f1": u.get("macro_f1"), "budget_used": u.get("budget_used"),
+                     "accuracy": t.values[1], "metric": u.get("metric", "accuracy"), "macro_f1": u.get("macro_f1"), "budget_used": u.get("budget_used"),
                      "trial_s": (u.get("wall_time_s") or {}).get("trial_s"), "params": params,
                      "rank_map": u.get("rank_map"), "adapter": u.get("adapter"), "metrics": u.get("metrics"),
                      "commands": u.get("commands", [])})
@@ -68,16 +68,17 @@ def write_reports(study: Any, sweep: Sweep, summary: dict[str, Any]) -> list[dic
     out = sweep.out
     rows = trial_rows(study)
     front = [r for r in rows if r["front"]]
+    metric = rows[0]["metric"] if rows else "accuracy"  # the task family's metric; column "accuracy" holds it
     io.write_text(out / "pareto.csv", _csv(front))
     io.write_text(out / "trials.csv", _csv(rows))
     plot_pareto(out / "pareto.png", [{"method": r["method"], "params": r["adapter_params"],
                                       "accuracy": r["accuracy"]} for r in rows],
-                title=f"{sweep.cfg.model.name} on {sweep.cfg.data.task}: accuracy vs adapter parameters")
+                title=f"{sweep.cfg.model.name} on {sweep.cfg.data.task}: {metric} vs adapter parameters")
     summary = {**summary, "trials_complete": len(rows), "front": [r["trial"] for r in front]}
     io.write_json(out / "sweep.json", summary)
 
     def table(rs: list[dict[str, Any]]) -> list[str]:
-        lines = ["| trial | method | budget | adapter params | accuracy | macro F1 | front | params |",
+        lines = [f"| trial | method | budget | adapter params | {metric} | macro F1 | front | params |",
                  "|---:|---|---:|---:|---:|---:|:---:|---|"]
         for r in rs:
             mark = "**all**" if r["global_front"] else ("method" if r["front"] else "")
@@ -88,9 +89,9 @@ def write_reports(study: Any, sweep: Sweep, summary: dict[str, Any]) -> list[dic
         return lines
 
     shared = summary.get("shared_search")
-    lines = [f"# Sweep {sweep.cfg.study_name!r}: accuracy vs adapter parameters", "",
+    lines = [f"# Sweep {sweep.cfg.study_name!r}: {metric} vs adapter parameters", "",
              f"{sweep.cfg.model.name} on {sweep.cfg.data.task}; storage {summary['storage']}; "
-             f"{len(rows)} complete trial(s). Objectives: adapter parameters (down), accuracy on the "
+             f"{len(rows)} complete trial(s). Objectives: adapter parameters (down), {metric} on the "
              "evaluation split (up).", "",
              "## Pareto front", "",
              "Non-dominated within each method (front = `method`); **all** = also non-dominated across methods.",

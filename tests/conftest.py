@@ -55,7 +55,7 @@ def tiny_llama(tmp_path_factory) -> str:
 
     cfg = LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      num_labels=3, pad_token_id=0)
+                      num_labels=3, pad_token_id=0, tie_word_embeddings=True)  # so a causal-LM load finds its head
     return _save_random(tmp_path_factory.mktemp("llama"), cfg)
 
 

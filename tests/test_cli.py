@@ -80,11 +80,19 @@ def _table(tmp_path, name, text):
     (lambda p: _table(p, "empty.csv", ""), "empty"),
     (lambda p: _table(p, "cols.csv", "sentence,label\n" + "a,0\nb,1\n" * 60), "text"),
     (lambda p: _table(p, "one.csv", "text,label\n" + "a,0\n" * 120), "one class"),
-    (lambda p: _table(p, "float.csv", "text,label\n" + "a,0.5\nb,1.5\n" * 60), "label"),
+    (lambda p: _table(p, "float.csv", "text,label\n" + "a,0.5\nb,1.5\n" * 60), "--data.family regression"),
+    (lambda p: _table(p, "options.csv", "text,label,options\n" + "a,0,x\n" * 60), "not a list of options"),
 ])
 def test_bad_data_files(capsys, tmp_path, make, fragment):
-    code, err = run_main(capsys, SMALL + ["--budget", "5k", "--task", make(tmp_path)])
+    family = {"float.csv": ["--data.family", "classification"], "options.csv": ["--data.choice_columns", "options"]}
+    task = make(tmp_path)
+    code, err = run_main(capsys, SMALL + ["--budget", "5k", "--task", task, *family.get(Path(task).name, [])])
     assert_one_line_refusal(code, err, fragment)
+
+
+def test_unknown_family_is_refused(capsys):
+    code, err = run_main(capsys, SMALL + ["--budget", "5k", "--data.family", "ranking"])
+    assert_one_line_refusal(code, err, "--data.family must be auto or one of classification, regression")
 
 
 def test_finished_run_is_not_overwritten(capsys, tmp_path):

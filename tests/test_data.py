@@ -126,7 +126,22 @@ BAD_INPUTS = [
      ["no column 'hyp'", "--data.text_pair_column"]),
     ("one class (names)", "d.csv", _frame(label=["pos"] * 5), {}, ["only one class", "'pos'"]),
     ("one class (ids)", "d.json", _frame(label=[1] * 5), {}, ["only one class"]),
-    ("float labels", "d.csv", _frame(label=[0.5, 1.0, 0.0]), {}, ["0.5", "neither an integer id nor a class name"]),
+    ("float labels as classes", "d.csv", _frame(label=[0.5, 1.0, 0.0]), {"family": "classification"},
+     ["0.5", "neither an integer id nor a class name", "--data.family regression"]),
+    ("non-numeric regression target", "d.csv", _frame(label=["0.5", "x", "1.5"]), {"family": "regression"},
+     ["'x'", "not finite numbers"]),
+    ("constant regression target", "d.csv", _frame(label=[0.5, 0.5, 0.5]), {"family": "regression"},
+     ["every target is 0.5"]),
+    ("choices column missing", "d.csv", _frame(label=[0, 1, 0]), {"choice_columns": ["options"]},
+     ["no column 'options'", "--data.choice_columns"]),
+    ("choices not a list", "d.json", _frame(label=[0, 1, 0]).assign(options=["a", "b", "c"]),
+     {"choice_columns": ["options"]}, ["row 0", "not a list of options"]),
+    ("option index out of range", "d.json", _frame(label=[0, 5, 0]).assign(options=[["a", "b"]] * 3),
+     {"choice_columns": ["options"]}, ["row 1", "label 5", "option index in 0..1"]),
+    ("single option", "d.json", _frame(label=[0, 0, 0]).assign(options=[["a"]] * 3),
+     {"choice_columns": ["options"]}, ["row 0", "at least two non-empty options"]),
+    ("answer column missing", "d.csv", _frame(label=[0, 1, 0]), {"family": "causal_lm"},
+     ["no column 'answer'", "--data.answer_column"]),
     ("NaN labels", "d.csv", _frame(label=[0, None, 1]), {}, ["missing label", "row 1"]),
     ("NaN among names", "d.jsonl", _frame(label=["a", None, "b"]), {}, ["missing label"]),
     ("mixed ids and names", "d.json", _frame(label=[0, "pos", 1]), {}, ["mix integer ids and class names"]),
@@ -454,3 +469,41 @@ def test_epoch_sampler_seeds_differ_and_bad_input_is_refused():
         EpochSampler(10, 3, 0).load_state_dict({"epoch": 0, "position": 11})
     with pytest.raises(DataError, match="'epoch' and 'position'"):
         EpochSampler(10, 3, 0).load_state_dict({"step": 4})
+
+
+def _fake_bigbench_mc_sdist() -> bytes:
+    def task(examples):
+        return json.dumps({"name": "t", "examples": examples}).encode()
+
+    siqa = [{"input": f"Why did person {i} leave? ", "target_scores": {"tired": int(i % 3 == 0), "bored": int(i % 3 == 1),
+                                                                       "late": int(i % 3 == 2)}} for i in range(5)]
+    wikihow = {"step_inference": [{"input": "A step of 'Bake bread' is ", "target_scores": {"Knead": 1, "Swim": 0,
+                                                                                           "Fly": 0, "Sing": 0}}],
+               "goal_inference": [{"input": "The goal of 'Knead' is ", "target_scores": {"a": 0, "b": 0, "c": 0, "d": 0,
+                                                                                        "Bake bread": 1}}],
+               "step_ordering": [{"input": "Which first? ", "target_scores": {"Mix": 1, "Bake": 0}}]}
+    root = "bigbench-1.0.0/bigbench/benchmark_tasks"
+    return _tar_gz({f"{root}/social_iqa/task.json": task(siqa), f"{root}/goal_step_wikihow/task.json": b"{}",
+                    **{f"{root}/goal_step_wikihow/{k}/task.json": task(v) for k, v in wikihow.items()}})
+
+
+def test_bigbench_multiple_choice_tasks_prepare_together_from_one_sdist(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANKALLOC_CACHE", str(tmp_path / "cache"))
+    sdist = tmp_path / "bigbench-1.0.0.tar.gz"
+    sdist.write_bytes(_fake_bigbench_mc_sdist())
+    digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
+    for name in ("social_iqa", "goal_step_wikihow", "multiemo-en"):  # all three come from the same pinned sdist
+        monkeypatch.setitem(task_prepare.SDIST_SOURCES, name,
+                            dataclasses.replace(task_prepare.SDIST_SOURCES[name], sha256=digest))
+    tasks.prepare_task("social_iqa", sdist=sdist)  # multiemo-en is missing from the archive: a warning only
+    assert task_prepare.is_prepared("social_iqa") and task_prepare.is_prepared("goal_step_wikihow")
+    assert not task_prepare.is_prepared("multiemo-en")
+    siqa = load_raw_task(DataConfig(task="social_iqa"))
+    assert siqa.family == "multiple_choice" and siqa.train["label"].tolist() == [0, 1, 2, 0, 1]
+    assert siqa.train["choices"][0] == ["tired", "bored", "late"]
+    wikihow = load_raw_task(DataConfig(task="goal_step_wikihow"))
+    assert [len(c) for c in wikihow.train["choices"]] == [4, 5, 2] and wikihow.train["label"].tolist() == [0, 4, 0]
+    as_lm = load_raw_task(DataConfig(task="social_iqa", family="causal_lm"))
+    assert as_lm.family == "causal_lm" and as_lm.train["answer"].tolist()[:3] == ["tired", "bored", "late"]
+    with pytest.raises(DataError, match="multiple_choice task and cannot be read as regression"):
+        load_raw_task(DataConfig(task="social_iqa", family="regression"))

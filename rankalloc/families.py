@@ -1,0 +1,371 @@
+"""Task families: how examples are tokenised, which model head runs them, the loss, and the metrics.
+
+The search, the retrain and the benchmark share one interface, :class:`Family`:
+
+* ``classification`` - text (+ text_pair) -> class id; ``AutoModelForSequenceClassification``;
+  accuracy, macro-F1, MCC.
+* ``regression`` - text (+ text_pair) -> float target (STS-B style); the same model with one output
+  and a mean-squared-error loss; Pearson and Spearman correlation.
+* ``multiple_choice`` - a question and N options -> the index of the right one; encoders use
+  ``AutoModelForMultipleChoice``, decoders ``AutoModelForCausalLM`` with each option scored by its
+  log-likelihood after the question; accuracy.
+* ``causal_lm`` - prompt -> answer text, the loss on the answer tokens only; ``AutoModelForCausalLM``;
+  loss, perplexity and exact-match accuracy of the answer.
+
+Every family computes its own loss from the model's outputs (labels never go into the model), so the
+loss is the same whatever wraps the model (rankalloc's gated LoRA, peft LoRA or AdaLoRA).  A family's
+``forward`` returns :class:`Output`: ``loss`` (when the batch has labels) and ``logits``, the
+per-example values its metrics read (class logits, a regression value, option scores, or for causal
+LM the per-example ``(answer NLL, answer tokens, exact match)``).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import metrics
+from .errors import DataError, ModelError
+
+logger = logging.getLogger(__name__)
+
+FAMILIES = ("classification", "regression", "multiple_choice", "causal_lm")
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+IGNORE = -100  # token label of a position without a loss (prompt, padding)
+MISSING_OPTION = -1e9  # score of an option an example does not have
+_TOKENIZE_CHUNK = 8192  # examples per tokenizer call, to bound peak memory on large tasks
+_REGRESSION_STRATA = 5  # quantile bins that stratify the splits of a regression task
+
+
+@dataclass
+class Output:
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+
+
+def _without(batch: dict[str, torch.Tensor], *keys: str) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in batch.items() if k not in keys}
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (LoRA layers in place), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+# --------------------------------------------------------------------------------------------------
+# The interface
+# --------------------------------------------------------------------------------------------------
+class Family:
+    """One task family.  ``sequence_keys`` name the tensors whose last axis is the token axis."""
+
+    name = ""
+    primary_metric = ""
+    sequence_keys: tuple[str, ...] = MODEL_INPUTS
+    peft_task_type: str | None = "SEQ_CLS"  # peft's task type for this family's model class
+
+    def strata(self, df: pd.DataFrame) -> np.ndarray:
+        """Groups that train/eval/gate splits keep in proportion (classes, or target quantiles)."""
+        return df["label"].to_numpy()
+
+    def tokenize(self, df: pd.DataFrame, tokenizer: Any, max_length: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def model_class(self) -> Any:
+        raise NotImplementedError
+
+    def config_kwargs(self, num_labels: int) -> dict[str, Any]:
+        return {}
+
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> Output:
+        raise NotImplementedError
+
+    def metrics(self, logits: np.ndarray, labels: np.ndarray, num_labels: int) -> dict[str, float]:
+        raise NotImplementedError
+
+    def eval_labels(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What the metrics compare ``logits`` with, one row per example."""
+        return batch["labels"]
+
+    def label_summary(self, labels: torch.Tensor, num_labels: int) -> Any:
+        return torch.bincount(labels, minlength=num_labels).tolist()
+
+    def describe(self) -> str:
+        return self.name
+
+
+class Classification(Family):
+    name, primary_metric = "classification", "accuracy"
+
+    def tokenize(self, df, tokenizer, max_length):
+        tensors = _tokenize_texts(df, tokenizer, max_length)
+        tensors["labels"] = torch.tensor(df["label"].to_numpy(dtype=np.int64, copy=True))
+        return tensors
+
+    def model_class(self):
+        from transformers import AutoModelForSequenceClassification
+        return AutoModelForSequenceClassification
+
+    def config_kwargs(self, num_labels):
+        return {"num_labels": num_labels, "problem_type": "single_label_classification"}
+
+    def forward(self, model, batch):
+        logits = model(**_without(batch, "labels")).logits
+        loss = F.cross_entropy(logits.float(), batch["labels"]) if "labels" in batch else None
+        return Output(loss, logits)
+
+    def metrics(self, logits, labels, num_labels):
+        return metrics.classification_metrics(logits, labels, num_labels)
+
+
+class Regression(Classification):
+    name, primary_metric = "regression", "pearson"
+
+    def strata(self, df):
+        values = df["label"].to_numpy(dtype=np.float64)
+        edges = np.unique(np.quantile(values, np.linspace(0, 1, _REGRESSION_STRATA + 1)[1:-1]))
+        return np.digitize(values, edges)
+
+    def tokenize(self, df, tokenizer, max_length):
+        tensors = _tokenize_texts(df, tokenizer, max_length)
+        tensors["labels"] = torch.tensor(df["label"].to_numpy(dtype=np.float32, copy=True))
+        return tensors
+
+    def config_kwargs(self, num_labels):
+        return {"num_labels": 1, "problem_type": "regression"}
+
+    def forward(self, model, batch):
+        logits = model(**_without(batch, "labels")).logits
+        loss = F.mse_loss(logits.float().squeeze(-1), batch["labels"].float()) if "labels" in batch else None
+        return Output(loss, logits)
+
+    def metrics(self, logits, labels, num_labels):
+        return metrics.regression_metrics(logits.reshape(-1), labels)
+
+    def label_summary(self, labels, num_labels):
+        values = labels.double()
+        return {"mean": round(float(values.mean()), 4), "std": round(float(values.std()), 4),
+                "min": float(values.min()), "max": float(values.max())}
+
+
+class MultipleChoice(Family):
+    """A question with N options.  ``scoring`` is ``"head"`` for encoders (a classifier over the
+    options' [CLS] states) or ``"loglik"`` for decoders (the summed log-likelihood of the option's
+    tokens after the question, as BIG-bench's multiple_choice_grade scores it)."""
+
+    name, primary_metric = "multiple_choice", "accuracy"
+
+    def __init__(self, scoring: str = "head") -> None:
+        if scoring not in ("head", "loglik"):
+            raise ValueError(f"scoring must be 'head' or 'loglik', got {scoring!r}")
+        self.scoring = scoring
+        self.peft_task_type = None if scoring == "head" else "CAUSAL_LM"
+        if scoring == "loglik":
+            self.sequence_keys = MODEL_INPUTS + ("option_labels",)
+
+    def tokenize(self, df, tokenizer, max_length):
+        n_options = int(df["choices"].map(len).max())
+        padded = [list(c) + [""] * (n_options - len(c)) for c in df["choices"]]
+        present = torch.tensor([[i < len(c) for i in range(n_options)] for c in df["choices"]], dtype=torch.bool)
+        questions = [q for q in df["text"] for _ in range(n_options)]
+        options = [o for row in padded for o in row]
+        if self.scoring == "head":
+            flat = _tokenize_texts(pd.DataFrame({"text": questions, "text_pair": options}), tokenizer, max_length)
+        else:
+            flat = _tokenize_prompt_answer(questions, options, tokenizer, max_length, add_eos=False,
+                                           label_key="option_labels")
+        tensors = {k: v.view(len(df), n_options, -1) for k, v in flat.items()}
+        tensors["choice_mask"] = present
+        tensors["labels"] = torch.tensor(df["label"].to_numpy(dtype=np.int64, copy=True))
+        return tensors
+
+    def model_class(self):
+        from transformers import AutoModelForCausalLM, AutoModelForMultipleChoice
+        return AutoModelForMultipleChoice if self.scoring == "head" else AutoModelForCausalLM
+
+    def forward(self, model, batch):
+        present = batch["choice_mask"]
+        if self.scoring == "head":
+            scores = model(**_without(batch, "labels", "choice_mask")).logits.float()
+        else:
+            b, n, length = batch["input_ids"].shape
+            rows = present.reshape(-1)
+            flat = {k: batch[k].reshape(b * n, length)[rows] for k in ("input_ids", "attention_mask", "option_labels")}
+            nll, _, _ = answer_log_likelihood(unwrap(model), flat["input_ids"], flat["attention_mask"],
+                                              flat["option_labels"])
+            scores = torch.zeros(b * n, device=nll.device, dtype=nll.dtype)
+            scores = scores.masked_scatter(rows, -nll).view(b, n)
+        scores = scores.masked_fill(~present, MISSING_OPTION)
+        loss = F.cross_entropy(scores, batch["labels"]) if "labels" in batch else None
+        return Output(loss, scores)
+
+    def metrics(self, logits, labels, num_labels):
+        return metrics.multiple_choice_metrics(logits, labels)
+
+    def describe(self):
+        return f"{self.name} ({'classifier head' if self.scoring == 'head' else 'option log-likelihood'})"
+
+
+class CausalLM(Family):
+    """Prompt -> answer text; the loss is the mean NLL of the answer tokens (and its end-of-text)."""
+
+    name, primary_metric = "causal_lm", "exact_match"
+    sequence_keys = MODEL_INPUTS + ("labels",)
+    peft_task_type = "CAUSAL_LM"
+
+    def strata(self, df):
+        return np.zeros(len(df), dtype=np.int64)
+
+    def tokenize(self, df, tokenizer, max_length):
+        return _tokenize_prompt_answer(df["text"].tolist(), df["answer"].tolist(), tokenizer, max_length,
+                                       add_eos=True, label_key="labels")
+
+    def model_class(self):
+        from transformers import AutoModelForCausalLM
+        return AutoModelForCausalLM
+
+    def forward(self, model, batch):
+        nll, count, exact = answer_log_likelihood(unwrap(model), batch["input_ids"], batch["attention_mask"],
+                                                  batch["labels"])
+        loss = nll.sum() / count.sum().clamp(min=1.0)
+        return Output(loss, torch.stack([nll, count, exact.to(nll.dtype)], dim=-1))
+
+    def metrics(self, logits, labels, num_labels):
+        return metrics.causal_lm_metrics(logits)
+
+    def eval_labels(self, batch):
+        return torch.zeros(batch["input_ids"].shape[0], dtype=torch.long)
+
+    def label_summary(self, labels, num_labels):
+        return {"answer_tokens": int((labels != IGNORE).sum())}
+
+
+def make_family(name: str, model_config: Any = None) -> Family:
+    """The family ``name`` for a model with ``model_config`` (which decides how options are scored).
+
+    Raises:
+        ModelError: the model has neither a multiple-choice head nor a language-model head.
+    """
+    if name == "classification":
+        return Classification()
+    if name == "regression":
+        return Regression()
+    if name == "causal_lm":
+        return CausalLM()
+    if name == "multiple_choice":
+        return MultipleChoice(_option_scoring(model_config))
+    raise DataError(f"unknown task family {name!r}; allowed: {', '.join(FAMILIES)}")
+
+
+def _option_scoring(model_config: Any) -> str:
+    if model_config is None:
+        return "head"
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES)
+
+    kind = getattr(model_config, "model_type", None)
+    if kind in MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES and not getattr(model_config, "is_decoder", False):
+        return "head"
+    if kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "loglik"
+    raise ModelError(f"model type {kind!r} has neither a multiple-choice head nor a causal-LM head, so it cannot "
+                     "answer multiple-choice tasks")
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenisation
+# --------------------------------------------------------------------------------------------------
+def _tokenize_texts(df: pd.DataFrame, tokenizer: Any, max_length: int) -> dict[str, torch.Tensor]:
+    """``text`` (and ``text_pair`` if present), truncated and padded to ``max_length``."""
+    has_pair = "text_pair" in df.columns
+    accepted = set(getattr(tokenizer, "model_input_names", MODEL_INPUTS)) & set(MODEL_INPUTS)
+    accepted |= {"input_ids", "attention_mask"}
+    parts: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, len(df), _TOKENIZE_CHUNK):
+        chunk = df.iloc[start:start + _TOKENIZE_CHUNK]
+        encoded = tokenizer(chunk["text"].tolist(), chunk["text_pair"].tolist() if has_pair else None,
+                            truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
+        for key in MODEL_INPUTS:
+            if key in encoded and key in accepted:
+                parts.setdefault(key, []).append(encoded[key].to(torch.long))
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def _tokenize_prompt_answer(prompts: list[str], answers: list[str], tokenizer: Any, max_length: int,
+                            add_eos: bool, label_key: str) -> dict[str, torch.Tensor]:
+    """Prompt then answer, right-padded to ``max_length``; ``label_key`` holds the answer's token ids
+    and IGNORE elsewhere.
+
+    The answer follows the prompt after one space (trailing space of the prompt dropped, as
+    evaluation harnesses join them).  When the pair is too long the prompt loses its beginning, so the
+    tokens nearest the answer stay; an answer longer than ``max_length - 1`` tokens is cut.
+    """
+    prompt_ids = tokenizer([p.rstrip() for p in prompts], add_special_tokens=True)["input_ids"]
+    answer_ids = tokenizer([(" " + a.strip()) if a.strip() else "" for a in answers],
+                           add_special_tokens=False)["input_ids"]
+    eos = None
+    if add_eos:  # the end-of-text token; a tokenizer without one ends the answer with its separator
+        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else getattr(tokenizer, "sep_token_id", None)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    n = len(prompts)
+    ids = torch.full((n, max_length), pad, dtype=torch.long)
+    mask = torch.zeros((n, max_length), dtype=torch.long)
+    labels = torch.full((n, max_length), IGNORE, dtype=torch.long)
+    cut_answers = cut_prompts = 0
+    for i, (p, a) in enumerate(zip(prompt_ids, answer_ids)):
+        a = list(a) + ([eos] if eos is not None else [])
+        if len(a) > max_length - 1:
+            a, cut_answers = a[:max_length - 1], cut_answers + 1
+        room = max_length - len(a)
+        if len(p) > room:
+            p, cut_prompts = p[len(p) - room:], cut_prompts + 1
+        seq = list(p) + a
+        ids[i, :len(seq)] = torch.tensor(seq)
+        mask[i, :len(seq)] = 1
+        if a:
+            labels[i, len(p):len(seq)] = torch.tensor(a, dtype=torch.long)
+    if cut_prompts or cut_answers:
+        logger.info("max length %d: %d prompt(s) lost their beginning, %d answer(s) were cut", max_length,
+                    cut_prompts, cut_answers)
+    return {"input_ids": ids, "attention_mask": mask, label_key: labels}
+
+
+# --------------------------------------------------------------------------------------------------
+# Log-likelihood of answer tokens (decoder models)
+# --------------------------------------------------------------------------------------------------
+def answer_log_likelihood(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                          token_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row: summed NLL of the labelled tokens, their count, and whether each is the top prediction.
+
+    Runs the model's base (``model.<base_model_prefix>``) for the hidden states and applies the output
+    layer only at the positions that predict a labelled token, so a large vocabulary never yields a
+    full ``(rows, length, vocab)`` logit tensor.
+
+    Raises:
+        ModelError: the model has no output embeddings (it is not a language model).
+    """
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if base is None or head is None:
+        raise ModelError(f"{type(model).__name__} has no language-model head to score answer tokens with")
+    hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    targets = token_labels[:, 1:]
+    rows, positions = torch.nonzero(targets != IGNORE, as_tuple=True)
+    logits = head(hidden[:, :-1][rows, positions]).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    wanted = targets[rows, positions]
+    nll = -logits.log_softmax(-1).gather(1, wanted[:, None]).squeeze(1)
+    wrong = (logits.argmax(-1) != wanted).to(nll.dtype)
+    n = input_ids.shape[0]
+    zeros = torch.zeros(n, device=nll.device, dtype=nll.dtype)
+    nll_sum = zeros.index_add(0, rows, nll)
+    count = zeros.index_add(0, rows, torch.ones_like(nll))
+    exact = (zeros.index_add(0, rows, wrong) == 0) & (count > 0)
+    return nll_sum, count, exact

@@ -1,0 +1,305 @@
+"""From a source's columns to a family's frame, and the target encoding every source shares.
+
+Every source (built-in task, local file, ``datasets`` hub name) ends as frames with the columns its
+task family needs (:mod:`rankalloc.families`):
+
+* classification - ``text``, optional ``text_pair``, ``label`` (int64 class ids ``0..K-1``);
+* regression     - ``text``, optional ``text_pair``, ``label`` (float64 targets);
+* multiple_choice - ``text`` (the question), ``choices`` (a list of option texts), ``label`` (the index
+  of the right option);
+* causal_lm      - ``text`` (the prompt) and ``answer``.
+
+A multiple-choice task can also be trained as causal LM on its right answers (:func:`convert_family`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import numpy as np
+import pandas as pd
+
+from .config import DataConfig
+from .errors import DataError
+
+logger = logging.getLogger("rankalloc.tasks")  # one logger for the task modules
+
+# --------------------------------------------------------------------------------------------------
+# Label encoding (shared by every source)
+# --------------------------------------------------------------------------------------------------
+def _label_kind(values: pd.Series, where: str) -> str:
+    """'int' or 'name' for a column of labels.
+
+    Raises:
+        DataError: a label is missing, or neither an integer nor a class name (e.g. 0.5).
+    """
+    missing = values.isna().to_numpy()
+    if missing.any():
+        row = int(np.flatnonzero(missing)[0])
+        raise DataError(f"{where}: {int(missing.sum())} missing label(s) (first at row {row}); labels must be "
+                        "integer ids or class names")
+    kinds = set()
+    for v in pd.unique(values):
+        if isinstance(v, (bool, np.bool_)):
+            kinds.add("int")
+        elif isinstance(v, (int, np.integer)):
+            kinds.add("int")
+        elif isinstance(v, (float, np.floating)):
+            if not float(v).is_integer():
+                raise DataError(f"{where}: label {v!r} is neither an integer id nor a class name (for a "
+                                "regression target use --data.family regression)")
+            kinds.add("int")
+        elif isinstance(v, str):
+            if not v.strip():
+                raise DataError(f"{where}: empty label (labels must be integer ids or non-empty class names)")
+            kinds.add("name")
+        else:
+            raise DataError(f"{where}: label {v!r} of type {type(v).__name__} is neither an integer id nor a "
+                            "class name")
+    if kinds == {"int", "name"}:
+        raise DataError(f"{where}: labels mix integer ids and class names; use one or the other")
+    return kinds.pop()
+
+
+def _normalise_labels(values: pd.Series, where: str) -> pd.Series:
+    """Integers as int64; strings stripped, and turned into int64 when every one is an integer literal."""
+    kind = _label_kind(values, where)
+    if kind == "int":
+        return values.astype("int64")
+    names = values.astype(str).str.strip()
+    if names.str.fullmatch(r"[+-]?\d+").all():
+        return names.astype("int64")
+    return names
+
+
+def encode_labels(columns: list[tuple[pd.Series, str]],
+                  label_names: list[str] | None = None) -> tuple[list[pd.Series], list[str]]:
+    """Map the label columns of several splits onto shared ids ``0..K-1``.
+
+    ``columns`` holds ``(labels, where)`` pairs, the training split first; ``where`` names the source in
+    error messages.  With ``label_names`` given, names are mapped in that order (a name outside it is an
+    error).
+
+    Raises:
+        DataError: a label is missing or malformed, an unknown name appears, or training has one class.
+    """
+    normalised = [(_normalise_labels(s, where), where) for s, where in columns]
+    kinds = {"int" if pd.api.types.is_integer_dtype(s) else "name" for s, _ in normalised}
+    if len(kinds) > 1:
+        raise DataError(f"{' and '.join(w for _, w in columns)}: labels are integer ids in one and class names "
+                        "in the other; use the same kind in both")
+    kind = kinds.pop()
+    everything = pd.concat([s for s, _ in normalised], ignore_index=True)
+    if label_names is not None:
+        mapping = {name: i for i, name in enumerate(label_names)}
+        names = list(label_names)
+    elif kind == "int" and everything.min() >= 0:
+        names = [str(i) for i in range(int(everything.max()) + 1)]
+        mapping = None
+    else:
+        uniques = sorted(everything.unique().tolist())
+        mapping = {v: i for i, v in enumerate(uniques)}
+        names = [str(v) for v in uniques]
+    encoded = []
+    for s, where in normalised:
+        if mapping is None:
+            encoded.append(s.astype("int64"))
+            continue
+        ids = s.map(mapping)
+        if ids.isna().any():
+            bad = s[ids.isna()].iloc[0]
+            raise DataError(f"{where}: unknown label {bad!r}; allowed: {', '.join(map(str, mapping))}")
+        encoded.append(ids.astype("int64"))
+    train_classes = encoded[0].nunique()
+    if train_classes < 2:
+        only = names[int(encoded[0].iloc[0])] if len(encoded[0]) else "none"
+        raise DataError(f"{columns[0][1]}: only one class ({only!r}) in the labels; a classifier needs at least two")
+    unseen = sorted(set(range(len(names))) - set(encoded[0].unique().tolist()))
+    if unseen:
+        logger.warning("%s: classes without training examples: %s", columns[0][1],
+                       ", ".join(names[i] for i in unseen[:10]))
+    return encoded, names
+
+
+def _encode_in_place(train: pd.DataFrame, evaluation: pd.DataFrame | None, train_where: str,
+                     eval_where: str) -> list[str]:
+    """Encode the ``label`` column of train (and eval) with one shared mapping; return the class names."""
+    columns = [(train["label"], train_where)]
+    if evaluation is not None:
+        columns.append((evaluation["label"], eval_where))
+    encoded, names = encode_labels(columns)
+    train["label"] = encoded[0].to_numpy()
+    if evaluation is not None:
+        evaluation["label"] = encoded[1].to_numpy()
+    return names
+
+
+
+
+# --------------------------------------------------------------------------------------------------
+# Families: which one a source is, and its columns
+# --------------------------------------------------------------------------------------------------
+def resolve_family(cfg: DataConfig, df: pd.DataFrame) -> str:
+    """``cfg.family``, or when it is ``auto``: multiple_choice with choice columns, causal_lm with an
+    answer column, regression when the label column holds non-integer floats, else classification."""
+    if cfg.family != "auto":
+        return cfg.family
+    if cfg.choice_columns:
+        return "multiple_choice"
+    if cfg.answer_column:
+        return "causal_lm"
+    if cfg.label_column in df.columns and pd.api.types.is_float_dtype(df[cfg.label_column]):
+        values = df[cfg.label_column].dropna().to_numpy()
+        if len(values) and not np.all(np.mod(values, 1) == 0):
+            logger.info("column %r holds non-integer numbers: a regression task (set --data.family to "
+                        "override)", cfg.label_column)
+            return "regression"
+    return "classification"
+
+
+def select_columns(df: pd.DataFrame, cfg: DataConfig, family: str, where: str) -> pd.DataFrame:
+    """Pick the columns ``family`` needs; drop rows whose text (or options, or answer) is missing.
+
+    Raises:
+        DataError: a named column is missing (the message lists the available ones), options are malformed.
+    """
+    wanted = [("--data.text_column", cfg.text_column)]
+    if family in ("classification", "regression"):
+        if cfg.text_pair_column is not None:
+            wanted.append(("--data.text_pair_column", cfg.text_pair_column))
+        wanted.append(("--data.label_column", cfg.label_column))
+    elif family == "multiple_choice":
+        if not cfg.choice_columns:
+            raise DataError(f"{where}: a multiple-choice task needs --data.choice_columns (one column holding a "
+                            "list of options, or one column per option)")
+        wanted += [("--data.choice_columns", c) for c in cfg.choice_columns]
+        wanted.append(("--data.label_column", cfg.label_column))
+    else:
+        wanted.append(("--data.answer_column", cfg.answer_column or "answer"))
+    available = [str(c) for c in df.columns]
+    for flag, column in wanted:
+        if column not in df.columns:
+            raise DataError(f"{where}: no column {column!r} (set by {flag}); available columns: "
+                            f"{', '.join(available)}")
+    out = pd.DataFrame({"text": df[cfg.text_column]})
+    if family == "multiple_choice":
+        out["choices"] = _options(df, list(cfg.choice_columns), where)
+    elif family == "causal_lm":
+        out["answer"] = df[cfg.answer_column or "answer"]
+    elif cfg.text_pair_column is not None:
+        out["text_pair"] = df[cfg.text_pair_column]
+    if family != "causal_lm":
+        out["label"] = df[cfg.label_column]
+    required = [c for c in ("text", "text_pair", "answer", "choices") if c in out]
+    missing = out[required].isna().any(axis=1)
+    if missing.all():
+        empty = next((c for c in required if out[c].isna().all()), "text")
+        source = {"text": cfg.text_column, "text_pair": cfg.text_pair_column, "answer": cfg.answer_column or "answer",
+                  "choices": ",".join(cfg.choice_columns or [])}[empty]
+        raise DataError(f"{where}: column {source!r} holds no text (every value is missing)")
+    if missing.any():
+        logger.warning("%s: dropping %d row(s) with missing text", where, int(missing.sum()))
+        out = out[~missing]
+    for c in ("text", "text_pair", "answer"):
+        if c in out:
+            out[c] = out[c].astype(str)
+    return out.reset_index(drop=True)
+
+
+def _options(df: pd.DataFrame, columns: list[str], where: str) -> pd.Series:
+    """Each row's options: from one list-valued column (a JSON list string in CSV files) or from
+    several single-option columns (missing ones skipped)."""
+    rows = []
+    for i in range(len(df)):
+        if len(columns) == 1:
+            value = df[columns[0]].iloc[i]
+            if isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError:
+                    pass  # refused below, as any other non-list
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                rows.append(None)
+                continue
+            if not isinstance(value, (list, tuple, np.ndarray)):
+                raise DataError(f"{where}: row {i} of column {columns[0]!r} is not a list of options (give a list, "
+                                "or one column per option in --data.choice_columns)")
+            options = list(value)
+        else:
+            options = [v for v in (df[c].iloc[i] for c in columns) if not (v is None or (isinstance(v, float)
+                                                                                        and math.isnan(v)))]
+        options = [str(o) for o in options]
+        if len(options) < 2 or any(not o.strip() for o in options):
+            raise DataError(f"{where}: row {i} has {len(options)} option(s) or an empty one; a multiple-choice "
+                            "question needs at least two non-empty options")
+        rows.append(options)
+    return pd.Series(rows, index=df.index, dtype=object)
+
+
+def encode_targets(family: str, train: pd.DataFrame, evaluation: pd.DataFrame | None, train_where: str,
+                   eval_where: str) -> list[str]:
+    """Encode the ``label`` column of train (and eval) in place for ``family``; return the label names
+    (classes; ``["target"]`` for regression; option numbers for multiple choice; none for causal LM)."""
+    if family == "classification":
+        return _encode_in_place(train, evaluation, train_where, eval_where)
+    frames = [(train, train_where)] + ([(evaluation, eval_where)] if evaluation is not None else [])
+    if family == "regression":
+        for frame, where in frames:
+            frame["label"] = _float_targets(frame["label"], where)
+        return ["target"]
+    if family == "multiple_choice":
+        for frame, where in frames:
+            frame["label"] = _option_index(frame, where)
+        return [str(i) for i in range(max(int(f["choices"].map(len).max()) for f, _ in frames))]
+    return []
+
+
+def _float_targets(values: pd.Series, where: str) -> np.ndarray:
+    numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(numbers)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise DataError(f"{where}: {int(bad.sum())} target(s) are missing or not finite numbers (first at row "
+                        f"{row}: {values.iloc[row]!r}); a regression task needs a number in every row")
+    if np.ptp(numbers) == 0:
+        raise DataError(f"{where}: every target is {numbers[0]}; a regression task needs targets that vary")
+    return numbers
+
+
+def _option_index(frame: pd.DataFrame, where: str) -> np.ndarray:
+    """The right option's index: an integer in [0, options), or the option's own text."""
+    out = np.empty(len(frame), dtype=np.int64)
+    for i, (label, options) in enumerate(zip(frame["label"], frame["choices"])):
+        text = str(label).strip()
+        if isinstance(label, str) and label in options:
+            out[i] = options.index(label)
+        elif text.lstrip("+-").isdigit() and 0 <= int(text) < len(options):
+            out[i] = int(text)
+        elif isinstance(label, float) and label.is_integer() and 0 <= int(label) < len(options):
+            out[i] = int(label)
+        else:
+            raise DataError(f"{where}: row {i} has label {label!r}, which is neither an option index in 0.."
+                            f"{len(options) - 1} nor the text of one of its options")
+    return out
+
+
+def convert_family(train: pd.DataFrame, evaluation: pd.DataFrame | None, source: str, target: str,
+                   name: str) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Frames of family ``source`` as frames of ``target``: only multiple choice -> causal LM (prompt =
+    question, answer = the right option) is defined.
+
+    Raises:
+        DataError: any other pair of families.
+    """
+    if source == target:
+        return train, evaluation
+    if (source, target) != ("multiple_choice", "causal_lm"):
+        raise DataError(f"task {name} is a {source} task and cannot be read as {target}; allowed: --data.family "
+                        f"{source}" + (" or causal_lm" if source == "multiple_choice" else "") + " (or auto)")
+
+    def answers(frame: pd.DataFrame) -> pd.DataFrame:
+        return pd.DataFrame({"text": frame["text"].to_numpy(),
+                             "answer": [c[int(k)] for c, k in zip(frame["choices"], frame["label"])]})
+
+    return answers(train), (answers(evaluation) if evaluation is not None else None)
