@@ -105,7 +105,8 @@ def cell(task: str, budget: int, method: str, seed: int, work: Path, search_args
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tweets, budget 82,944, seed 0")
-    parser.add_argument("--tasks", default=None, help="comma-separated subset of " + ",".join(TASKS))
+    parser.add_argument("--tasks", default=None, help="comma-separated task names (default: " + ",".join(TASKS) +
+                        "; any --task value works, e.g. social_iqa)")
     parser.add_argument("--budgets", default=None, help="comma-separated parameter counts")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds")
     parser.add_argument("--methods", default=",".join(METHODS))
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         # paths relative to the repository, so a result names no machine's folders
         tmp.write_text(json.dumps(record, indent=2).replace(str(REPO) + os.sep, "") + "\n")
         tmp.replace(path)
-        print(f"    accuracy {record['accuracy']:.4f}  params {record['adapter_params']:,}  "
+        print(f"    {record['metric']} {record['score']:.4f}  params {record['adapter_params']:,}  "
               f"{record['total_s']:.0f} s", flush=True)
     return 0
 
