@@ -67,13 +67,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     table, points = summarize(records)
     meta = records[0].get("meta", {})
+    runs = sorted({(r.get("meta", {}).get("command", "?"), r.get("meta", {}).get("git_revision", "?"),
+                    r.get("meta", {}).get("date", "?")) for r in records})
     from rankalloc import io
     from rankalloc.report import plot_pareto
 
     plot_pareto(grid / "accuracy_vs_params.png", points, title=f"accuracy vs adapter parameters ({args.grid})")
     text = "\n".join([f"# Benchmark results: {args.grid}", "",
-                      f"- command: `{meta.get('command', '?')}`", f"- machine: {meta.get('machine', '?')}",
-                      f"- git revision: {meta.get('git_revision', '?')}; date: {meta.get('date', '?')}",
+                      *[f"- command: `{c}` (git {g}, {d})" for c, g, d in runs],
+                      f"- machine: {meta.get('machine', '?')}",
                       f"- recipe (all methods): `{' '.join(meta.get('recipe', []))}` "
                       f"{meta.get('retrain_args', '')}", "", table, "",
                       "![accuracy vs parameters](accuracy_vs_params.png)", ""])

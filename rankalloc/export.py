@@ -96,7 +96,8 @@ def run_export(cfg: ExportConfig) -> tuple[Path, RankMap]:
         f"({100 * rm.total_params / budget:.2f}% of the budget)", "",
         markdown_rank_table(scores.targets, rm.ranks), "", "![ranks](ranks.png)", ""]))
     rm.write_adapter_config(out / "adapter_config.json", scores.data["scale"],
-                            modules_to_save=scores.data.get("modules_to_save"))
+                            modules_to_save=scores.data.get("modules_to_save"),
+                            task_type=scores.data.get("peft_task_type", "SEQ_CLS"))
     rm.save(out / "rank_map.json")
     return out, rm
 

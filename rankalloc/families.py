@@ -149,7 +149,8 @@ class Regression(Classification):
 
     def label_summary(self, labels, num_labels):
         values = labels.double()
-        return {"mean": round(float(values.mean()), 4), "std": round(float(values.std()), 4),
+        std = float(values.std()) if len(values) > 1 else 0.0
+        return {"mean": round(float(values.mean()), 4), "std": round(std, 4),
                 "min": float(values.min()), "max": float(values.max())}
 
 
@@ -196,10 +197,11 @@ class MultipleChoice(Family):
             b, n, length = batch["input_ids"].shape
             rows = present.reshape(-1)
             flat = {k: batch[k].reshape(b * n, length)[rows] for k in ("input_ids", "attention_mask", "option_labels")}
-            nll, _, _ = answer_log_likelihood(unwrap(model), flat["input_ids"], flat["attention_mask"],
-                                              flat["option_labels"])
+            nll, count, _ = answer_log_likelihood(unwrap(model), flat["input_ids"], flat["attention_mask"],
+                                                  flat["option_labels"])
+            scored = torch.where(count > 0, -nll, torch.full_like(nll, MISSING_OPTION))  # no tokens: never wins
             scores = torch.zeros(b * n, device=nll.device, dtype=nll.dtype)
-            scores = scores.masked_scatter(rows, -nll).view(b, n)
+            scores = scores.masked_scatter(rows, scored).view(b, n)
         scores = scores.masked_fill(~present, MISSING_OPTION)
         loss = F.cross_entropy(scores, batch["labels"]) if "labels" in batch else None
         return Output(loss, scores)
@@ -249,29 +251,44 @@ def make_family(name: str, model_config: Any = None) -> Family:
     """The family ``name`` for a model with ``model_config`` (which decides how options are scored).
 
     Raises:
-        ModelError: the model has neither a multiple-choice head nor a language-model head.
+        ModelError: causal LM asked of a model that is not a decoder, or multiple choice of a model with
+            neither a multiple-choice head nor a causal-LM head.
     """
     if name == "classification":
         return Classification()
     if name == "regression":
         return Regression()
     if name == "causal_lm":
+        if model_config is not None and not is_decoder(model_config):
+            raise ModelError(f"--data.family causal_lm needs a decoder (causal language model); model type "
+                             f"{getattr(model_config, 'model_type', None)!r} is a bidirectional encoder, whose "
+                             "attention sees the answer it should predict")
         return CausalLM()
     if name == "multiple_choice":
         return MultipleChoice(_option_scoring(model_config))
     raise DataError(f"unknown task family {name!r}; allowed: {', '.join(FAMILIES)}")
 
 
+def is_decoder(model_config: Any) -> bool:
+    """A causal language model: it has a causal-LM class and is not a masked-LM encoder (BERT and
+    RoBERTa have causal-LM classes too, but their checkpoints attend in both directions)."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    kind = getattr(model_config, "model_type", None)
+    return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (
+        kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES or bool(getattr(model_config, "is_decoder", False)))
+
+
 def _option_scoring(model_config: Any) -> str:
     if model_config is None:
         return "head"
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                        MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES)
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES
 
     kind = getattr(model_config, "model_type", None)
     if kind in MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES and not getattr(model_config, "is_decoder", False):
         return "head"
-    if kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if is_decoder(model_config):
         return "loglik"
     raise ModelError(f"model type {kind!r} has neither a multiple-choice head nor a causal-LM head, so it cannot "
                      "answer multiple-choice tasks")
@@ -301,30 +318,34 @@ def _tokenize_prompt_answer(prompts: list[str], answers: list[str], tokenizer: A
     """Prompt then answer, right-padded to ``max_length``; ``label_key`` holds the answer's token ids
     and IGNORE elsewhere.
 
-    The answer follows the prompt after one space (trailing space of the prompt dropped, as
-    evaluation harnesses join them).  When the pair is too long the prompt loses its beginning, so the
-    tokens nearest the answer stay; an answer longer than ``max_length - 1`` tokens is cut.
+    The answer follows the prompt after one space (trailing space of the prompt dropped, as evaluation
+    harnesses join them).  Prompt and answer are tokenised together and split where the prompt's own
+    tokens end, so the answer's tokens are those the model sees in context.  A start token (BOS, else
+    EOS) leads when the tokenizer adds one or the prompt is empty, so the first answer token is always
+    predicted from something.  When the pair is too long the prompt loses its beginning (after the start
+    token), so the tokens nearest the answer stay; an answer longer than ``max_length - 2`` tokens is cut.
     """
-    prompt_ids = tokenizer([p.rstrip() for p in prompts], add_special_tokens=True)["input_ids"]
-    answer_ids = tokenizer([(" " + a.strip()) if a.strip() else "" for a in answers],
-                           add_special_tokens=False)["input_ids"]
-    eos = None
+    start = _start_tokens(tokenizer)
+    end = None
     if add_eos:  # the end-of-text token; a tokenizer without one ends the answer with its separator
-        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else getattr(tokenizer, "sep_token_id", None)
+        end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else getattr(tokenizer, "sep_token_id", None)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     n = len(prompts)
     ids = torch.full((n, max_length), pad, dtype=torch.long)
     mask = torch.zeros((n, max_length), dtype=torch.long)
     labels = torch.full((n, max_length), IGNORE, dtype=torch.long)
     cut_answers = cut_prompts = 0
-    for i, (p, a) in enumerate(zip(prompt_ids, answer_ids)):
-        a = list(a) + ([eos] if eos is not None else [])
-        if len(a) > max_length - 1:
-            a, cut_answers = a[:max_length - 1], cut_answers + 1
-        room = max_length - len(a)
+    for i, (prompt, answer) in enumerate(zip(prompts, answers)):
+        p, a = _split_tokens(tokenizer, prompt.rstrip(), answer.strip())
+        lead = start if (start or p) else _fallback_start(tokenizer)
+        a = a + ([end] if end is not None else [])
+        if len(a) > max_length - 1 - len(lead):
+            a, cut_answers = a[:max(1, max_length - 1 - len(lead))], cut_answers + 1
+        room = max_length - len(a) - len(lead)
         if len(p) > room:
-            p, cut_prompts = p[len(p) - room:], cut_prompts + 1
-        seq = list(p) + a
+            p, cut_prompts = p[len(p) - room:] if room > 0 else [], cut_prompts + 1
+        p = lead + p
+        seq = p + a
         ids[i, :len(seq)] = torch.tensor(seq)
         mask[i, :len(seq)] = 1
         if a:
@@ -335,9 +356,52 @@ def _tokenize_prompt_answer(prompts: list[str], answers: list[str], tokenizer: A
     return {"input_ids": ids, "attention_mask": mask, label_key: labels}
 
 
+def _start_tokens(tokenizer: Any) -> list[int]:
+    """The special tokens the tokenizer puts before a text (Llama's BOS); none for GPT-2 or BERT-style
+    tokenizers, whose [CLS] ... [SEP] frame is not a decoder's."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return [bos] if bos is not None and probe and probe[0] == bos else []
+
+
+def _fallback_start(tokenizer: Any) -> list[int]:
+    for token in (getattr(tokenizer, "bos_token_id", None), tokenizer.eos_token_id, tokenizer.pad_token_id):
+        if token is not None:
+            return [token]
+    return [0]
+
+
+def _split_tokens(tokenizer: Any, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids) without special tokens, from tokenising ``prompt + " " + answer`` once
+    and splitting after the prompt's tokens; tokenised apart when a merge crosses the boundary."""
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    if not answer:
+        return list(p), []
+    joined = f"{prompt} {answer}" if prompt else answer
+    whole = tokenizer(joined, add_special_tokens=False)["input_ids"]
+    if whole[:len(p)] == p and len(whole) > len(p):
+        return list(p), list(whole[len(p):])
+    return list(p), list(tokenizer((" " + answer) if prompt else answer, add_special_tokens=False)["input_ids"])
+
+
 # --------------------------------------------------------------------------------------------------
 # Log-likelihood of answer tokens (decoder models)
 # --------------------------------------------------------------------------------------------------
+def _model_logit_transform(config: Any, logits: torch.Tensor) -> torch.Tensor:
+    """What some causal-LM classes do to the output layer's logits: Cohere multiplies by ``logit_scale``,
+    Granite divides by ``logits_scaling``, Gemma 2 soft-caps at ``final_logit_softcapping``."""
+    scale = getattr(config, "logit_scale", None)
+    if isinstance(scale, (int, float)) and scale != 1:
+        logits = logits * scale
+    divisor = getattr(config, "logits_scaling", None)
+    if isinstance(divisor, (int, float)) and divisor != 1:
+        logits = logits / divisor
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
 def answer_log_likelihood(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                           token_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per row: summed NLL of the labelled tokens, their count, and whether each is the top prediction.
@@ -357,9 +421,7 @@ def answer_log_likelihood(model: nn.Module, input_ids: torch.Tensor, attention_m
     targets = token_labels[:, 1:]
     rows, positions = torch.nonzero(targets != IGNORE, as_tuple=True)
     logits = head(hidden[:, :-1][rows, positions]).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
+    logits = _model_logit_transform(model.config, logits)
     wanted = targets[rows, positions]
     nll = -logits.log_softmax(-1).gather(1, wanted[:, None]).squeeze(1)
     wrong = (logits.argmax(-1) != wanted).to(nll.dtype)

@@ -141,8 +141,10 @@ def head_modules(model: nn.Module) -> dict[str, nn.Module]:
     """
     prefix = getattr(model, "base_model_prefix", None)
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    output_weight = getattr(output, "weight", None)
     return {name: child for name, child in model.named_children()
-            if name != prefix and child is not output and any(True for _ in child.parameters())}
+            if name != prefix and any(True for _ in child.parameters())
+            and not any(p is output_weight for p in child.parameters())}
 
 
 def head_parameters(model: nn.Module) -> list[nn.Parameter]:

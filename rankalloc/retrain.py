@@ -145,7 +145,8 @@ def build_adapter(cfg: RetrainConfig, model: nn.Module, targets: list[Target], r
         rank_map = RankMap.from_ranks(targets, {t.name: r for t in targets}, base_model=cfg.model.name,
                                       budget=budget, search={"baseline": "uniform", "uniform_rank": r,
                                                              "num_layers": cfg.model.num_layers})
-    lora = LoraConfig(**rank_map.lora_config(p.scale, modules_to_save=heads, dropout=p.lora_dropout))
+    lora = LoraConfig(**rank_map.lora_config(p.scale, task_type=family.peft_task_type, modules_to_save=heads,
+                                             dropout=p.lora_dropout))
     return get_peft_model(model, lora), rank_map
 
 

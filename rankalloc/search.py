@@ -338,7 +338,8 @@ def finish(cfg: SearchConfig, gated: GatedModel, task: TaskData, targets: list[T
     io.write_json(out / SCORES, {
         "format": "rankalloc.scores", "version": 1, "base_model": cfg.model.name,
         "model_fingerprint": rm.model_fingerprint, "searched_budget": budget, "base_params": base_params, "scale": cfg.search.scale,
-        "modules_to_save": heads, "search": rm.search, "config": to_dict(cfg),
+        "modules_to_save": heads, "peft_task_type": task.family.peft_task_type, "search": rm.search,
+        "config": to_dict(cfg),
         "modules": [{"name": t.name, "in_features": t.in_features, "out_features": t.out_features,
                      "layer": t.layer, "kind": t.kind, "r_max": r_max[t.name], "scores": s}
                     for t, s in zip(targets, scores)]})
@@ -352,7 +353,8 @@ def finish(cfg: SearchConfig, gated: GatedModel, task: TaskData, targets: list[T
                "gap": gap, "command": command, "r_max": max(r_max.values()),
                "gates": "hard-concrete per rank-1 component"}
     write_search_report(out, targets=targets, ranks=ranks, r_max=r_max, history=state.history, summary=summary)
-    rm.write_adapter_config(out / "adapter_config.json", cfg.search.scale, modules_to_save=heads)
+    rm.write_adapter_config(out / "adapter_config.json", cfg.search.scale, modules_to_save=heads,
+                            task_type=task.family.peft_task_type)
     rm.save(out / "rank_map.json")  # last: its presence means every other output is there
     logger.info("rank map: %d / %d parameters (%.2f%% of the budget), gap %.4f -> %s",
                 rm.total_params, budget, 100 * rm.total_params / budget, gap["gap"], out / "rank_map.json")

@@ -245,8 +245,8 @@ def encode_targets(family: str, train: pd.DataFrame, evaluation: pd.DataFrame | 
         return _encode_in_place(train, evaluation, train_where, eval_where)
     frames = [(train, train_where)] + ([(evaluation, eval_where)] if evaluation is not None else [])
     if family == "regression":
-        for frame, where in frames:
-            frame["label"] = _float_targets(frame["label"], where)
+        for k, (frame, where) in enumerate(frames):
+            frame["label"] = _float_targets(frame["label"], where, must_vary=k == 0)
         return ["target"]
     if family == "multiple_choice":
         for frame, where in frames:
@@ -255,14 +255,14 @@ def encode_targets(family: str, train: pd.DataFrame, evaluation: pd.DataFrame | 
     return []
 
 
-def _float_targets(values: pd.Series, where: str) -> np.ndarray:
+def _float_targets(values: pd.Series, where: str, must_vary: bool = True) -> np.ndarray:
     numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
     bad = ~np.isfinite(numbers)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         raise DataError(f"{where}: {int(bad.sum())} target(s) are missing or not finite numbers (first at row "
                         f"{row}: {values.iloc[row]!r}); a regression task needs a number in every row")
-    if np.ptp(numbers) == 0:
+    if must_vary and np.ptp(numbers) == 0:
         raise DataError(f"{where}: every target is {numbers[0]}; a regression task needs targets that vary")
     return numbers
 
@@ -272,15 +272,17 @@ def _option_index(frame: pd.DataFrame, where: str) -> np.ndarray:
     out = np.empty(len(frame), dtype=np.int64)
     for i, (label, options) in enumerate(zip(frame["label"], frame["choices"])):
         text = str(label).strip()
-        if isinstance(label, str) and label in options:
+        if isinstance(label, str) and label in options:  # the option's own text wins over a number-like text
             out[i] = options.index(label)
         elif text.lstrip("+-").isdigit() and 0 <= int(text) < len(options):
             out[i] = int(text)
         elif isinstance(label, float) and label.is_integer() and 0 <= int(label) < len(options):
             out[i] = int(label)
+        elif len(text) == 1 and text.isalpha() and 0 <= ord(text.upper()) - ord("A") < len(options):
+            out[i] = ord(text.upper()) - ord("A")  # answer keys A, B, C, ... (ARC, CommonsenseQA)
         else:
             raise DataError(f"{where}: row {i} has label {label!r}, which is neither an option index in 0.."
-                            f"{len(options) - 1} nor the text of one of its options")
+                            f"{len(options) - 1}, a letter A.., nor the text of one of its options")
     return out
 
 

@@ -148,6 +148,31 @@ def test_multiple_choice_pads_options_and_masks_them(scoring):
         assert (t["option_labels"][1, 2] == IGNORE).all() and (t["option_labels"][0, 0] != IGNORE).sum() >= 1
 
 
+def test_an_empty_prompt_still_predicts_the_first_answer_token():
+    tok = _tokenizer()
+    t = CausalLM().tokenize(pd.DataFrame({"text": [""], "answer": ["fine"]}), tok, max_length=8)
+    assert t["labels"][0, 0] == IGNORE and (t["labels"][0] != IGNORE).sum() == 2  # "fine" + end token
+
+
+def test_causal_lm_on_a_bidirectional_encoder_is_refused():
+    from rankalloc.errors import ModelError
+    from rankalloc.models import load_model_config
+
+    with pytest.raises(ModelError, match="causal_lm needs a decoder.*'bert'"):
+        make_family("causal_lm", load_model_config(ModelConfig()))
+
+
+def test_option_labels_may_be_index_text_or_letter(tmp_path):
+    from rankalloc.tasks import load_raw_task
+
+    df = pd.DataFrame({"q": ["a?", "b?", "c?", "d?"], "options": [["1", "2", "3"], ["x", "y", "z"]] * 2,
+                       "key": ["2", "z", "C", 0]})
+    df.to_json(tmp_path / "mc.jsonl", orient="records", lines=True)
+    raw = load_raw_task(DataConfig(task=str(tmp_path / "mc.jsonl"), text_column="q", choice_columns=["options"],
+                                   label_column="key"))
+    assert raw.family == "multiple_choice" and raw.train["label"].tolist() == [1, 2, 2, 0]
+
+
 def test_multiple_choice_scoring_follows_the_architecture(tiny_gpt2, minilm_1layer):
     from rankalloc.errors import ModelError
     from rankalloc.models import load_model_config
@@ -193,6 +218,12 @@ def _task_file(kind: str, tweets: pd.DataFrame, folder: Path) -> tuple[str, dict
     return str(path), flags
 
 
+def _config(model: ModelConfig):
+    from rankalloc.models import load_model_config
+
+    return load_model_config(model)
+
+
 CASES = [  # family, base model fixture (None = the real MiniLM, one block), the metric it reports
     ("pair", None, "accuracy", "classification"),
     ("regression", None, "pearson", "regression"),
@@ -230,7 +261,10 @@ def test_tiny_search_and_retrain_per_family(kind, fixture, metric, family, tweet
         assert m["family"] == family and m["metric"] == metric and m["score"] == m[metric]
         assert all(math.isfinite(v) for v in m.values() if isinstance(v, float))
         assert m["checks"]["reload_max_abs_diff"] < 1e-4  # the saved peft adapter reproduces the outputs
+        adapter = json.loads((tmp_path / name / "adapter" / "adapter_config.json").read_text())
+        assert adapter["task_type"] == make_family(family, _config(model)).peft_task_type
         if family == "causal_lm":
             assert m["perplexity"] > 1 and 0 <= m["exact_match"] <= 1 and m["head_params"] == 0
+            assert not adapter.get("modules_to_save")  # the pretrained output layer is not trained
         if family == "multiple_choice":
             assert m["options"] == 3
