@@ -241,6 +241,9 @@ class RetrainConfig:
     baseline: str | None = _f(None, "Instead of a rank map: 'uniform' (one rank everywhere) or 'adalora' "
                               "(peft AdaLoRA), both at --budget.")
     budget: str | None = _f(None, "Adapter parameter budget of a baseline: 500000, 500k, 0.5M or 0.5%.")
+    init_from: str | None = _f(None, "A finished search folder: start the adapters (its highest-ranked components "
+                               "per module) and the task head from the search's trained weights instead of a "
+                               "fresh initialisation (with --rank-map only).")
     merge: bool = _f(False, "Also write merged/: the adapter merged into the base weights, with the tokenizer.")
     seed: int = _f(0, "Seed of initialisation and data order.")
     device: str = _f("auto", "auto, cpu, cuda or cuda:N.")
@@ -262,6 +265,9 @@ class RetrainConfig:
                 raise ConfigError(f"--baseline {self.baseline} needs --budget (e.g. --budget 82944, 80k or 0.4%)")
         elif self.budget is not None:
             raise ConfigError("--budget applies to --baseline only; a rank map carries its own budget")
+        if self.init_from is not None and self.rank_map is None:
+            raise ConfigError("--init-from starts a rank map's adapters from its search; it needs --rank-map "
+                              "(baselines always start fresh)")
         if self.resume:
             raise ConfigError("--resume: retrain keeps no checkpoints (a run takes minutes); rerun with --overwrite")
         _validate_common(self)

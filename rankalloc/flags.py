@@ -26,6 +26,7 @@ SHORT_FLAGS = {
     "--max-steps": "max_steps", "--overwrite": "overwrite", "--resume": "resume",
     "--model": "model.name", "--task": "data.task", "--run": "run", "--max-rank": "max_rank",
     "--rank-map": "rank_map", "--baseline": "baseline", "--merge": "merge", "--budgets": "budgets",
+    "--init-from": "init_from",
     "--storage": "storage", "--study-name": "study_name", "--n-trials": "n_trials",
 }
 

@@ -42,6 +42,7 @@ from .models import (Target, count_parameters, find_targets, head_modules, load_
                      load_tokenizer, resolve_device)
 from .rank_map import RankMap
 from .training import check_finite, set_seed, to_device
+from .warm_start import warm_start
 
 logger = logging.getLogger(__name__)
 
@@ -200,6 +201,7 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
     device = distributed.device_for(dist_info, resolve_device(cfg.device))
     set_seed(cfg.seed)
     peft_model, rank_map = build_adapter(cfg, model, targets, rank_map, budget, budget_text, steps, task.family)
+    warm = warm_start(peft_model, cfg.init_from, rank_map) if cfg.init_from else None
     peft_model.to(device)
 
     out = Path(cfg.out) if cfg.out else rundir.default_out("retrain", f"{method}-{budget}", cfg.seed)
@@ -240,7 +242,7 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
             "eval_examples": int(len(labels)), "train_examples": len(task.train), "steps": steps,
             "final_train_loss": float(np.mean([r["train_loss"] for r in history[-cfg.train.log_every:]])),
             **adapter, "budget": int(budget), "budget_used": adapter["adapter_params"] / budget,
-            "ranks": rank_map.ranks, "checks": checks, "wall_time_s": wall, "peak_memory_mb": _peak_memory(device),
+            "ranks": rank_map.ranks, "warm_start": warm, "checks": checks, "wall_time_s": wall, "peak_memory_mb": _peak_memory(device),
             "device": str(device), "seed": cfg.seed,
             "recipe": to_dict(cfg.train) | {"lr_used": lr, "batch_size": cfg.data.batch_size,
                                             "max_length": cfg.data.max_length, "optimizer": "AdamW",

@@ -229,3 +229,57 @@ def test_classification_metrics_binary_has_mcc():
     logits = np.array([[2.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 3.0]])
     m = classification_metrics(logits, np.array([0, 1, 1, 1]), 2)
     assert m["accuracy"] == 0.75 and -1 <= m["mcc"] <= 1 and m["eval_loss"] > 0
+
+
+def test_warm_start_reproduces_the_searched_model_with_hard_gates(tmp_path):
+    """--init-from copies each module's top-ranked components: before any step, the peft LoRA computes
+    what the search's model computed with its hard gates."""
+    import copy
+
+    from rankalloc.adapters import GatedModel
+    from rankalloc.config import SearchConfig, SearchParams
+    from rankalloc.export import Scores
+    from rankalloc.retrain import build_adapter
+    from rankalloc.search import run_search
+    from rankalloc.warm_start import warm_start
+
+    model_cfg = ModelConfig(num_layers=1)
+    data = DataConfig(**DATA, max_length=24)
+    run = tmp_path / "search"
+    run_search(SearchConfig(budget="13824", seed=0, device="cpu", out=str(run), model=model_cfg, data=data,
+                            search=SearchParams(steps=6, warmup_steps=2, checkpoint_every=0, gap_batches=1)), "test")
+    rank_map = RankMap.load(run / "rank_map.json")
+    assert sum(1 for m in rank_map.modules.values() if m["rank"]) >= 2
+
+    base = load_model(model_cfg, num_labels=3)
+    targets = find_targets(base, model_cfg)
+    scores = Scores.load(run)
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    gated = GatedModel(copy.deepcopy(base), targets, scores.r_max, scale=2.0)
+    with torch.no_grad():
+        for name, layer in gated.layers.items():
+            layer.lora_A.copy_(state["adapters"][f"{name}.lora_A"])
+            layer.lora_B.copy_(state["adapters"][f"{name}.lora_B"])
+            layer.gates.log_alpha.copy_(state["adapters"][f"{name}.log_alpha"])
+        gated.model.classifier.load_state_dict(state["heads"]["classifier"])
+    gated.set_hard_ranks(rank_map.ranks)
+    gated.set_gate_mode("hard")
+
+    cfg = RetrainConfig(rank_map=str(run / "rank_map.json"), init_from=str(run), device="cpu", model=model_cfg,
+                        data=data)
+    peft_model, _ = build_adapter(cfg, copy.deepcopy(base), targets, rank_map, rank_map.budget, None, 10)
+    batch = _eval_split().batch(slice(0, 16))
+    batch.pop("labels")
+    fresh = peft_model(**batch).logits.detach()
+    info = warm_start(peft_model, run, rank_map)
+    assert info["modules"] == sum(1 for m in rank_map.modules.values() if m["rank"]) and info["head_tensors"] == 2
+    gated.eval()
+    peft_model.eval()
+    with torch.no_grad():
+        expected, got = gated.model(**batch).logits, peft_model(**batch).logits
+    assert torch.allclose(got, expected, atol=1e-5) and not torch.allclose(fresh, expected, atol=1e-3)
+
+
+def test_warm_start_needs_a_rank_map_and_a_search_of_the_same_model(tmp_path):
+    with pytest.raises(ConfigError, match="--init-from .* needs --rank-map"):
+        parse_args(RetrainConfig, ["--baseline", "uniform", "--budget", "10k", "--init-from", str(tmp_path)], "x", "")

@@ -1,0 +1,77 @@
+"""Start a retrain from the search's trained adapters instead of a fresh initialisation.
+
+``python -m rankalloc.retrain --rank-map RUN/rank_map.json --init-from RUN`` copies, for every module
+of rank ``r``, the ``r`` components the search ranked highest (the same ones its "hard" gates keep)
+into the peft LoRA: ``lora_A = A[kept]``, ``lora_B = B[:, kept]``.  The LoRA scale ``alpha / r`` equals
+the search's scale, so before the first step the peft model computes exactly what the search's model
+computed with hard gates.  The task head starts from the search's head too.
+
+This turns search + retrain into one continued training run (as AdaLoRA allocates inside one run), so
+the retrain can be shorter than a fresh one; whether that pays off is measured in ``benchmarks/LOG.md``.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import rundir
+from .errors import RankMapError, RunDirError
+from .export import Scores
+from .rank_map import RankMap
+
+logger = logging.getLogger(__name__)
+
+ADAPTER = "default"
+
+
+def kept_components(scores: list[float], rank: int) -> torch.Tensor:
+    """Indices of the ``rank`` highest scores, ties by position (as the search's hard gates pick them)."""
+    return torch.argsort(torch.tensor(scores, dtype=torch.float32), descending=True, stable=True)[:rank]
+
+
+def warm_start(peft_model: nn.Module, run: str | Path, rank_map: RankMap) -> dict[str, int]:
+    """Copy the search in ``run``'s kept adapter components and head into ``peft_model`` (a peft LoRA
+    built from ``rank_map``).  Returns how many modules and head tensors were copied.
+
+    Raises:
+        RunDirError: ``run`` holds no finished search with a final checkpoint.
+        RankMapError: the rank map does not come from that search's model, or asks for more components
+            than the search had.
+    """
+    run = Path(run)
+    scores = Scores.load(run)
+    if scores.data.get("model_fingerprint") != rank_map.model_fingerprint:
+        raise RankMapError(f"--init-from {run}: that search ran on another model (fingerprint "
+                           f"{scores.data.get('model_fingerprint')}) than the rank map ({rank_map.model_fingerprint})")
+    checkpoint = run / rundir.CHECKPOINT
+    if not checkpoint.is_file():
+        raise RunDirError(f"--init-from {run}: no {rundir.CHECKPOINT} there (the search's final weights)")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)  # scores.json: it finished
+    model = peft_model.get_base_model()
+    copied = 0
+    with torch.no_grad():
+        for name, module in rank_map.modules.items():
+            rank = int(module["rank"])
+            if rank == 0:
+                continue
+            A, B = state["adapters"][f"{name}.lora_A"], state["adapters"][f"{name}.lora_B"]
+            if rank > A.shape[0]:
+                raise RankMapError(f"--init-from {run}: {name} has rank {rank} in the rank map but the search "
+                                   f"trained only {A.shape[0]} components there")
+            keep = kept_components(scores.scores[name], rank)
+            layer = model.get_submodule(name)
+            layer.lora_A[ADAPTER].weight.copy_(A[keep].to(layer.lora_A[ADAPTER].weight))
+            layer.lora_B[ADAPTER].weight.copy_(B[:, keep].to(layer.lora_B[ADAPTER].weight))
+            copied += 1
+        heads = 0
+        for head, head_state in state["heads"].items():
+            wrapper = model.get_submodule(head)
+            target = wrapper.modules_to_save[ADAPTER] if hasattr(wrapper, "modules_to_save") else wrapper
+            target.load_state_dict(head_state)
+            heads += len(head_state)
+    logger.info("warm start from %s: %d adapted modules and %d head tensors from the search's step %d", run,
+                copied, heads, state["step"])
+    return {"modules": copied, "head_tensors": heads, "search_step": int(state["step"])}
