@@ -67,7 +67,7 @@ def run(cmd: list[str], log: Path) -> float:
 
 
 def cell(task: str, budget: int, method: str, seed: int, work: Path, search_args: list[str],
-         retrain_args: list[str]) -> dict:
+         retrain_args: list[str], rankalloc_retrain_args: list[str] = (), warm_start: bool = False) -> dict:
     name = f"{task}-{budget}-{method}-s{seed}"
     folder = work / name
     log = work / f"{name}.log"
@@ -80,7 +80,8 @@ def cell(task: str, budget: int, method: str, seed: int, work: Path, search_args
         times["search_s"] = run(search, log)
         commands.append(search)
         retrain = py + ["rankalloc.retrain", "--rank-map", str(folder / "search" / "rank_map.json"),
-                        "--out", str(folder / "retrain"), "--overwrite", *common, *retrain_args]
+                        "--out", str(folder / "retrain"), "--overwrite", *common, *retrain_args,
+                        *rankalloc_retrain_args, *(["--init-from", str(folder / "search")] if warm_start else [])]
     else:
         retrain = py + ["rankalloc.retrain", "--baseline", method, "--budget", str(budget),
                         "--out", str(folder / "retrain"), "--overwrite", *common, *retrain_args]
@@ -113,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid", default=None, help="results subfolder name (default: quick or full)")
     parser.add_argument("--search-args", default="", help="extra flags for every search, e.g. '--search.steps 240'")
     parser.add_argument("--retrain-args", default="", help="extra flags for every retrain (all methods)")
+    parser.add_argument("--rankalloc-retrain-args", default="",
+                        help="extra flags for rankalloc's retrain only, e.g. '--max-steps 200' with --warm-start")
+    parser.add_argument("--warm-start", action="store_true",
+                        help="rankalloc's retrain starts from its search's weights (--init-from)")
     parser.add_argument("--work", default=str(REPO / "runs" / "bench"), help="where run folders go")
     args = parser.parse_args(argv)
     grid = QUICK if args.quick else {"tasks": TASKS, "budgets": BUDGETS, "seeds": SEEDS}
@@ -121,12 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else grid["seeds"]
     methods = args.methods.split(",")
     out = HERE / "results" / (args.grid or ("quick" if args.quick else "full"))
-    work = Path(args.work)
+    work = Path(args.work) / out.name  # one scratch folder per grid, so grids never overwrite each other's runs
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     meta = {"command": "python benchmarks/run.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
             "machine": machine(), "git_revision": git_revision(), "date": time.strftime("%Y-%m-%d"),
-            "recipe": DATA, "search_args": args.search_args, "retrain_args": args.retrain_args}
+            "recipe": DATA, "search_args": args.search_args, "retrain_args": args.retrain_args,
+            "rankalloc_retrain_args": args.rankalloc_retrain_args, "warm_start": args.warm_start}
     cells = [(t, b, m, s) for t in tasks for b in budgets for s in seeds for m in methods]
     for i, (task, budget, method, seed) in enumerate(cells, 1):
         path = out / f"{task}-{budget}-{method}-s{seed}.json"
@@ -136,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{i}/{len(cells)}] {task} budget={budget} {method} seed={seed} ...", flush=True)
         try:
             record = cell(task, budget, method, seed, work, shlex.split(args.search_args),
-                          shlex.split(args.retrain_args))
+                          shlex.split(args.retrain_args), shlex.split(args.rankalloc_retrain_args), args.warm_start)
         except RuntimeError as e:
             print(f"    FAILED: {e}", flush=True)
             continue
