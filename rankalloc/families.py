@@ -47,6 +47,7 @@ _REGRESSION_STRATA = 5  # quantile bins that stratify the splits of a regression
 class Output:
     loss: torch.Tensor | None
     logits: torch.Tensor
+    weight: float | None = None  # what the loss averages over, if not the examples (answer tokens)
 
 
 def _without(batch: dict[str, torch.Tensor], *keys: str) -> dict[str, torch.Tensor]:
@@ -234,8 +235,8 @@ class CausalLM(Family):
     def forward(self, model, batch):
         nll, count, exact = answer_log_likelihood(unwrap(model), batch["input_ids"], batch["attention_mask"],
                                                   batch["labels"])
-        loss = nll.sum() / count.sum().clamp(min=1.0)
-        return Output(loss, torch.stack([nll, count, exact.to(nll.dtype)], dim=-1))
+        tokens = count.sum().clamp(min=1.0)
+        return Output(nll.sum() / tokens, torch.stack([nll, count, exact.to(nll.dtype)], dim=-1), float(tokens))
 
     def metrics(self, logits, labels, num_labels):
         return metrics.causal_lm_metrics(logits)

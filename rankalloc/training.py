@@ -55,15 +55,17 @@ def grads_finite(params: Iterable[nn.Parameter]) -> bool:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device) -> dict[str, Any]:
-    """Mean loss per example over ``batches`` (model in eval mode; ``model(**batch).loss``)."""
+    """Mean loss over ``batches`` (model in eval mode; ``model(**batch).loss``), weighted by examples, or
+    by what the loss averages over when the output says (answer tokens of a causal LM)."""
     was_training = model.training
     model.eval()
     total, n = 0.0, 0
     try:
         for batch in batches:
             batch = to_device(batch, device)
-            k = batch["input_ids"].shape[0]
-            total += float(model(**batch).loss) * k
+            out = model(**batch)
+            k = out.weight if getattr(out, "weight", None) is not None else batch["input_ids"].shape[0]
+            total += float(out.loss) * k
             n += k
     finally:
         model.train(was_training)
