@@ -111,6 +111,9 @@ class SearchParams:
     log_every: int = _f(20, "Weight steps between log lines.")
     checkpoint_every: int = _f(50, "Weight steps between checkpoints (0 = only at the end).")
     gap_batches: int = _f(8, "Held-out batches used to measure the discretisation gap.")
+    rounding: str = _f("knapsack", "From gate scores to ranks: 'knapsack' (maximise the summed keep-probability: "
+                       "score per parameter) or 'probability' (keep components in order of keep-probability "
+                       "until the budget is full).")
 
     def validate(self) -> None:
         if self.r_max is not None and self.r_max <= 0:
@@ -126,6 +129,8 @@ class SearchParams:
                 raise ConfigError(f"--search.{name} must be > 0, got {getattr(self, name)}")
         if self.penalty < 0:
             raise ConfigError(f"--search.penalty must be >= 0, got {self.penalty}")
+        if self.rounding not in ("knapsack", "probability"):
+            raise ConfigError(f"--search.rounding must be knapsack or probability, got {self.rounding!r}")
         if not 0.0 <= self.budget_warmup < 1.0:
             raise ConfigError(f"--search.budget_warmup must lie in [0, 1), got {self.budget_warmup}")
         if not 0.0 < self.gate_init < 1.0:
@@ -172,6 +177,7 @@ class ExportConfig:
     run: str | None = _f(None, "Folder of a finished search (holds scores.json).")
     budget: str | None = _f(None, "New budget (default: the searched one): 500k, 0.3M, 0.5%, ...")
     max_rank: int | None = _f(None, "Cap on every module's rank (e.g. 8, 16, 32, 64 for serving stacks).")
+    rounding: str | None = _f(None, "knapsack or probability (see --search.rounding); default: the search's.")
     out: str | None = _f(None, "Output folder (default: RUN/exports/<budget>[-r<cap>]).")
     overwrite: bool = _f(False, "Replace an existing export folder.")
 
@@ -180,6 +186,8 @@ class ExportConfig:
             raise ConfigError("--run is required: the folder of a finished search")
         if self.max_rank is not None and self.max_rank <= 0:
             raise ConfigError(f"--max-rank must be a positive integer, got {self.max_rank}")
+        if self.rounding not in (None, "knapsack", "probability"):
+            raise ConfigError(f"--rounding must be knapsack or probability, got {self.rounding!r}")
 
 
 @dataclass

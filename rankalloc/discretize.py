@@ -32,8 +32,11 @@ def rank_values(scores: Sequence[float]) -> np.ndarray:
     return np.concatenate([[0.0], np.cumsum(s)])
 
 
+ROUNDINGS = ("knapsack", "probability")
+
+
 def discretize(scores: Sequence[Sequence[float]], costs: Sequence[int], budget: int,
-               min_fill: float = 0.99) -> list[int]:
+               min_fill: float = 0.99, rounding: str = "knapsack") -> list[int]:
     """Integer ranks maximising the kept score under the budget.
 
     Args:
@@ -41,14 +44,21 @@ def discretize(scores: Sequence[Sequence[float]], costs: Sequence[int], budget: 
         costs: per layer, parameters of one rank (``d_in + d_out``).
         budget: the parameter budget ``B``.
         min_fill: the rank map must use at least this share of ``B`` whenever that is reachable.
+        rounding: ``"knapsack"`` maximises the sum of kept scores, so a component's worth is its score
+            per parameter (cheap layers win ties); ``"probability"`` maximises the kept parameters weighted
+            by score (sum of ``score * cost``), which keeps the components in order of score, as a
+            threshold on the keep-probabilities would - the gates' scores already paid for their cost
+            through the Lagrangian, so this does not charge it twice.
 
     Raises:
         BudgetError: when even rank 1 on the cheapest layer exceeds ``budget``.
     """
     if len(scores) != len(costs):
         raise ValueError("scores and costs must have one entry per layer")
-    values = [rank_values(s) for s in scores]
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
     costs = [int(c) for c in costs]
+    values = [rank_values(s) * (c if rounding == "probability" else 1) for s, c in zip(scores, costs)]
     if any(c <= 0 for c in costs):
         raise ValueError("every cost per rank must be positive")
     budget = int(budget)

@@ -58,15 +58,18 @@ class Scores:
 
 
 def export_rank_map(scores: Scores, budget: int, max_rank: int | None = None,
-                    budget_text: str | None = None) -> RankMap:
-    """The exact knapsack over stored scores at ``budget``, every rank capped at ``max_rank``."""
+                    budget_text: str | None = None, rounding: str | None = None) -> RankMap:
+    """The exact knapsack over stored scores at ``budget``, every rank capped at ``max_rank``
+    (``rounding``: see :func:`rankalloc.discretize.discretize`; default: the search's)."""
+    rounding = rounding or scores.data.get("search", {}).get("rounding", "knapsack")
     caps = {t.name: min(scores.r_max[t.name], max_rank or scores.r_max[t.name]) for t in scores.targets}
     check_budget(budget, [t.cost_per_rank for t in scores.targets], caps.values(), budget_text)
     kept = [sorted(scores.scores[t.name], reverse=True)[:caps[t.name]] for t in scores.targets]
-    ranks = discretize(kept, [t.cost_per_rank for t in scores.targets], budget)
+    ranks = discretize(kept, [t.cost_per_rank for t in scores.targets], budget, rounding=rounding)
     searched = scores.data["searched_budget"]
     search = dict(scores.data.get("search", {}))
-    search.update({"exported_from_budget": searched, "export_ratio": budget / searched, "max_rank": max_rank})
+    search.update({"exported_from_budget": searched, "export_ratio": budget / searched, "max_rank": max_rank,
+                   "rounding": rounding})
     return RankMap.from_ranks(scores.targets, dict(zip((t.name for t in scores.targets), ranks)),
                               base_model=scores.data["base_model"], budget=budget, search=search)
 
@@ -75,9 +78,10 @@ def run_export(cfg: ExportConfig) -> tuple[Path, RankMap]:
     scores = Scores.load(cfg.run)
     spec = parse_budget(cfg.budget) if cfg.budget else None
     budget = spec.resolve(scores.data["base_params"]) if spec else scores.data["searched_budget"]
-    label = (spec.text if spec else str(budget)) + (f"-r{cfg.max_rank}" if cfg.max_rank else "")
+    label = (spec.text if spec else str(budget)) + (f"-r{cfg.max_rank}" if cfg.max_rank else "") \
+        + (f"-{cfg.rounding}" if cfg.rounding else "")
     out = Path(cfg.out) if cfg.out else Path(cfg.run) / "exports" / label
-    rm = export_rank_map(scores, budget, cfg.max_rank, spec.text if spec else None)
+    rm = export_rank_map(scores, budget, cfg.max_rank, spec.text if spec else None, cfg.rounding)
     if out.exists() and any(out.iterdir()):
         if not cfg.overwrite:
             raise RunDirError(f"--out {out} exists; pass --overwrite to replace it")

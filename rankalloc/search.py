@@ -324,7 +324,7 @@ def finish(cfg: SearchConfig, gated: GatedModel, task: TaskData, targets: list[T
            command: str, t0: float) -> SearchResult:
     """Discretise, measure the gap, and write scores, rank map, peft config and report."""
     scores = rank_scores(gated)
-    ranks_list = discretize(scores, [t.cost_per_rank for t in targets], budget)
+    ranks_list = discretize(scores, [t.cost_per_rank for t in targets], budget, rounding=cfg.search.rounding)
     ranks = {t.name: r for t, r in zip(targets, ranks_list)}
     gap = discretisation_gap(gated, task, ranks, cfg.search.gap_batches * cfg.data.batch_size,
                              cfg.data.eval_batch_size, device)
@@ -333,6 +333,7 @@ def finish(cfg: SearchConfig, gated: GatedModel, task: TaskData, targets: list[T
     rm = RankMap.from_ranks(targets, ranks, base_model=cfg.model.name, budget=budget, search={
         "task": task.name, "family": task.family.name, "seed": cfg.seed, "steps": state.step, "final_lambda": lam,
         "final_cost_ratio": final_ratio, "r_max": max(r_max.values()), "scale": cfg.search.scale,
+        "rounding": cfg.search.rounding,
         "num_layers": cfg.model.num_layers, "rankalloc_version": __version__})
     heads = sorted(head_modules(gated.model))
     io.write_json(out / SCORES, {

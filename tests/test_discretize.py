@@ -97,3 +97,25 @@ def test_large_coprime_instance_goes_through_milp(monkeypatch):
     ranks = discretize(scores, costs, 40)
     best, _ = brute_force(scores, costs, 40)
     assert value_of(scores, ranks) == pytest.approx(best)
+
+
+@settings(max_examples=150, deadline=None)
+@given(instances)
+def test_probability_rounding_is_optimal_for_cost_weighted_scores(instance):
+    scores, costs, budget = instance
+    if budget < min(costs):
+        return
+    ranks = discretize(scores, costs, budget, rounding="probability")
+    assert sum(r * c for r, c in zip(ranks, costs)) <= budget
+    weighted = [[x * c for x in s] for s, c in zip(scores, costs)]
+    best, _ = brute_force(weighted, costs, budget)
+    assert value_of(weighted, ranks) == pytest.approx(best, abs=1e-9)
+
+
+def test_knapsack_charges_cost_where_probability_rounding_does_not():
+    # one wide layer (cost 5) whose components are surer than a narrow layer's (cost 2)
+    scores, costs = [[0.9, 0.9], [0.6, 0.6, 0.6, 0.6, 0.6]], [5, 2]
+    assert discretize(scores, costs, 10, rounding="knapsack") == [0, 5]  # 5 x 0.6 = 3.0 beats 2 x 0.9
+    assert discretize(scores, costs, 10, rounding="probability") == [2, 0]  # the surer components first
+    with pytest.raises(ValueError, match="rounding must be one of"):
+        discretize(scores, costs, 10, rounding="greedy")
