@@ -67,14 +67,27 @@ def run(cmd: list[str], log: Path) -> float:
 
 
 def cell(task: str, budget: int, method: str, seed: int, work: Path, search_args: list[str],
-         retrain_args: list[str], rankalloc_retrain_args: list[str] = (), warm_start: bool = False) -> dict:
+         retrain_args: list[str], rankalloc_retrain_args: list[str] = (), warm_start: bool = False,
+         reround: tuple[Path, str] | None = None) -> dict:
     name = f"{task}-{budget}-{method}-s{seed}"
     folder = work / name
     log = work / f"{name}.log"
     common = ["--task", task, "--seed", str(seed), *DATA]
     py = [sys.executable, "-m"]
     commands, times = [], {}
-    if method == "rankalloc":
+    if method == "rankalloc" and reround is not None:  # the same search as another grid's, rounded anew
+        grid, rounding = reround
+        before = json.loads((grid / f"{name}.json").read_text())
+        searched = REPO / next(c.split("--out ")[1].split()[0] for c in before["commands"] if "rankalloc.search" in c)
+        export = py + ["rankalloc.export", "--run", str(searched), "--rounding", rounding,
+                       "--out", str(folder / "export"), "--overwrite"]
+        times["search_s"] = before["times"]["search_s"]  # that search's wall time, not rerun
+        times["export_s"] = run(export, log)
+        commands += [before["commands"][0], export]
+        retrain = py + ["rankalloc.retrain", "--rank-map", str(folder / "export" / "rank_map.json"),
+                        "--out", str(folder / "retrain"), "--overwrite", *common, *retrain_args,
+                        *rankalloc_retrain_args]
+    elif method == "rankalloc":
         search = py + ["rankalloc.search", "--budget", str(budget), "--out", str(folder / "search"),
                        "--overwrite", *common, *search_args]
         times["search_s"] = run(search, log)
@@ -97,7 +110,7 @@ def cell(task: str, budget: int, method: str, seed: int, work: Path, search_args
                            for cmd in commands],
               "metrics": metrics}
     if method == "rankalloc":
-        rank_map = json.loads((folder / "search" / "rank_map.json").read_text())
+        rank_map = json.loads((folder / ("export" if reround else "search") / "rank_map.json").read_text())
         record["ranks"] = {k: v["rank"] for k, v in rank_map["modules"].items()}
         record["search"] = rank_map["search"]
     return record
@@ -116,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retrain-args", default="", help="extra flags for every retrain (all methods)")
     parser.add_argument("--rankalloc-retrain-args", default="",
                         help="extra flags for rankalloc's retrain only, e.g. '--max-steps 200' with --warm-start")
+    parser.add_argument("--reround", nargs=2, metavar=("GRID", "ROUNDING"),
+                        help="rankalloc cells reuse the searches of results/GRID and round them anew "
+                             "(export --rounding ROUNDING), then retrain: a paired comparison of roundings")
     parser.add_argument("--warm-start", action="store_true",
                         help="rankalloc's retrain starts from its search's weights (--init-from)")
     parser.add_argument("--work", default=str(REPO / "runs" / "bench"), help="where run folders go")
@@ -132,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"command": "python benchmarks/run.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
             "machine": machine(), "git_revision": git_revision(), "date": time.strftime("%Y-%m-%d"),
             "recipe": DATA, "search_args": args.search_args, "retrain_args": args.retrain_args,
-            "rankalloc_retrain_args": args.rankalloc_retrain_args, "warm_start": args.warm_start}
+            "rankalloc_retrain_args": args.rankalloc_retrain_args, "warm_start": args.warm_start,
+            "reround": args.reround}
     cells = [(t, b, m, s) for t in tasks for b in budgets for s in seeds for m in methods]
     for i, (task, budget, method, seed) in enumerate(cells, 1):
         path = out / f"{task}-{budget}-{method}-s{seed}.json"
@@ -142,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{i}/{len(cells)}] {task} budget={budget} {method} seed={seed} ...", flush=True)
         try:
             record = cell(task, budget, method, seed, work, shlex.split(args.search_args),
-                          shlex.split(args.retrain_args), shlex.split(args.rankalloc_retrain_args), args.warm_start)
+                          shlex.split(args.retrain_args), shlex.split(args.rankalloc_retrain_args), args.warm_start,
+                          (HERE / "results" / args.reround[0], args.reround[1]) if args.reround else None)
         except RuntimeError as e:
             print(f"    FAILED: {e}", flush=True)
             continue
