@@ -106,6 +106,9 @@ class SearchParams:
     project_cost: bool = _f(True, "Once the cost target has reached the budget, follow each gate step by "
                             "a projection (one common shift of all gate logits) onto C = B exactly, which "
                             "removes the overshoot of dual ascent.")
+    project_ramp: bool = _f(False, "Also project onto the falling cost target during the budget ramp, so that C "
+                            "follows the target smoothly instead of snapping onto B when the target reaches "
+                            "it (needs project_cost).")
     temperature: float = _f(0.5, "Hard-concrete temperature beta (lower = closer to binary samples).")
     lora_dropout: float = _f(0.0, "Dropout on the adapter input.")
     log_every: int = _f(20, "Weight steps between log lines.")

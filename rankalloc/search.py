@@ -161,8 +161,8 @@ def search_loop(cfg: SearchConfig, gated: GatedModel, task: TaskData, budget: in
                              step, last_ckpt)
             val_loss = distributed.mean(val_loss, dist_info)
             check_finite(val_loss, "held-out loss", step, last_ckpt)
-            if p.project_cost and target == budget:  # projected gradient: hold C on B exactly
-                gated.project_cost_(budget)
+            if p.project_cost and (target == budget or p.project_ramp):  # projected gradient: C on target
+                gated.project_cost_(target)
                 cost = gated.expected_cost().detach()
             lagr.dual_step(float(cost), target)
             row.update(val_loss=float(val_loss), lam=lagr.lam, target_ratio=target / budget)

@@ -110,3 +110,12 @@ def test_divergence_stops_with_one_line_naming_step_and_checkpoint(tmp_path):
     out = tmp_path / "run"
     assert json.loads((out / "status.json").read_text())["state"] == "failed"
     assert not (out / "rank_map.json").exists()  # never export from a diverged state
+
+
+def test_projecting_during_the_ramp_keeps_the_cost_on_its_target(tmp_path):
+    cfg = tiny_config(tmp_path, ModelConfig(num_layers=1), budget="20k", steps=10, r_max=8, project_ramp=True,
+                      budget_warmup=0.5)
+    history = run_search(cfg, command="test").history
+    gated_rows = [row for row in history if row["val_loss"] is not None]
+    assert len(gated_rows) == 8 and gated_rows[0]["target_ratio"] > 1.5  # the ramp starts well above B ...
+    assert all(abs(row["cost_ratio"] - row["target_ratio"]) < 1e-3 for row in gated_rows)  # ... C follows it
