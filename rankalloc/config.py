@@ -93,13 +93,14 @@ class SearchParams:
     r_max: int | None = _f(None, "Largest rank any layer may get during the search; null = automatic "
                            "(a power of two about 2.5x the uniform rank that the budget affords).")
     scale: float = _f(2.0, "LoRA scale s = alpha / r, the same for every rank (alpha = scale * r).")
-    steps: int = _f(180, "Weight steps of the search (each followed by a gate step once gates move).")
+    steps: int = _f(60, "Weight steps of the search (each followed by a gate step once gates move). 60 matched "
+                    "180 in accuracy at a third of the cost (benchmarks/LOG.md).")
     weight_lr: float = _f(1e-3, "AdamW learning rate of the adapter weights and the task head.")
     gate_lr: float = _f(0.05, "Adam learning rate of the rank gates.")
     lambda_lr: float = _f(0.5, "Dual-ascent step size of the Lagrange multiplier.")
     penalty: float = _f(2.0, "Quadratic penalty rho * ((C-B)/B)^2 added to the gate loss (damps oscillation).")
     gate_every: int = _f(1, "Run a gate step after every k-th weight step.")
-    warmup_steps: int = _f(20, "Weight steps before gates start moving.")
+    warmup_steps: int = _f(10, "Weight steps before gates start moving.")
     budget_warmup: float = _f(0.4, "Fraction of the steps over which the cost target falls from the "
                               "initial expected cost to the budget.")
     gate_init: float = _f(0.9, "Initial keep-probability of each rank component.")
