@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .discretize import ROUNDINGS
 from .errors import ConfigError
 
 
@@ -133,8 +134,8 @@ class SearchParams:
                 raise ConfigError(f"--search.{name} must be > 0, got {getattr(self, name)}")
         if self.penalty < 0:
             raise ConfigError(f"--search.penalty must be >= 0, got {self.penalty}")
-        if self.rounding not in ("knapsack", "probability"):
-            raise ConfigError(f"--search.rounding must be knapsack or probability, got {self.rounding!r}")
+        if self.rounding not in ROUNDINGS:
+            raise ConfigError(f"--search.rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
         if not 0.0 <= self.budget_warmup < 1.0:
             raise ConfigError(f"--search.budget_warmup must lie in [0, 1), got {self.budget_warmup}")
         if not 0.0 < self.gate_init < 1.0:
@@ -190,8 +191,8 @@ class ExportConfig:
             raise ConfigError("--run is required: the folder of a finished search")
         if self.max_rank is not None and self.max_rank <= 0:
             raise ConfigError(f"--max-rank must be a positive integer, got {self.max_rank}")
-        if self.rounding not in (None, "knapsack", "probability"):
-            raise ConfigError(f"--rounding must be knapsack or probability, got {self.rounding!r}")
+        if self.rounding is not None and self.rounding not in ROUNDINGS:
+            raise ConfigError(f"--rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
 
 
 @dataclass

@@ -245,12 +245,6 @@ def _check_seed(seed: int, flag: str) -> None:
         raise DataError(f"{flag} must be a non-negative integer, got {seed!r}")
 
 
-def tokenize_frame(df: pd.DataFrame, tokenizer: Any, max_length: int) -> Split:
-    """Tokenise a classification frame (``text``, optional ``text_pair``, ``label``) into a split."""
-    family = Classification()
-    return Split(family.tokenize(df, tokenizer, max_length), family.sequence_keys)
-
-
 # --------------------------------------------------------------------------------------------------
 # Training batches
 # --------------------------------------------------------------------------------------------------

@@ -28,6 +28,13 @@ EPS = 1e-6
 MODES = ("sample", "expected", "hard", "off")
 
 
+def kept_components(scores: torch.Tensor | list[float], rank: int) -> torch.Tensor:
+    """Indices of the ``rank`` highest scores, ties broken by position: the components a hard gate keeps
+    (and the ones a warm-started retrain copies)."""
+    scores = torch.as_tensor(scores, dtype=torch.float32)
+    return torch.argsort(scores, descending=True, stable=True)[:rank]
+
+
 class RankGates(nn.Module):
     """``r`` hard-concrete gates for the rank-1 components of one gated LoRA layer."""
 
@@ -69,9 +76,8 @@ class RankGates(nn.Module):
 
     def set_hard_rank(self, rank: int) -> None:
         """Keep the ``rank`` components with the highest keep-probability, drop the rest."""
-        order = torch.argsort(self.keep_prob().detach(), descending=True, stable=True)
         mask = torch.zeros_like(self.hard_mask)
-        mask[order[:rank]] = 1.0
+        mask[kept_components(self.keep_prob().detach(), rank)] = 1.0
         self.hard_mask.copy_(mask)
 
     def clamp_(self, bound: float = 12.0) -> None:

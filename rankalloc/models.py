@@ -121,8 +121,8 @@ def load_model(cfg: ModelConfig, num_labels: int = 2, family: Family | None = No
     finally:
         hf_logging.set_verbosity(verbosity)
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    fresh = [k for k in info.get("missing_keys", []) if output is not None
-             and any(p is output.weight for n, p in model.named_parameters() if n == k)]
+    output_names = {n for n, p in model.named_parameters() if output is not None and p is output.weight}
+    fresh = [k for k in info.get("missing_keys", []) if k in output_names]
     if fresh:
         logger.warning("--model %s: its checkpoint has no language-model head (%s is freshly initialised), so "
                        "answer scores start from random; use a causal-LM checkpoint", cfg.name, fresh[0])

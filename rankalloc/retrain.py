@@ -37,7 +37,6 @@ from .config import RetrainConfig
 from .flags import to_dict
 from .data import EpochSampler, Split, TaskData, prepare_task
 from .families import Classification, Family
-from .metrics import classification_metrics  # noqa: F401  (importable from here, as before)
 from .models import (Target, count_parameters, find_targets, head_modules, load_model, load_model_config,
                      load_tokenizer, resolve_device)
 from .rank_map import RankMap

@@ -18,18 +18,13 @@ import torch
 from torch import nn
 
 from . import rundir
+from .baselines import ADAPTER
 from .errors import RankMapError, RunDirError
 from .export import Scores
+from .gates import kept_components
 from .rank_map import RankMap
 
 logger = logging.getLogger(__name__)
-
-ADAPTER = "default"
-
-
-def kept_components(scores: list[float], rank: int) -> torch.Tensor:
-    """Indices of the ``rank`` highest scores, ties by position (as the search's hard gates pick them)."""
-    return torch.argsort(torch.tensor(scores, dtype=torch.float32), descending=True, stable=True)[:rank]
 
 
 def warm_start(peft_model: nn.Module, run: str | Path, rank_map: RankMap) -> dict[str, int]:

@@ -224,7 +224,7 @@ def test_retrain_configs_load(name):
 
 
 def test_classification_metrics_binary_has_mcc():
-    from rankalloc.retrain import classification_metrics
+    from rankalloc.metrics import classification_metrics
 
     logits = np.array([[2.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 3.0]])
     m = classification_metrics(logits, np.array([0, 1, 1, 1]), 2)
