@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .discretize import ROUNDINGS
+from .gate_optimizer import GATE_OPTIMIZERS
 from .errors import ConfigError
 
 
@@ -97,7 +98,10 @@ class SearchParams:
     steps: int = _f(60, "Weight steps of the search (each followed by a gate step once gates move). 60 matched "
                     "180 in accuracy at a third of the cost (benchmarks/LOG.md).")
     weight_lr: float = _f(1e-3, "AdamW learning rate of the adapter weights and the task head.")
-    gate_lr: float = _f(0.05, "Adam learning rate of the rank gates.")
+    gate_lr: float = _f(0.05, "Learning rate of the rank gates.")
+    gate_optimizer: str = _f("adam", "Optimiser of the gates: 'adam' (each gate normalised by its own gradient "
+                             "history) or 'shared_adam' (one second moment for all gates, so the relative sizes "
+                             "of the gate gradients survive; see rankalloc/gate_optimizer.py).")
     lambda_lr: float = _f(0.5, "Dual-ascent step size of the Lagrange multiplier.")
     penalty: float = _f(2.0, "Quadratic penalty rho * ((C-B)/B)^2 added to the gate loss (damps oscillation).")
     gate_every: int = _f(1, "Run a gate step after every k-th weight step.")
@@ -134,6 +138,9 @@ class SearchParams:
                 raise ConfigError(f"--search.{name} must be > 0, got {getattr(self, name)}")
         if self.penalty < 0:
             raise ConfigError(f"--search.penalty must be >= 0, got {self.penalty}")
+        if self.gate_optimizer not in GATE_OPTIMIZERS:
+            raise ConfigError(f"--search.gate_optimizer must be one of {', '.join(GATE_OPTIMIZERS)}, "
+                              f"got {self.gate_optimizer!r}")
         if self.rounding not in ROUNDINGS:
             raise ConfigError(f"--search.rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
         if not 0.0 <= self.budget_warmup < 1.0:

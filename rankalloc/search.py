@@ -40,6 +40,7 @@ from .data import EpochSampler, TaskData, prepare_task
 from .discretize import discretize
 from .errors import RunDirError
 from .export import SCORES
+from .gate_optimizer import make_gate_optimizer
 from .lagrangian import Lagrangian
 from .models import (Target, count_parameters, find_targets, head_modules, load_model, load_model_config,
                      load_tokenizer, resolve_device)
@@ -195,7 +196,7 @@ def make_optimizers(cfg: SearchConfig, gated: GatedModel, budget: int, task: Tas
     weight_opt = torch.optim.AdamW(gated.weight_parameters(), lr=p.weight_lr, weight_decay=0.0)
     warm = max(1, p.warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(weight_opt, lambda s: min(1.0, (s + 1) / warm))
-    gate_opt = torch.optim.Adam(gated.gate_parameters(), lr=p.gate_lr)
+    gate_opt = make_gate_optimizer(p.gate_optimizer, gated.gate_parameters(), p.gate_lr)
     return {"weight_opt": weight_opt, "gate_opt": gate_opt, "sched": sched,
             "lagrangian": Lagrangian(budget, p.lambda_lr, p.penalty),
             "weight_sampler": EpochSampler(len(task.weight), global_batch, cfg.seed),
