@@ -52,7 +52,7 @@ def summarize(records: list[dict]) -> tuple[str, list[dict]]:
         lines.append(f"| {task} | {budget:,} | {method} | {len(rs)} | {acc:.2f} ± {acc_sd:.2f} ({metric}) | {f1} | "
                      f"{params:,.0f} ({100 * params / budget:.1f}%) | {wall:.0f} | {deltas[0]} | {deltas[1]} |")
         points.append({"method": f"{method} ({task})" if len({k[0] for k in groups}) > 1 else method,
-                       "params": params, "accuracy": acc / 100, "accuracy_std": acc_sd / 100})
+                       "params": params, "score": acc / 100, "score_std": acc_sd / 100, "metric": metric})
     return "\n".join(lines), points
 
 
@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     from rankalloc import io
     from rankalloc.report import plot_pareto
 
-    plot_pareto(grid / "accuracy_vs_params.png", points, title=f"accuracy vs adapter parameters ({args.grid})")
+    metric = "/".join(sorted({p["metric"] for p in points}))
+    plot_pareto(grid / "accuracy_vs_params.png", points, title=f"{metric} vs adapter parameters ({args.grid})",
+                metric=metric)
     text = "\n".join([f"# Benchmark results: {args.grid}", "",
                       *[f"- command: `{c}` (git {g}, {d})" for c, g, d in runs],
                       f"- machine: {meta.get('machine', '?')}",

@@ -249,9 +249,9 @@ def plot_trajectory(path: str | Path, history: list[dict]) -> None:
     logger.debug("wrote trajectory %s", path)
 
 
-def plot_pareto(path: str | Path, points: list[dict], title: str | None = None) -> None:
-    """Accuracy against adapter parameters: one marker/line series per ``method`` (sorted by params),
-    error bars where ``accuracy_std`` is given; log x axis when the parameter span exceeds 10×."""
+def plot_pareto(path: str | Path, points: list[dict], title: str | None = None, metric: str = "accuracy") -> None:
+    """A point's ``score`` (the task family's ``metric``) against adapter parameters: one marker/line series
+    per ``method`` (sorted by params), error bars where ``score_std`` is given; log x axis when the parameter span exceeds 10×."""
     from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
     methods: list[str] = []
@@ -265,8 +265,8 @@ def plot_pareto(path: str | Path, points: list[dict], title: str | None = None) 
     for k, method in enumerate(methods):
         series = sorted((p for p in points if str(p["method"]) == method), key=lambda p: float(p["params"]))
         x = np.array([float(p["params"]) for p in series])
-        y = np.array([_as_float(p["accuracy"]) for p in series])
-        std = np.array([_as_float(p.get("accuracy_std")) for p in series])
+        y = np.array([_as_float(p["score"]) for p in series])
+        std = np.array([_as_float(p.get("score_std")) for p in series])
         all_params.extend(x.tolist())
         style = dict(marker=markers[k % len(markers)], color=f"C{k % 10}", label=method, markersize=6,
                      linewidth=1.5)
@@ -285,7 +285,7 @@ def plot_pareto(path: str | Path, points: list[dict], title: str | None = None) 
         ax.text(0.5, 0.5, "no points", ha="center", va="center", transform=ax.transAxes)
         logger.warning("plot_pareto: no points to plot (%s)", path)
     ax.set_xlabel("adapter parameters")
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel(metric)
     ax.grid(True, which="major", alpha=0.3)
     if title:
         ax.set_title(title)

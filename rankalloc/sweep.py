@@ -1,7 +1,7 @@
 """Budget-versus-accuracy studies: ``python -m rankalloc.sweep --budgets 41k,83k,166k,332k``.
 
-A sweep is an optuna study with two objectives, adapter parameters (down) and evaluation accuracy
-(up).  Each trial is one point ``(method, budget)``:
+A sweep is an optuna study with two objectives, adapter parameters (down) and the task family's metric
+on the evaluation split (up: accuracy for classification, Pearson for regression, ...).  Each trial is one point ``(method, budget)``:
 
 * ``rankalloc`` - by default every budget is *re-exported* from one shared search (run once, before
   the trials, under a file lock so that concurrent workers wait for it instead of repeating it), then

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import io
 from .config import SweepConfig
-from .sweep_study import OBJECTIVES, RANKALLOC, first_line, point_of, point_order, quiet_optuna, storage_name
+from .sweep_study import RANKALLOC, first_line, point_of, point_order, quiet_optuna, storage_name
 
 if TYPE_CHECKING:
     from .sweep import Sweep
@@ -32,7 +32,7 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
         method, budget = point_of(t) or (u.get("method", RANKALLOC), u.get("budget"))
         params = {k: v for k, v in t.params.items() if k not in ("budget", "method")}
         rows.append({"trial": t.number, "method": method, "budget": budget, "adapter_params": int(t.values[0]),
-                     "accuracy": t.values[1], "metric": u.get("metric", "accuracy"), "macro_f1": u.get("macro_f1"), "budget_used": u.get("budget_used"),
+                     "score": t.values[1], "metric": u.get("metric", "accuracy"), "macro_f1": u.get("macro_f1"), "budget_used": u.get("budget_used"),
                      "trial_s": (u.get("wall_time_s") or {}).get("trial_s"), "params": params,
                      "rank_map": u.get("rank_map"), "adapter": u.get("adapter"), "metrics": u.get("metrics"),
                      "commands": u.get("commands", [])})
@@ -43,11 +43,11 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
 
 
 def _dominates(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    no_worse = a["adapter_params"] <= b["adapter_params"] and a["accuracy"] >= b["accuracy"]
-    return no_worse and (a["adapter_params"] < b["adapter_params"] or a["accuracy"] > b["accuracy"])
+    no_worse = a["adapter_params"] <= b["adapter_params"] and a["score"] >= b["score"]
+    return no_worse and (a["adapter_params"] < b["adapter_params"] or a["score"] > b["score"])
 
 
-CSV_COLUMNS = ["trial", "method", "budget", "adapter_params", "accuracy", "macro_f1", "budget_used", "front",
+CSV_COLUMNS = ["trial", "method", "budget", "adapter_params", "metric", "score", "macro_f1", "budget_used", "front",
                "global_front", "trial_s", "params", "rank_map", "adapter", "metrics", "commands"]
 
 
@@ -68,12 +68,12 @@ def write_reports(study: Any, sweep: Sweep, summary: dict[str, Any]) -> list[dic
     out = sweep.out
     rows = trial_rows(study)
     front = [r for r in rows if r["front"]]
-    metric = rows[0]["metric"] if rows else "accuracy"  # the task family's metric; column "accuracy" holds it
+    metric = rows[0]["metric"] if rows else "accuracy"  # the task family's metric, held in "score"
     io.write_text(out / "pareto.csv", _csv(front))
     io.write_text(out / "trials.csv", _csv(rows))
     plot_pareto(out / "pareto.png", [{"method": r["method"], "params": r["adapter_params"],
-                                      "accuracy": r["accuracy"]} for r in rows],
-                title=f"{sweep.cfg.model.name} on {sweep.cfg.data.task}: {metric} vs adapter parameters")
+                                      "score": r["score"]} for r in rows],
+                title=f"{sweep.cfg.model.name} on {sweep.cfg.data.task}: {metric} vs adapter parameters", metric=metric)
     summary = {**summary, "trials_complete": len(rows), "front": [r["trial"] for r in front]}
     io.write_json(out / "sweep.json", summary)
 
@@ -84,7 +84,7 @@ def write_reports(study: Any, sweep: Sweep, summary: dict[str, Any]) -> list[dic
             mark = "**all**" if r["global_front"] else ("method" if r["front"] else "")
             hp = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items())
             lines.append(f"| {r['trial']} | {r['method']} | {r['budget']:,} | {r['adapter_params']:,} "
-                         f"({human_params(r['adapter_params'])}) | {r['accuracy']:.4f} | "
+                         f"({human_params(r['adapter_params'])}) | {r['score']:.4f} | "
                          f"{_num(r['macro_f1'])} | {mark} | {hp} |")
         return lines
 
@@ -111,7 +111,7 @@ def write_reports(study: Any, sweep: Sweep, summary: dict[str, Any]) -> list[dic
                   "```", ""]
     lines += ["## Every complete trial", "", *table(rows), ""]
     io.write_text(out / "pareto.md", "\n".join(lines))
-    _optuna_plots(study, out, bool(sweep.cfg.tune))
+    _optuna_plots(study, out, bool(sweep.cfg.tune), metric)
     return rows
 
 
@@ -119,7 +119,7 @@ def _num(v: Any) -> str:
     return "n/a" if v is None else f"{v:.4f}"
 
 
-def _optuna_plots(study: Any, out: Path, tuned: bool) -> None:
+def _optuna_plots(study: Any, out: Path, tuned: bool, metric: str) -> None:
     """optuna's interactive HTML plots, when plotly is installed (skipped silently otherwise)."""
     try:
         import plotly  # noqa: F401
@@ -127,10 +127,10 @@ def _optuna_plots(study: Any, out: Path, tuned: bool) -> None:
         return
     import optuna.visualization as vis
 
-    plots = {"optuna_pareto_front.html": lambda: vis.plot_pareto_front(study, target_names=list(OBJECTIVES))}
+    plots = {"optuna_pareto_front.html": lambda: vis.plot_pareto_front(study, target_names=["adapter parameters", metric])}
     if tuned:
-        plots["optuna_parallel_accuracy.html"] = lambda: vis.plot_parallel_coordinate(
-            study, target=lambda t: t.values[1], target_name="accuracy")
+        plots["optuna_parallel_score.html"] = lambda: vis.plot_parallel_coordinate(
+            study, target=lambda t: t.values[1], target_name=metric)
     for name, make in plots.items():
         try:
             with quiet_optuna():

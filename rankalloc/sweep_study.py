@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 RANKALLOC = "rankalloc"
 METHODS = (RANKALLOC, "uniform", "adalora")  # choices of the "method" parameter; fixed for every study
-OBJECTIVES = ("adapter_params", "accuracy")
+OBJECTIVES = ("adapter_params", "score")  # score: the task family's metric (accuracy, Pearson, ...)
 DIRECTIONS = ("minimize", "maximize")
 ALLOWED_STORAGE = ("sqlite:///FILE.db, postgresql://USER:PASSWORD@HOST[:PORT]/DB, mysql://USER:PASSWORD@HOST/DB, "
                    "or journal:FILE (also a path ending in .log or .jsonl) for several processes on one machine")

@@ -177,11 +177,11 @@ def test_trajectory_with_missing_val_loss(tmp_path):
 
 def test_pareto_two_methods(tmp_path):
     points = [
-        {"method": "rankalloc", "params": 41_472, "accuracy": 0.90, "accuracy_std": 0.01},
-        {"method": "rankalloc", "params": 10_368, "accuracy": 0.87, "accuracy_std": 0.02},
-        {"method": "rankalloc", "params": 330_000, "accuracy": 0.91, "accuracy_std": 0.005},
-        {"method": "uniform", "params": 331_776, "accuracy": 0.905},
-        {"method": "uniform", "params": 41_472, "accuracy": 0.88},
+        {"method": "rankalloc", "params": 41_472, "score": 0.90, "score_std": 0.01},
+        {"method": "rankalloc", "params": 10_368, "score": 0.87, "score_std": 0.02},
+        {"method": "rankalloc", "params": 330_000, "score": 0.91, "score_std": 0.005},
+        {"method": "uniform", "params": 331_776, "score": 0.905},
+        {"method": "uniform", "params": 41_472, "score": 0.88},
     ]
     plot_pareto(tmp_path / "pareto.png", points)
     assert_png(tmp_path / "pareto.png")

@@ -117,6 +117,7 @@ def test_sweep_writes_reports_and_resumes_without_rerunning(sqlite_sweep):
         assert (out / name).is_file(), name
     rows = list(csv.DictReader((out / "pareto.csv").open()))
     assert rows and all(r["front"] == "True" for r in rows)
+    assert all(r["metric"] == "accuracy" and 0 <= float(r["score"]) <= 1 for r in rows)  # the family's metric
     assert "python -m rankalloc.export --run" in (out / "pareto.md").read_text()
     summary = json.loads((out / "sweep.json").read_text())
     assert summary["full_search_estimate_s"] == pytest.approx(3 * summary["shared_search"]["wall_time_s"])
