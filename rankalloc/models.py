@@ -96,18 +96,11 @@ def load_model(cfg: ModelConfig, num_labels: int = 2, family: Family | None = No
                pad_token_id: int | None = None) -> nn.Module:
     """The model class of the task family (a classification head by default), with frozen base weights
     and a trainable task head (none for language modelling: the output layer is the pretrained one)."""
-    from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
     family = family or Classification()
     path = resolve_model_path(cfg.name)
-    kwargs = family.config_kwargs(num_labels)
-    if cfg.num_layers is not None:
-        kwargs["num_hidden_layers"] = cfg.num_layers
-    try:
-        config = AutoConfig.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"--model {cfg.name}: cannot load its config ({_first_line(e)})") from None
+    config = _family_config(cfg, family, num_labels)
     if pad_token_id is not None and getattr(config, "pad_token_id", None) is None:
         config.pad_token_id = pad_token_id
     verbosity = hf_logging.get_verbosity()
@@ -174,6 +167,29 @@ def block_stack(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
             if n > best_params:
                 best, best_params = (name, module), n
     return best
+
+
+def skeleton_targets(cfg: ModelConfig, family: Family | None = None) -> list[Target]:
+    """The adapter targets of ``cfg``'s model built from its config alone, on the meta device: no weight
+    is read or allocated, so counting a large model's target costs takes a moment, not a load."""
+    family = family or Classification()
+    config = _family_config(cfg, family, num_labels=2)
+    with torch.device("meta"):
+        model = family.model_class().from_config(config)
+    return find_targets(model, cfg)
+
+
+def _family_config(cfg: ModelConfig, family: Family, num_labels: int) -> Any:
+    """The model's transformers config with the family's head settings and ``--model.num_layers``."""
+    from transformers import AutoConfig
+
+    kwargs = family.config_kwargs(num_labels)
+    if cfg.num_layers is not None:
+        kwargs["num_hidden_layers"] = cfg.num_layers
+    try:
+        return AutoConfig.from_pretrained(resolve_model_path(cfg.name), **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"--model {cfg.name}: cannot load its config ({_first_line(e)})") from None
 
 
 def find_targets(model: nn.Module, cfg: ModelConfig) -> list[Target]:

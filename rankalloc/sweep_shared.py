@@ -114,9 +114,9 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 
 def _target_costs(cfg: SweepConfig) -> list[int]:
-    from .models import find_targets, load_model
+    from .models import skeleton_targets
 
-    return [t.cost_per_rank for t in find_targets(load_model(cfg.model, num_labels=2), cfg.model)]
+    return [t.cost_per_rank for t in skeleton_targets(cfg.model)]
 
 
 def shared_budget(cfg: SweepConfig, budgets: list[int]) -> int:

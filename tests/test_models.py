@@ -5,7 +5,8 @@ import pytest
 
 from rankalloc.config import ModelConfig
 from rankalloc.errors import ModelError
-from rankalloc.models import find_targets, fingerprint, head_modules, load_model, resolve_model_path
+from rankalloc.models import (find_targets, fingerprint, head_modules, load_model, resolve_model_path,
+                              skeleton_targets)
 
 
 def test_minilm_targets_are_the_six_projections_per_block(minilm_1layer):
@@ -40,6 +41,15 @@ def test_llama_targets(tiny_llama):
                      "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
     k = next(t for t in targets if t.kind == "self_attn.k_proj")
     assert (k.in_features, k.out_features) == (32, 16)  # grouped-query attention
+
+
+@pytest.mark.parametrize("model", ["minilm", "gpt2", "llama"])
+def test_targets_from_the_config_alone_equal_those_of_the_loaded_model(model, tiny_gpt2, tiny_llama):
+    cfg = {"minilm": ModelConfig(num_layers=2), "gpt2": ModelConfig(name=tiny_gpt2),
+           "llama": ModelConfig(name=tiny_llama)}[model]
+    skeleton = skeleton_targets(cfg)  # built on the meta device: no weights read
+    assert skeleton == find_targets(load_model(cfg, num_labels=3), cfg)
+    assert len(skeleton) == {"minilm": 12, "gpt2": 8, "llama": 14}[model]
 
 
 @pytest.mark.parametrize("field, value, expected", [
