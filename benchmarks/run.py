@@ -113,6 +113,9 @@ def cell(task: str, budget: int, method: str, seed: int, work: Path, search_args
         rank_map = json.loads((folder / ("export" if reround else "search") / "rank_map.json").read_text())
         record["ranks"] = {k: v["rank"] for k, v in rank_map["modules"].items()}
         record["search"] = rank_map["search"]
+        searched = folder / "search" / "summary.json"
+        if not reround and searched.is_file():
+            record["search_peak_memory_mb"] = json.loads(searched.read_text()).get("peak_memory_mb")
     return record
 
 

@@ -28,12 +28,24 @@ def score(record: dict) -> float:
     return record["score"] if record.get("score") is not None else record["accuracy"]
 
 
+def peak_rss(records: list[dict]) -> str:
+    """Mean peak resident memory of the cell's largest stage (rankalloc: search or retrain, whichever is
+    larger; only records that carry the search's figure count for rankalloc)."""
+    peaks = []
+    for r in records:
+        stages = [r.get("peak_memory_mb")] + ([r.get("search_peak_memory_mb")] if r["method"] == "rankalloc" else [])
+        if all(s and s.get("cpu_rss") for s in stages):
+            peaks.append(max(s["cpu_rss"] for s in stages))
+    return f"{statistics.fmean(peaks):,.0f}" if peaks else "n/a"
+
+
 def summarize(records: list[dict]) -> tuple[str, list[dict]]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
         groups[(r["task"], r["budget"], r["method"])].append(r)
     lines = ["| task | budget | method | seeds | score (mean ± std) | macro-F1 | adapter params (% of B) | "
-             "wall time (s) | Δ vs uniform | Δ vs AdaLoRA |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "wall time (s) | peak RSS (MiB) | Δ vs uniform | Δ vs AdaLoRA |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     points = []
     for (task, budget, method), rs in sorted(groups.items()):
         acc, acc_sd = mean_std([100 * score(r) for r in rs])
@@ -42,6 +54,7 @@ def summarize(records: list[dict]) -> tuple[str, list[dict]]:
         f1 = f"{statistics.fmean(f1s):.2f}" if f1s else "n/a"
         params = statistics.fmean(r["adapter_params"] for r in rs)
         wall = statistics.fmean(r["total_s"] for r in rs)
+        peak = peak_rss(rs)
         deltas = []
         for base in ("uniform", "adalora"):
             other = groups.get((task, budget, base))
@@ -50,7 +63,7 @@ def summarize(records: list[dict]) -> tuple[str, list[dict]]:
             else:
                 deltas.append("")
         lines.append(f"| {task} | {budget:,} | {method} | {len(rs)} | {acc:.2f} ± {acc_sd:.2f} ({metric}) | {f1} | "
-                     f"{params:,.0f} ({100 * params / budget:.1f}%) | {wall:.0f} | {deltas[0]} | {deltas[1]} |")
+                     f"{params:,.0f} ({100 * params / budget:.1f}%) | {wall:.0f} | {peak} | {deltas[0]} | {deltas[1]} |")
         points.append({"method": f"{method} ({task})" if len({k[0] for k in groups}) > 1 else method,
                        "params": params, "score": acc / 100, "score_std": acc_sd / 100, "metric": metric})
     return "\n".join(lines), points

@@ -17,7 +17,6 @@ import contextlib
 import logging
 import math
 import os
-import resource
 import shutil
 import sys
 import time
@@ -40,7 +39,7 @@ from .families import Classification, Family
 from .models import (Target, count_parameters, find_targets, head_modules, load_model, load_model_config,
                      load_tokenizer, resolve_device)
 from .rank_map import RankMap
-from .training import check_finite, set_seed, to_device
+from .training import check_finite, peak_memory, set_seed, to_device
 from .warm_start import warm_start
 
 logger = logging.getLogger(__name__)
@@ -241,7 +240,7 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
             "eval_examples": int(len(labels)), "train_examples": len(task.train), "steps": steps,
             "final_train_loss": float(np.mean([r["train_loss"] for r in history[-cfg.train.log_every:]])),
             **adapter, "budget": int(budget), "budget_used": adapter["adapter_params"] / budget,
-            "ranks": rank_map.ranks, "warm_start": warm, "checks": checks, "wall_time_s": wall, "peak_memory_mb": _peak_memory(device),
+            "ranks": rank_map.ranks, "warm_start": warm, "checks": checks, "wall_time_s": wall, "peak_memory_mb": peak_memory(device),
             "device": str(device), "seed": cfg.seed,
             "recipe": to_dict(cfg.train) | {"lr_used": lr, "batch_size": cfg.data.batch_size,
                                             "max_length": cfg.data.max_length, "optimizer": "AdamW",
@@ -316,14 +315,6 @@ def _max_diff(model: nn.Module, family: Family, probe: dict[str, torch.Tensor], 
     model.eval()
     got = family.forward(model, to_device(probe, device)).logits.float().cpu().numpy()
     return float(np.abs(got - logits[: len(got)]).max())
-
-
-def _peak_memory(device: torch.device) -> dict[str, float]:
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
-    peak = {"cpu_rss": rss_kb / 1024}
-    if device.type == "cuda":
-        peak["cuda_max_allocated"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return peak
 
 
 @contextlib.contextmanager

@@ -45,7 +45,8 @@ from .lagrangian import Lagrangian
 from .models import (Target, count_parameters, find_targets, head_modules, load_model, load_model_config,
                      load_tokenizer, resolve_device)
 from .rank_map import RankMap
-from .training import check_finite, evaluate, grads_finite, rng_state, set_rng_state, set_seed, to_device
+from .training import (check_finite, evaluate, grads_finite, peak_memory, rng_state, set_rng_state, set_seed,
+                       to_device)
 
 logger = logging.getLogger(__name__)
 
@@ -353,10 +354,11 @@ def finish(cfg: SearchConfig, gated: GatedModel, task: TaskData, targets: list[T
                "base_model": cfg.model.name, "task": task.name, "seed": cfg.seed, "steps": state.step,
                "final_lambda": lam, "final_cost_ratio": final_ratio, "wall_time_s": time.time() - t0,
                "gap": gap, "command": command, "r_max": max(r_max.values()),
-               "gates": "hard-concrete per rank-1 component"}
+               "gates": "hard-concrete per rank-1 component", "peak_memory_mb": peak_memory(device)}
     write_search_report(out, targets=targets, ranks=ranks, r_max=r_max, history=state.history, summary=summary)
     rm.write_adapter_config(out / "adapter_config.json", cfg.search.scale, modules_to_save=heads,
                             task_type=task.family.peft_task_type)
+    io.write_json(out / "summary.json", summary)
     rm.save(out / "rank_map.json")  # last: its presence means every other output is there
     logger.info("rank map: %d / %d parameters (%.2f%% of the budget), gap %.4f -> %s",
                 rm.total_params, budget, 100 * rm.total_params / budget, gap["gap"], out / "rank_map.json")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import random
+import resource
 from typing import Any, Iterable
 
 import numpy as np
@@ -70,3 +71,12 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], devic
     finally:
         model.train(was_training)
     return {"loss": total / max(n, 1), "n": n}
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """Peak memory of this process so far, in MiB: resident set size, and CUDA allocations on a GPU."""
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    peak = {"cpu_rss": rss_kb / 1024}
+    if device.type == "cuda":
+        peak["cuda_max_allocated"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return peak

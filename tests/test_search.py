@@ -67,7 +67,7 @@ def _check_run(out, budget):
     rm = RankMap.load(out / "rank_map.json")
     assert 0.99 * budget <= rm.total_params <= budget
     for name in ("adapter_config.json", "report.md", "ranks.png", "trajectory.png", "scores.json",
-                 "history.json", "checkpoint.pt"):
+                 "history.json", "checkpoint.pt", "summary.json"):
         assert (out / name).is_file(), name
     assert json.loads((out / "status.json").read_text())["state"] == "done"
     report = (out / "report.md").read_text()
@@ -84,6 +84,8 @@ def test_tiny_search_on_a_minilm_slice(tmp_path):
     assert all(0 <= r <= 8 for r in rm.ranks.values())
     assert set(result.gap) >= {"continuous_loss", "hard_loss", "gap"}
     assert len(result.history) == 8 and all(row["lam"] >= 0 for row in result.history)
+    summary = json.loads((result.out / "summary.json").read_text())
+    assert summary["total_params"] == rm.total_params and summary["peak_memory_mb"]["cpu_rss"] > 100
 
 
 def test_tiny_search_on_random_gpt2(tmp_path, tiny_gpt2):
