@@ -64,7 +64,7 @@ def summarize(records: list[dict]) -> tuple[str, list[dict]]:
                 deltas.append("")
         lines.append(f"| {task} | {budget:,} | {method} | {len(rs)} | {acc:.2f} ± {acc_sd:.2f} ({metric}) | {f1} | "
                      f"{params:,.0f} ({100 * params / budget:.1f}%) | {wall:.0f} | {peak} | {deltas[0]} | {deltas[1]} |")
-        points.append({"method": f"{method} ({task})" if len({k[0] for k in groups}) > 1 else method,
+        points.append({"method": method, "panel": task if len({k[0] for k in groups}) > 1 else "",
                        "params": params, "score": acc / 100, "score_std": acc_sd / 100, "metric": metric})
     return "\n".join(lines), points
 

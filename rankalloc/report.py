@@ -251,19 +251,43 @@ def plot_trajectory(path: str | Path, history: list[dict]) -> None:
 
 def plot_pareto(path: str | Path, points: list[dict], title: str | None = None, metric: str = "accuracy") -> None:
     """A point's ``score`` (the task family's ``metric``) against adapter parameters: one marker/line series
-    per ``method`` (sorted by params), error bars where ``score_std`` is given; log x axis when the parameter span exceeds 10×."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
-
+    per ``method`` (sorted by params), error bars where ``score_std`` is given; log x axis when the parameter
+    span exceeds 10x.  Points with a ``panel`` key (e.g. the task) get one subplot per panel, each method
+    in the same colour and marker in every panel."""
     methods: list[str] = []
+    panels: list[str] = []
     for p in points:
         if str(p["method"]) not in methods:
             methods.append(str(p["method"]))
-    fig = _new_figure((6.5, 4.5))
-    ax = fig.add_subplot()
+        if str(p.get("panel", "")) not in panels:
+            panels.append(str(p.get("panel", "")))
+    panels = panels or [""]
+    fig = _new_figure((6.5 if len(panels) == 1 else 4.2 * len(panels), 4.5))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, panel in zip(axes, panels):
+        _draw_pareto(ax, [p for p in points if str(p.get("panel", "")) == panel], methods, metric)
+        if panel:
+            ax.set_title(panel)
+    if not points:
+        axes[0].text(0.5, 0.5, "no points", ha="center", va="center", transform=axes[0].transAxes)
+        logger.warning("plot_pareto: no points to plot (%s)", path)
+    if title:
+        fig.suptitle(title) if len(panels) > 1 else axes[0].set_title(title)
+    if methods:
+        axes[0].legend(fontsize=9, loc="best")
+    save_figure(path, fig, dpi=110)
+    logger.debug("wrote pareto plot %s", path)
+
+
+def _draw_pareto(ax: Any, points: list[dict], methods: list[str], metric: str) -> None:
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
     markers = ["o", "s", "^", "D", "v", "P", "X", "*"]
     all_params = []
     for k, method in enumerate(methods):
         series = sorted((p for p in points if str(p["method"]) == method), key=lambda p: float(p["params"]))
+        if not series:
+            continue
         x = np.array([float(p["params"]) for p in series])
         y = np.array([_as_float(p["score"]) for p in series])
         std = np.array([_as_float(p.get("score_std")) for p in series])
@@ -272,27 +296,17 @@ def plot_pareto(path: str | Path, points: list[dict], title: str | None = None, 
                      linewidth=1.5)
         yerr = np.where(np.isfinite(std), std, 0.0) if np.isfinite(std).any() else None
         ax.errorbar(x, y, yerr=yerr, capsize=3, **style)  # errorbar for all: legend keeps method order
-    formatter = FuncFormatter(lambda v, _pos: human_params(v))
     positive = [v for v in all_params if v > 0]
     if positive and min(positive) == min(all_params) and max(positive) / min(positive) > 10:
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_minor_formatter(NullFormatter())
     else:
-        ax.xaxis.set_major_locator(MaxNLocator(nbins=6))
-    ax.xaxis.set_major_formatter(formatter)
-    if not points:
-        ax.text(0.5, 0.5, "no points", ha="center", va="center", transform=ax.transAxes)
-        logger.warning("plot_pareto: no points to plot (%s)", path)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: human_params(v)))
     ax.set_xlabel("adapter parameters")
     ax.set_ylabel(metric)
     ax.grid(True, which="major", alpha=0.3)
-    if title:
-        ax.set_title(title)
-    if methods:
-        ax.legend(fontsize=9, loc="best")
-    save_figure(path, fig, dpi=110)
-    logger.debug("wrote pareto plot %s", path)
 
 
 # ----------------------------------------------------------------------------------------------- report

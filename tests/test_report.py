@@ -190,6 +190,19 @@ def test_pareto_two_methods(tmp_path):
     assert_png(tmp_path / "narrow.png")
 
 
+def test_pareto_one_panel_per_task(tmp_path):
+    import matplotlib.image as mpimg
+
+    points = [{"method": m, "panel": task, "params": b, "score": 0.7 + 0.01 * i}
+              for i, (task, m, b) in enumerate((t, m, b) for t in ("tweets", "movie-reviews", "multiemo-en")
+                                                for m in ("rankalloc", "uniform") for b in (41_472, 331_776))]
+    plot_pareto(tmp_path / "panels.png", points, title="three tasks", metric="accuracy")
+    plot_pareto(tmp_path / "one.png", [dict(p, panel="") for p in points if p["panel"] == "tweets"])
+    assert_png(tmp_path / "panels.png")
+    panels, one = mpimg.imread(tmp_path / "panels.png"), mpimg.imread(tmp_path / "one.png")
+    assert panels.shape[1] > 1.7 * one.shape[1]  # three panels side by side, not one crowded axis
+
+
 # ------------------------------------------------------------------------------------------ report
 
 def test_write_search_report(tmp_path):
