@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = sorted({(r.get("meta", {}).get("command", "?"), r.get("meta", {}).get("git_revision", "?"),
                     r.get("meta", {}).get("date", "?")) for r in records})
     from rankalloc import io
-    from rankalloc.report import plot_pareto
+    from rankalloc.figures import plot_pareto
 
     metric = "/".join(sorted({p["metric"] for p in points}))
     plot_pareto(grid / "accuracy_vs_params.png", points, title=f"{metric} vs adapter parameters ({args.grid})",

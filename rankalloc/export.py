@@ -88,7 +88,8 @@ def run_export(cfg: ExportConfig) -> tuple[Path, RankMap]:
         shutil.rmtree(out)
     ratio = budget / scores.data["searched_budget"]
     trusted = TRUSTED_RATIO[0] <= ratio <= TRUSTED_RATIO[1]
-    from .report import markdown_rank_table, plot_rank_heatmap
+    from .figures import plot_rank_heatmap
+    from .tables import markdown_rank_table
 
     plot_rank_heatmap(out / "ranks.png", scores.targets, rm.ranks,
                       title=f"LoRA ranks at {rm.total_params:,} parameters (re-export)")

@@ -63,7 +63,8 @@ def _csv(rows: list[dict[str, Any]]) -> str:
 
 def write_reports(study: Any, sweep: Sweep, summary: dict[str, Any]) -> list[dict[str, Any]]:
     """pareto.csv, trials.csv, pareto.md, pareto.png, sweep.json and optuna's HTML plots (with plotly)."""
-    from .report import human_params, plot_pareto
+    from .figures import plot_pareto
+    from .tables import human_params
 
     out = sweep.out
     rows = trial_rows(study)

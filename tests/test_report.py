@@ -7,15 +7,9 @@ import numpy as np
 import pytest
 
 from rankalloc.models import Target
-from rankalloc.report import (
-    human_params,
-    markdown_rank_table,
-    plot_pareto,
-    plot_rank_heatmap,
-    plot_trajectory,
-    rank_table,
-    write_search_report,
-)
+from rankalloc.figures import plot_pareto, plot_rank_heatmap, plot_trajectory
+from rankalloc.report import write_search_report
+from rankalloc.tables import human_params, markdown_rank_table, rank_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 KINDS = ["attention.self.query", "attention.self.value", "output.dense"]
