@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .families import Classification, Family, Output
-from .gates import MODES, RankGates
+from .gates import MODES, make_gates
 from .models import Target, head_parameters, linear_shape
 
 
@@ -25,7 +25,7 @@ class GatedLoRA(nn.Module):
     """A frozen base layer plus a LoRA of rank ``r_max`` whose components are gated."""
 
     def __init__(self, base_layer: nn.Module, r_max: int, scale: float, dropout: float = 0.0,
-                 init_keep: float = 0.9, temperature: float = 0.5) -> None:
+                 init_keep: float = 0.9, temperature: float = 0.5, gates: str = "hard_concrete") -> None:
         super().__init__()
         d_in, d_out = linear_shape(base_layer)
         self.base_layer = base_layer
@@ -36,7 +36,7 @@ class GatedLoRA(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(d_out, r_max, dtype=torch.float32, device=weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as peft: B = 0, so training starts at W
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.gates = RankGates(r_max, init_keep, temperature).to(weight.device)
+        self.gates = make_gates(gates, r_max, init_keep, temperature).to(weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
@@ -50,7 +50,7 @@ class GatedModel(nn.Module):
 
     def __init__(self, model: nn.Module, targets: list[Target], r_max: dict[str, int], scale: float,
                  dropout: float = 0.0, init_keep: float = 0.9, temperature: float = 0.5,
-                 family: Family | None = None) -> None:
+                 family: Family | None = None, gates: str = "hard_concrete") -> None:
         super().__init__()
         self.model = model
         self.family = family or Classification()
@@ -58,7 +58,7 @@ class GatedModel(nn.Module):
         self.layers: dict[str, GatedLoRA] = {}
         for t in self.targets:
             parent, attr = _parent(model, t.name)
-            layer = GatedLoRA(getattr(parent, attr), r_max[t.name], scale, dropout, init_keep, temperature)
+            layer = GatedLoRA(getattr(parent, attr), r_max[t.name], scale, dropout, init_keep, temperature, gates)
             setattr(parent, attr, layer)
             self.layers[t.name] = layer
         self._costs = {t.name: t.cost_per_rank for t in self.targets}
@@ -111,10 +111,12 @@ class GatedModel(nn.Module):
 
     @torch.no_grad()
     def project_cost_(self, target: float, iterations: int = 40) -> float:
-        """Shift every gate logit by one common offset so that the expected cost equals ``target``.
+        """Shift every gate by one common offset so that the expected cost equals ``target``.
 
         The expected cost is increasing in the offset, so bisection finds it; the order of the
-        components (what the knapsack ranks by) is unchanged.  Returns the offset applied.
+        components (what the knapsack ranks by) is unchanged.  Returns the offset applied.  (What
+        the offset shifts is the gates' own choice: every logit for hard-concrete gates, a tilt by rank
+        for nested ones.)
         """
         lo, hi = -24.0, 24.0
         for _ in range(iterations):
@@ -124,7 +126,7 @@ class GatedModel(nn.Module):
             lo, hi = (mid, hi) if cost < target else (lo, mid)
         offset = 0.5 * (lo + hi)
         for layer in self.layers.values():
-            layer.gates.log_alpha.add_(offset)
+            layer.gates.shift_(offset)
         self.clamp_gates_()
         return offset
 

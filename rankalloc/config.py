@@ -11,6 +11,7 @@ from typing import Any
 
 from .discretize import ROUNDINGS
 from .gate_optimizer import GATE_OPTIMIZERS
+from .gates import GATE_KINDS
 from .errors import ConfigError
 
 
@@ -108,7 +109,9 @@ class SearchParams:
     warmup_steps: int = _f(10, "Weight steps before gates start moving.")
     budget_warmup: float = _f(0.4, "Fraction of the steps over which the cost target falls from the "
                               "initial expected cost to the budget.")
-    gate_init: float = _f(0.9, "Initial keep-probability of each rank component.")
+    gates: str = _f("hard_concrete", "Gate parameterisation: 'hard_concrete' (one L0 gate per rank-1 component) or "
+                    "'nested' (one categorical over each layer's rank, nested masks; DARTS style).")
+    gate_init: float = _f(0.9, "Initial keep-probability of each rank component (nested gates: expected rank / r_max).")
     project_cost: bool = _f(True, "Once the cost target has reached the budget, follow each gate step by "
                             "a projection (one common shift of all gate logits) onto C = B exactly, which "
                             "removes the overshoot of dual ascent.")
@@ -141,6 +144,8 @@ class SearchParams:
         if self.gate_optimizer not in GATE_OPTIMIZERS:
             raise ConfigError(f"--search.gate_optimizer must be one of {', '.join(GATE_OPTIMIZERS)}, "
                               f"got {self.gate_optimizer!r}")
+        if self.gates not in GATE_KINDS:
+            raise ConfigError(f"--search.gates must be one of {', '.join(GATE_KINDS)}, got {self.gates!r}")
         if self.rounding not in ROUNDINGS:
             raise ConfigError(f"--search.rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
         if not 0.0 <= self.budget_warmup < 1.0:

@@ -50,6 +50,9 @@ from .training import (check_finite, evaluate, grads_finite, peak_memory, rng_st
 
 logger = logging.getLogger(__name__)
 
+GATE_DESCRIPTIONS = {"hard_concrete": "hard-concrete per rank-1 component",
+                     "nested": "categorical over each layer's rank, nested masks"}
+
 @dataclass
 class SearchState:
     """Everything that changes during the search and is saved in a checkpoint."""
@@ -139,7 +142,7 @@ def search_loop(cfg: SearchConfig, gated: GatedModel, task: TaskData, budget: in
     steps = cfg.steps()
     weight_opt, gate_opt, sched = opts["weight_opt"], opts["gate_opt"], opts["sched"]
     lagr, weight_batches, gate_batches = opts["lagrangian"], opts["weight_sampler"], opts["gate_sampler"]
-    initial_cost = p.gate_init * gated.max_cost()
+    initial_cost = p.gate_init * gated.max_cost()  # the expected cost before any gate step, either gates
     ramp = int(p.budget_warmup * steps)
     last_ckpt = str(out / rundir.CHECKPOINT) if (out / rundir.CHECKPOINT).is_file() else None
     gated.train()
@@ -293,7 +296,7 @@ def run_search(cfg: SearchConfig, command: str | None = None,
     device = distributed.device_for(dist_info, resolve_device(cfg.device))
     p = cfg.search
     gated = GatedModel(model, targets, r_max, p.scale, p.lora_dropout, p.gate_init, p.temperature,
-                       task.family).to(device)
+                       task.family, p.gates).to(device)
     opts = make_optimizers(cfg, gated, budget, task, dist_info.world_size)
     state = load_checkpoint(out, cfg, gated, opts) if resume else SearchState()
     if dist_info.is_main:
@@ -354,7 +357,7 @@ def finish(cfg: SearchConfig, gated: GatedModel, task: TaskData, targets: list[T
                "base_model": cfg.model.name, "task": task.name, "seed": cfg.seed, "steps": state.step,
                "final_lambda": lam, "final_cost_ratio": final_ratio, "wall_time_s": time.time() - t0,
                "gap": gap, "command": command, "r_max": max(r_max.values()),
-               "gates": "hard-concrete per rank-1 component", "peak_memory_mb": peak_memory(device)}
+               "gates": GATE_DESCRIPTIONS[cfg.search.gates], "peak_memory_mb": peak_memory(device)}
     write_search_report(out, targets=targets, ranks=ranks, r_max=r_max, history=state.history, summary=summary)
     rm.write_adapter_config(out / "adapter_config.json", cfg.search.scale, modules_to_save=heads,
                             task_type=task.family.peft_task_type)
