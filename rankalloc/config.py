@@ -118,7 +118,8 @@ class SearchParams:
     project_ramp: bool = _f(False, "Also project onto the falling cost target during the budget ramp, so that C "
                             "follows the target smoothly instead of snapping onto B when the target reaches "
                             "it (needs project_cost).")
-    temperature: float = _f(0.5, "Hard-concrete temperature beta (lower = closer to binary samples).")
+    temperature: float = _f(0.5, "Gate temperature: beta for hard-concrete gates, the Gumbel-softmax temperature for "
+                            "nested ones (lower = closer to binary samples).")
     lora_dropout: float = _f(0.0, "Dropout on the adapter input.")
     log_every: int = _f(20, "Weight steps between log lines.")
     checkpoint_every: int = _f(50, "Weight steps between checkpoints (0 = only at the end).")

@@ -58,7 +58,7 @@ TUNE_SPACE = {
     "gate_lr": ("float", 0.01, 0.2),       # default 0.05
     "r_max": ("int", 4, 64),               # default: automatic from the budget
     "gate_every": ("int", 1, 4),           # default 1
-    "temperature": ("float", 0.25, 1.0),   # hard-concrete beta, default 0.5
+    "temperature": ("float", 0.25, 1.0),   # gate temperature, default 0.5
 }
 
 
