@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 GATE_DESCRIPTIONS = {"hard_concrete": "hard-concrete per rank-1 component",
                      "nested": "categorical over each layer's rank, nested masks"}
 
+
 @dataclass
 class SearchState:
     """Everything that changes during the search and is saved in a checkpoint."""
@@ -338,7 +339,7 @@ def finish(cfg: SearchConfig, gated: GatedModel, task: TaskData, targets: list[T
     rm = RankMap.from_ranks(targets, ranks, base_model=cfg.model.name, budget=budget, search={
         "task": task.name, "family": task.family.name, "seed": cfg.seed, "steps": state.step, "final_lambda": lam,
         "final_cost_ratio": final_ratio, "r_max": max(r_max.values()), "scale": cfg.search.scale,
-        "rounding": cfg.search.rounding,
+        "rounding": cfg.search.rounding, "gates": cfg.search.gates,
         "num_layers": cfg.model.num_layers, "rankalloc_version": __version__})
     heads = sorted(head_modules(gated.model))
     io.write_json(out / SCORES, {

@@ -94,6 +94,7 @@ def test_search_with_nested_gates_writes_a_rank_map_inside_the_budget(tmp_path, 
     assert len(gated_rows) == 6 and all(abs(row["cost_ratio"] - row["target_ratio"]) < 1e-2 for row in gated_rows)
     assert "nested" in (result.out / "scores.json").read_text()  # the choice travels with the scores
     assert "nested masks" in (result.out / "summary.json").read_text()
+    assert rm.search["gates"] == "nested"
 
     class Crash(Exception):
         pass
