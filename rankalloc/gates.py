@@ -43,6 +43,7 @@ class _Gates(nn.Module):
     """What both parameterisations share: the gate values of the current mode (see :data:`MODES`)."""
 
     mode = "sample"
+    description = ""  # one line for summaries and reports
     hard_mask: torch.Tensor
 
     def forward(self) -> torch.Tensor:
@@ -58,12 +59,13 @@ class _Gates(nn.Module):
 class RankGates(_Gates):
     """``r`` hard-concrete gates for the rank-1 components of one gated LoRA layer."""
 
+    description = "hard-concrete per rank-1 component"
+
     def __init__(self, r: int, init_keep: float = 0.9, temperature: float = 0.5) -> None:
         super().__init__()
         self.temperature = float(temperature)
         self.log_alpha = nn.Parameter(torch.full((r,), self._log_alpha_for(init_keep)))
         self.register_buffer("hard_mask", torch.ones(r))
-        self.mode = "sample"
 
     def _log_alpha_for(self, keep: float) -> float:
         return math.log(keep / (1.0 - keep)) + self.temperature * math.log(-GAMMA / ZETA)
@@ -120,13 +122,14 @@ class NestedRankGates(_Gates):
     every layer), which moves each layer's expected rank monotonically and keeps the order of components.
     """
 
+    description = "categorical over each layer's rank, nested masks"
+
     def __init__(self, r: int, init_keep: float = 0.9, temperature: float = 0.5) -> None:
         super().__init__()
         self.temperature = float(temperature)
         self.register_buffer("ranks", torch.arange(r + 1, dtype=torch.float32))
         self.log_alpha = nn.Parameter(self._logits_for(init_keep))
         self.register_buffer("hard_mask", torch.ones(r))
-        self.mode = "sample"
 
     def _logits_for(self, keep: float) -> torch.Tensor:
         """Logits ``t * rank / r`` whose expected rank is ``keep * r`` (bisection on the tilt ``t``)."""

@@ -41,6 +41,7 @@ from .discretize import discretize
 from .errors import RunDirError
 from .export import SCORES
 from .gate_optimizer import make_gate_optimizer
+from .gates import GATE_KINDS
 from .lagrangian import Lagrangian
 from .models import (Target, count_parameters, find_targets, head_modules, load_model, load_model_config,
                      load_tokenizer, resolve_device)
@@ -49,10 +50,6 @@ from .training import (check_finite, evaluate, grads_finite, peak_memory, rng_st
                        to_device)
 
 logger = logging.getLogger(__name__)
-
-GATE_DESCRIPTIONS = {"hard_concrete": "hard-concrete per rank-1 component",
-                     "nested": "categorical over each layer's rank, nested masks"}
-
 
 @dataclass
 class SearchState:
@@ -358,7 +355,7 @@ def finish(cfg: SearchConfig, gated: GatedModel, task: TaskData, targets: list[T
                "base_model": cfg.model.name, "task": task.name, "seed": cfg.seed, "steps": state.step,
                "final_lambda": lam, "final_cost_ratio": final_ratio, "wall_time_s": time.time() - t0,
                "gap": gap, "command": command, "r_max": max(r_max.values()),
-               "gates": GATE_DESCRIPTIONS[cfg.search.gates], "peak_memory_mb": peak_memory(device)}
+               "gates": GATE_KINDS[cfg.search.gates].description, "peak_memory_mb": peak_memory(device)}
     write_search_report(out, targets=targets, ranks=ranks, r_max=r_max, history=state.history, summary=summary)
     rm.write_adapter_config(out / "adapter_config.json", cfg.search.scale, modules_to_save=heads,
                             task_type=task.family.peft_task_type)
