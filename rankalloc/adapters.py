@@ -95,6 +95,10 @@ class GatedModel(nn.Module):
         finally:
             self.set_gate_mode(before)
 
+    def set_temperature(self, temperature: float) -> None:
+        for layer in self.layers.values():
+            layer.gates.temperature = float(temperature)
+
     def expected_cost(self) -> torch.Tensor:
         """C(gates) = sum over layers and components of P(keep) * (d_in + d_out); differentiable."""
         return sum(layer.gates.keep_prob().sum() * self._costs[name] for name, layer in self.layers.items())

@@ -120,6 +120,9 @@ class SearchParams:
                             "it (needs project_cost).")
     temperature: float = _f(0.5, "Gate temperature: beta for hard-concrete gates, the Gumbel-softmax temperature for "
                             "nested ones (lower = closer to binary samples).")
+    temperature_final: float | None = _f(None, "Anneal the gate temperature geometrically from 'temperature' "
+                                         "at the first gate step to this value at the last one (null = "
+                                         "constant).")
     lora_dropout: float = _f(0.0, "Dropout on the adapter input.")
     log_every: int = _f(20, "Weight steps between log lines.")
     checkpoint_every: int = _f(50, "Weight steps between checkpoints (0 = only at the end).")
@@ -140,6 +143,8 @@ class SearchParams:
         for name in ("weight_lr", "gate_lr", "lambda_lr", "scale", "temperature"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--search.{name} must be > 0, got {getattr(self, name)}")
+        if self.temperature_final is not None and not self.temperature_final > 0:
+            raise ConfigError(f"--search.temperature_final must be > 0 or null, got {self.temperature_final}")
         if self.penalty < 0:
             raise ConfigError(f"--search.penalty must be >= 0, got {self.penalty}")
         if self.gate_optimizer not in GATE_OPTIMIZERS:

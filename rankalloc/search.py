@@ -34,7 +34,7 @@ import torch
 from . import __version__, distributed, io, rundir
 from .adapters import GatedModel, trainable_only
 from .budget import auto_r_max, check_budget, parse_budget
-from .config import SearchConfig
+from .config import SearchConfig, SearchParams
 from .flags import to_dict
 from .data import EpochSampler, TaskData, prepare_task
 from .discretize import discretize
@@ -128,6 +128,16 @@ def cost_target(step: int, initial: float, budget: float, start: int, ramp: int)
     return initial + (budget - initial) * (step - start) / ramp
 
 
+def gate_temperature(step: int, p: SearchParams, steps: int) -> float:
+    """The gate temperature at weight step ``step``: ``temperature`` until the first gate step, then
+    geometric to ``temperature_final`` at the last step (constant when that is null)."""
+    if p.temperature_final is None:
+        return p.temperature
+    span = max(1, steps - 1 - p.warmup_steps)
+    frac = min(1.0, max(0.0, (step - p.warmup_steps) / span))
+    return p.temperature * (p.temperature_final / p.temperature) ** frac
+
+
 # --------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------
@@ -147,6 +157,7 @@ def search_loop(cfg: SearchConfig, gated: GatedModel, task: TaskData, budget: in
     gated.set_gate_mode("sample")
     while state.step < steps:
         step = state.step
+        gated.set_temperature(gate_temperature(step, p, steps))  # a function of the step: resumes exactly
         batch = to_device(task.weight.batch(distributed.shard(weight_batches.next(), dist_info)), device)
         try:
             loss = distributed.mean(weight_step(gated, batch, weight_opt, sched, dist_info), dist_info)
@@ -184,6 +195,7 @@ def search_loop(cfg: SearchConfig, gated: GatedModel, task: TaskData, budget: in
                                   or state.step == steps):
             save_checkpoint(out, cfg, gated, state, opts)
             last_ckpt = str(out / rundir.CHECKPOINT)
+    gated.set_temperature(gate_temperature(steps - 1, p, steps))  # the scores are read at the final temperature
     return state
 
 

@@ -66,3 +66,19 @@ def minilm_1layer():
     from rankalloc.models import load_model
 
     return ModelConfig(num_layers=1), load_model(ModelConfig(num_layers=1), num_labels=3)
+
+
+def crash_then_resume(run_search, make_config, crash_at_step: int):
+    """Run a search that crashes right after weight step ``crash_at_step`` (the last checkpoint lies
+    before it), then resume it from its folder; returns the resumed result."""
+
+    class Crash(Exception):
+        pass
+
+    def crash(row):
+        if row["step"] == crash_at_step:
+            raise Crash
+
+    with pytest.raises(Crash):
+        run_search(make_config(), command="test", on_step=crash)
+    return run_search(make_config(resume=True), command="test")

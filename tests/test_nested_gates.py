@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 
+from conftest import crash_then_resume
 from rankalloc.adapters import GatedModel
 from rankalloc.config import DataConfig, ModelConfig, SearchConfig, SearchParams
 from rankalloc.errors import ConfigError
@@ -96,16 +97,7 @@ def test_search_with_nested_gates_writes_a_rank_map_inside_the_budget(tmp_path, 
     assert "nested masks" in (result.out / "summary.json").read_text()
     assert rm.search["gates"] == "nested"
 
-    class Crash(Exception):
-        pass
-
-    def crash_after_the_first_checkpoint(row):
-        if row["step"] == 6:
-            raise Crash
-
-    with pytest.raises(Crash):
-        run_search(_nested_config(tmp_path, "crashed"), command="test", on_step=crash_after_the_first_checkpoint)
-    resumed = run_search(_nested_config(tmp_path, "crashed", resume=True), command="test")
+    resumed = crash_then_resume(run_search, lambda **top: _nested_config(tmp_path, "crashed", **top), crash_at_step=6)
     assert resumed.history == result.history
     assert resumed.rank_map.ranks == rm.ranks
     first, second = (torch.load(r.out / "checkpoint.pt", weights_only=False)["adapters"] for r in (result, resumed))
