@@ -68,9 +68,10 @@ def minilm_1layer():
     return ModelConfig(num_layers=1), load_model(ModelConfig(num_layers=1), num_labels=3)
 
 
-def crash_then_resume(run_search, make_config, crash_at_step: int):
+def crash_then_resume(make_config, crash_at_step: int):
     """Run a search that crashes right after weight step ``crash_at_step`` (the last checkpoint lies
     before it), then resume it from its folder; returns the resumed result."""
+    from rankalloc.search import run_search
 
     class Crash(Exception):
         pass

@@ -97,7 +97,7 @@ def test_search_with_nested_gates_writes_a_rank_map_inside_the_budget(tmp_path, 
     assert "nested masks" in (result.out / "summary.json").read_text()
     assert rm.search["gates"] == "nested"
 
-    resumed = crash_then_resume(run_search, lambda **top: _nested_config(tmp_path, "crashed", **top), crash_at_step=6)
+    resumed = crash_then_resume(lambda **top: _nested_config(tmp_path, "crashed", **top), crash_at_step=6)
     assert resumed.history == result.history
     assert resumed.rank_map.ranks == rm.ranks
     first, second = (torch.load(r.out / "checkpoint.pt", weights_only=False)["adapters"] for r in (result, resumed))

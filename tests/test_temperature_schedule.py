@@ -38,7 +38,7 @@ def test_an_annealed_search_ends_at_the_final_temperature_and_resumes_exactly(tm
     gated_rows = [row for row in result.history if row["val_loss"] is not None]
     assert len(gated_rows) == 6
 
-    resumed = crash_then_resume(run_search, lambda **top: _config(tmp_path, "crashed", **top), crash_at_step=6)
+    resumed = crash_then_resume(lambda **top: _config(tmp_path, "crashed", **top), crash_at_step=6)
     assert resumed.history == result.history  # the temperature after a resume is the one the schedule gives
     assert resumed.rank_map.ranks == rm.ranks
     constant = run_search(_config(tmp_path, "constant", final=None), command="test")
