@@ -96,8 +96,8 @@ class SearchParams:
     r_max: int | None = _f(None, "Largest rank any layer may get during the search; null = automatic "
                            "(a power of two about 2.5x the uniform rank that the budget affords).")
     scale: float = _f(2.0, "LoRA scale s = alpha / r, the same for every rank (alpha = scale * r).")
-    steps: int = _f(60, "Weight steps of the search (each followed by a gate step once gates move). 60 matched "
-                    "180 in accuracy at a third of the cost (benchmarks/LOG.md).")
+    steps: int = _f(30, "Weight steps of the search (each followed by a gate step once gates move). 30 matched "
+                    "60 and 180 in accuracy at a half and a sixth of the cost (benchmarks/LOG.md).")
     weight_lr: float = _f(1e-3, "AdamW learning rate of the adapter weights and the task head.")
     gate_lr: float = _f(0.05, "Learning rate of the rank gates.")
     gate_optimizer: str = _f("adam", "Optimiser of the gates: 'adam' (each gate normalised by its own gradient "
@@ -106,7 +106,7 @@ class SearchParams:
     lambda_lr: float = _f(0.5, "Dual-ascent step size of the Lagrange multiplier.")
     penalty: float = _f(2.0, "Quadratic penalty rho * ((C-B)/B)^2 added to the gate loss (damps oscillation).")
     gate_every: int = _f(1, "Run a gate step after every k-th weight step.")
-    warmup_steps: int = _f(10, "Weight steps before gates start moving.")
+    warmup_steps: int = _f(5, "Weight steps before gates start moving.")
     budget_warmup: float = _f(0.4, "Fraction of the steps over which the cost target falls from the "
                               "initial expected cost to the budget.")
     gates: str = _f("hard_concrete", "Gate parameterisation: 'hard_concrete' (one L0 gate per rank-1 component) or "
