@@ -8,6 +8,7 @@ the table and the plot.
 
     python benchmarks/run.py --quick            # ~15-25 min on 2 CPU cores: tweets, one budget, one seed
     python benchmarks/run.py                    # the full grid (hours on CPU; minutes per cell on a GPU)
+    python benchmarks/run.py --methods random   # the search's ablation: random scores, the same knapsack
 """
 from __future__ import annotations
 
@@ -126,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
                         "; any --task value works, e.g. social_iqa)")
     parser.add_argument("--budgets", default=None, help="comma-separated parameter counts")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="comma-separated, from rankalloc, uniform, adalora and random (the search's ablation: "
+                             "random scores through the same knapsack; not in the default grid)")
     parser.add_argument("--grid", default=None, help="results subfolder name (default: quick or full)")
     parser.add_argument("--search-args", default="", help="extra flags for every search, e.g. '--search.steps 240'")
     parser.add_argument("--retrain-args", default="", help="extra flags for every retrain (all methods)")

@@ -1,7 +1,11 @@
-"""The two baselines of the retrain stage, at the same parameter budget ``B`` as a rank map.
+"""The baselines of the retrain stage, at the same parameter budget ``B`` as a rank map.
 
 * **uniform** - one rank ``r`` on every target, the largest with ``r * sum(d_in + d_out) <= B``;
   it becomes an ordinary rank map, so it trains through exactly the same peft LoRA path.
+* **random** - the search's ablation: every rank-1 component of every target (up to the search's
+  automatic ``r_max``) gets an i.i.d. uniform random score instead of a learned one, and the same exact
+  knapsack turns the scores into ranks within ``[0.99 B, B]``.  If the search's rank maps do not beat
+  these, its scores carry no information the retrain can use (the random-search baseline of NAS).
 * **adalora** - peft's AdaLoRA (Zhang et al., ICLR 2023): ``W x + s/r0 * P diag(E) Q x``, pruning
   singular-value triplets ``(P_k, E_k, Q_k)`` by a smoothed sensitivity score while the budget falls
   on a cubic schedule from ``b(0)`` to ``b(T)``.
@@ -19,13 +23,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from peft import AdaLoraConfig
 from peft.tuners.adalora import AdaLoraLayer
 from peft.tuners.adalora.layer import RankAllocator
 from torch import nn
 
-from .budget import check_budget
+from .budget import auto_r_max, check_budget
 from .config import TrainParams
 from .discretize import discretize
 from .errors import BudgetError
@@ -54,6 +59,28 @@ def uniform_rank(targets: list[Target], budget: int, budget_text: str | None = N
         raise BudgetError(f"--budget {shown} affords rank {r} everywhere, above the smallest module's "
                           f"largest rank {limit}; allowed: {per_rank:,} to {per_rank * limit:,}")
     return int(r)
+
+
+# --------------------------------------------------------------------------------------------------
+# Random scores, the same discretiser
+# --------------------------------------------------------------------------------------------------
+def random_ranks(targets: list[Target], budget: int, seed: int, budget_text: str | None = None) -> dict[str, int]:
+    """Ranks from i.i.d. uniform scores per rank-1 component, rounded by the search's knapsack.
+
+    The candidate ranks are the search's: ``0..min(auto_r_max(B), max_rank)`` per target.  The draw
+    depends on ``seed`` only (its own generator, so it does not move the training's random state).
+
+    Raises:
+        BudgetError: ``budget`` is outside what the candidate ranks can reach.
+    """
+    costs = [t.cost_per_rank for t in targets]
+    r = auto_r_max(budget, costs)
+    r_max = [min(r, t.max_rank) for t in targets]
+    check_budget(budget, costs, r_max, budget_text)
+    rng = np.random.default_rng(seed)
+    scores = [rng.random(k).tolist() for k in r_max]
+    ranks = discretize(scores, costs, budget)
+    return {t.name: int(k) for t, k in zip(targets, ranks)}
 
 
 # --------------------------------------------------------------------------------------------------

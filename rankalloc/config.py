@@ -261,7 +261,9 @@ class TrainParams:
                               f"budget down to --budget), got {self.adalora_init_ratio}")
 
 
-BASELINES = ("uniform", "adalora")
+BASELINES = ("uniform", "random", "adalora")
+#: the sweep's baselines: its study fixes the "method" choices, so adding one would orphan existing studies
+SWEEP_BASELINES = ("uniform", "adalora")
 
 
 @dataclass
@@ -269,8 +271,9 @@ class RetrainConfig:
     """`python -m rankalloc.retrain`: train a fixed-rank peft adapter from a rank map, or a baseline."""
 
     rank_map: str | None = _f(None, "rank_map.json of a search or export (give this or --baseline).")
-    baseline: str | None = _f(None, "Instead of a rank map: 'uniform' (one rank everywhere) or 'adalora' "
-                              "(peft AdaLoRA), both at --budget.")
+    baseline: str | None = _f(None, "Instead of a rank map: 'uniform' (one rank everywhere), 'random' "
+                              "(random scores through the search's knapsack, seeded by --seed) or 'adalora' "
+                              "(peft AdaLoRA), all at --budget.")
     budget: str | None = _f(None, "Adapter parameter budget of a baseline: 500000, 500k, 0.5M or 0.5%.")
     init_from: str | None = _f(None, "A finished search folder: start the adapters (its highest-ranked components "
                                "per module) and the task head from the search's trained weights instead of a "
@@ -288,7 +291,8 @@ class RetrainConfig:
 
     def validate(self) -> None:
         if (self.rank_map is None) == (self.baseline is None):
-            raise ConfigError("give exactly one of --rank-map RUN/rank_map.json or --baseline uniform|adalora")
+            raise ConfigError("give exactly one of --rank-map RUN/rank_map.json or --baseline "
+                              f"{'|'.join(BASELINES)}")
         if self.baseline is not None:
             if self.baseline not in BASELINES:
                 raise ConfigError(f"--baseline must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
@@ -354,8 +358,8 @@ class SweepConfig:
         if not self.budgets:
             raise ConfigError("--budgets is required (e.g. --budgets 41k,83k,166k,332k or a range 40k:400k:4)")
         for name in self.baseline or []:
-            if name not in BASELINES:
-                raise ConfigError(f"--baseline must be among {', '.join(BASELINES)}, got {name!r}")
+            if name not in SWEEP_BASELINES:
+                raise ConfigError(f"--baseline must be among {', '.join(SWEEP_BASELINES)}, got {name!r}")
         for name in self.tune or []:
             if name not in TUNABLE:
                 raise ConfigError(f"--tune: {name!r} cannot be tuned; allowed: {', '.join(TUNABLE)}")

@@ -1,10 +1,10 @@
-"""Retrain: fixed-rank peft adapters from a rank map, and the two baselines, under one recipe.
+"""Retrain: fixed-rank peft adapters from a rank map, and the baselines, under one recipe.
 
 ``python -m rankalloc.retrain --rank-map RUN/rank_map.json`` builds ``LoraConfig(rank_pattern=...)``
 from the rank map - layer ``l`` gets a plain LoRA of rank ``r_l``, ``W x + (alpha/r) B A x`` with
 ``alpha = scale * r`` - trains it from a fresh initialisation on every training example of the task
 (the search's weight and gate splits together) and evaluates it on the task's evaluation split, which
-the search never saw.  ``--baseline uniform|adalora --budget B`` trains the baselines with the very
+the search never saw.  ``--baseline uniform|random|adalora --budget B`` trains the baselines with the very
 same recipe (:class:`~rankalloc.config.TrainParams`); only the adapter shape differs (AdaLoRA also
 keeps its own learning rate and budget schedule, as its authors tune it).
 
@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from . import __version__, distributed, io, rundir
-from .baselines import adalora_config, adalora_summary, install_param_budget, orthogonality_penalty, uniform_rank
+from .baselines import (adalora_config, adalora_summary, install_param_budget, orthogonality_penalty, random_ranks,
+                        uniform_rank)
 from .budget import parse_budget
 from .config import RetrainConfig
 from .flags import to_dict
@@ -144,6 +145,11 @@ def build_adapter(cfg: RetrainConfig, model: nn.Module, targets: list[Target], r
         rank_map = RankMap.from_ranks(targets, {t.name: r for t in targets}, base_model=cfg.model.name,
                                       budget=budget, search={"baseline": "uniform", "uniform_rank": r,
                                                              "num_layers": cfg.model.num_layers})
+    if cfg.baseline == "random":
+        ranks = random_ranks(targets, budget, cfg.seed, budget_text)
+        rank_map = RankMap.from_ranks(targets, ranks, base_model=cfg.model.name, budget=budget,
+                                      search={"baseline": "random", "seed": cfg.seed,
+                                              "num_layers": cfg.model.num_layers})
     lora = LoraConfig(**rank_map.lora_config(p.scale, task_type=family.peft_task_type, modules_to_save=heads,
                                              dropout=p.lora_dropout))
     return get_peft_model(model, lora), rank_map

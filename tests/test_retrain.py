@@ -170,7 +170,7 @@ def test_rank_map_of_another_model_is_refused_before_training(tiny_gpt2, tmp_pat
 # --------------------------------------------------------------------------------------------------
 # Baselines at the budget
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("baseline, budget", [("uniform", 13824), ("adalora", 12000)])
+@pytest.mark.parametrize("baseline, budget", [("uniform", 13824), ("random", 13824), ("adalora", 12000)])
 def test_baselines_use_the_budget_within_two_percent(baseline, budget, tmp_path):
     result = _run(["--baseline", baseline, "--budget", str(budget), "--out", str(tmp_path / "run"), *SMALL])
     m = result.metrics
@@ -179,12 +179,32 @@ def test_baselines_use_the_budget_within_two_percent(baseline, budget, tmp_path)
     np.testing.assert_allclose(_logits(_reload(result.out / "adapter")), result.logits, atol=1e-5, rtol=0)
     if baseline == "uniform":
         assert set(m["ranks"].values()) == {2}  # 2 * 6,912 = 13,824
+    elif baseline == "random":
+        assert 0.99 * budget <= m["adapter_params"] <= budget
+        assert json.loads((result.out / "rank_map.json").read_text())["search"]["baseline"] == "random"
     else:
         a = m["adalora"]
         assert a["kept_params"] == m["adapter_params"] <= budget and a["vs_budget"] == "below"
         assert a["kept_params_with_singular_values"] == a["kept_params"] + sum(a["kept_ranks"].values())
         assert m["checks"]["saved_adapter_params"] == a["kept_params_with_singular_values"]
         assert m["recipe"]["lr_used"] == m["recipe"]["adalora_lr"]
+
+
+def test_random_ranks_are_seeded_fill_the_budget_and_respect_r_max(targets):
+    from rankalloc.baselines import random_ranks
+    from rankalloc.budget import auto_r_max
+
+    budget = 20000
+    r_max = auto_r_max(budget, [t.cost_per_rank for t in targets])
+    draws = [random_ranks(targets, budget, seed) for seed in range(6)]
+    assert draws[0] == random_ranks(targets, budget, 0)  # the seed alone fixes the draw
+    assert len({tuple(d.values()) for d in draws}) > 1  # and different seeds draw different maps
+    for ranks in draws:
+        used = sum(ranks[t.name] * t.cost_per_rank for t in targets)
+        assert 0.99 * budget <= used <= budget
+        assert all(0 <= ranks[t.name] <= min(r_max, t.max_rank) for t in targets)
+    with pytest.raises(BudgetError, match="allowed"):
+        random_ranks(targets, 10**9, 0)
 
 
 def test_uniform_rank_is_the_largest_that_fits(targets):

@@ -90,6 +90,14 @@ def test_recorded_commands_rebuild_the_same_config(cls, argv):
     assert again == cfg
 
 
+def test_the_sweep_refuses_a_baseline_its_studies_cannot_hold():
+    from rankalloc.config import SweepConfig
+    from rankalloc.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="must be among uniform, adalora, got 'random'"):
+        parse_args(SweepConfig, ["--budgets", "41k", "--baseline", "random"], "t", "")
+
+
 # --------------------------------------------------------------------------------------------------
 # SQLite: a 3-trial sweep, resumed with more budgets; re-export at 5 budgets from its shared search
 # --------------------------------------------------------------------------------------------------
