@@ -43,9 +43,11 @@ def summarize(records: list[dict]) -> tuple[str, list[dict]]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
         groups[(r["task"], r["budget"], r["method"])].append(r)
+    bases = [b for b in ("random", "uniform", "adalora") if b != "random" or any(k[2] == b for k in groups)]
+    names = {"random": "random scores", "uniform": "uniform", "adalora": "AdaLoRA"}
     lines = ["| task | budget | method | seeds | score (mean ± std) | macro-F1 | adapter params (% of B) | "
-             "wall time (s) | peak RSS (MiB) | Δ vs uniform | Δ vs AdaLoRA |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "wall time (s) | peak RSS (MiB) | " + " | ".join(f"Δ vs {names[b]}" for b in bases) + " |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(bases)]
     points = []
     for (task, budget, method), rs in sorted(groups.items()):
         acc, acc_sd = mean_std([100 * score(r) for r in rs])
@@ -56,14 +58,14 @@ def summarize(records: list[dict]) -> tuple[str, list[dict]]:
         wall = statistics.fmean(r["total_s"] for r in rs)
         peak = peak_rss(rs)
         deltas = []
-        for base in ("uniform", "adalora"):
+        for base in bases:
             other = groups.get((task, budget, base))
             if method == "rankalloc" and other:
                 deltas.append(f"{acc - statistics.fmean(100 * score(r) for r in other):+.2f}")
             else:
                 deltas.append("")
         lines.append(f"| {task} | {budget:,} | {method} | {len(rs)} | {acc:.2f} ± {acc_sd:.2f} ({metric}) | {f1} | "
-                     f"{params:,.0f} ({100 * params / budget:.1f}%) | {wall:.0f} | {peak} | {deltas[0]} | {deltas[1]} |")
+                     f"{params:,.0f} ({100 * params / budget:.1f}%) | {wall:.0f} | {peak} | " + " | ".join(deltas) + " |")
         points.append({"method": method, "panel": task if len({k[0] for k in groups}) > 1 else "",
                        "params": params, "score": acc / 100, "score_std": acc_sd / 100, "metric": metric})
     return "\n".join(lines), points
