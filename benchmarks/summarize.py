@@ -43,7 +43,7 @@ def summarize(records: list[dict]) -> tuple[str, list[dict]]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
         groups[(r["task"], r["budget"], r["method"])].append(r)
-    bases = [b for b in ("random", "uniform", "adalora") if b != "random" or any(k[2] == b for k in groups)]
+    bases = (["random"] if any(k[2] == "random" for k in groups) else []) + ["uniform", "adalora"]
     names = {"random": "random scores", "uniform": "uniform", "adalora": "AdaLoRA"}
     lines = ["| task | budget | method | seeds | score (mean ± std) | macro-F1 | adapter params (% of B) | "
              "wall time (s) | peak RSS (MiB) | " + " | ".join(f"Δ vs {names[b]}" for b in bases) + " |",

@@ -30,7 +30,7 @@ from peft.tuners.adalora import AdaLoraLayer
 from peft.tuners.adalora.layer import RankAllocator
 from torch import nn
 
-from .budget import auto_r_max, check_budget
+from .budget import candidate_r_max, check_budget
 from .config import TrainParams
 from .discretize import discretize
 from .errors import BudgetError
@@ -67,18 +67,17 @@ def uniform_rank(targets: list[Target], budget: int, budget_text: str | None = N
 def random_ranks(targets: list[Target], budget: int, seed: int, budget_text: str | None = None) -> dict[str, int]:
     """Ranks from i.i.d. uniform scores per rank-1 component, rounded by the search's knapsack.
 
-    The candidate ranks are the search's: ``0..min(auto_r_max(B), max_rank)`` per target.  The draw
+    The candidate ranks are the default search's (:func:`~rankalloc.budget.candidate_r_max`).  The draw
     depends on ``seed`` only (its own generator, so it does not move the training's random state).
 
     Raises:
         BudgetError: ``budget`` is outside what the candidate ranks can reach.
     """
     costs = [t.cost_per_rank for t in targets]
-    r = auto_r_max(budget, costs)
-    r_max = [min(r, t.max_rank) for t in targets]
-    check_budget(budget, costs, r_max, budget_text)
+    r_max = candidate_r_max(targets, budget)
+    check_budget(budget, costs, r_max.values(), budget_text)
     rng = np.random.default_rng(seed)
-    scores = [rng.random(k).tolist() for k in r_max]
+    scores = [rng.random(r_max[t.name]).tolist() for t in targets]
     ranks = discretize(scores, costs, budget)
     return {t.name: int(k) for t, k in zip(targets, ranks)}
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 from .errors import BudgetError
 
@@ -106,3 +106,15 @@ def auto_r_max(budget: int, costs: Iterable[int], factor: float = 2.5, floor: in
     want = max(floor, factor * uniform)
     r = 1 << max(0, math.ceil(math.log2(want)))
     return int(min(max(r, floor), max(cap, 1 << math.ceil(math.log2(max(1.0, uniform * 1.25))))))
+
+
+def candidate_r_max(targets: Iterable[Any], budget: int, r_max: int | None = None) -> dict[str, int]:
+    """Each target's largest candidate rank: ``r_max`` (automatic when ``None``) capped by the module's size.
+
+    ``targets`` are :class:`~rankalloc.models.Target` s (``name``, ``cost_per_rank``, ``max_rank``).  The
+    search and its random-scores ablation both draw their candidates from here, so they compare like
+    with like.
+    """
+    targets = list(targets)
+    r = r_max or auto_r_max(budget, [t.cost_per_rank for t in targets])
+    return {t.name: min(r, t.max_rank) for t in targets}

@@ -145,7 +145,7 @@ def build_adapter(cfg: RetrainConfig, model: nn.Module, targets: list[Target], r
         rank_map = RankMap.from_ranks(targets, {t.name: r for t in targets}, base_model=cfg.model.name,
                                       budget=budget, search={"baseline": "uniform", "uniform_rank": r,
                                                              "num_layers": cfg.model.num_layers})
-    if cfg.baseline == "random":
+    elif cfg.baseline == "random":
         ranks = random_ranks(targets, budget, cfg.seed, budget_text)
         rank_map = RankMap.from_ranks(targets, ranks, base_model=cfg.model.name, budget=budget,
                                       search={"baseline": "random", "seed": cfg.seed,

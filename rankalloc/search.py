@@ -33,7 +33,7 @@ import torch
 
 from . import __version__, distributed, io, rundir
 from .adapters import GatedModel, trainable_only
-from .budget import auto_r_max, check_budget, parse_budget
+from .budget import candidate_r_max, check_budget, parse_budget
 from .config import SearchConfig, SearchParams
 from .flags import to_dict
 from .data import EpochSampler, TaskData, prepare_task
@@ -296,7 +296,7 @@ def run_search(cfg: SearchConfig, command: str | None = None,
     targets = find_targets(model, cfg.model)
     base_params = count_parameters(model)
     budget = spec.resolve(base_params)
-    r_max = _r_max_per_target(cfg, targets, budget)
+    r_max = candidate_r_max(targets, budget, cfg.search.r_max)
     check_budget(budget, [t.cost_per_rank for t in targets], r_max.values(), spec.text)
     if dist_info.is_main:
         out, resume = rundir.open_run(out, overwrite=cfg.overwrite, resume=cfg.resume)
@@ -327,11 +327,6 @@ def run_search(cfg: SearchConfig, command: str | None = None,
         distributed.shutdown(dist_info)
     rundir.set_status(out, "done", command=command)
     return result
-
-
-def _r_max_per_target(cfg: SearchConfig, targets: list[Target], budget: int) -> dict[str, int]:
-    r = cfg.search.r_max or auto_r_max(budget, [t.cost_per_rank for t in targets])
-    return {t.name: min(r, t.max_rank) for t in targets}
 
 
 def finish(cfg: SearchConfig, gated: GatedModel, task: TaskData, targets: list[Target], r_max: dict[str, int],
