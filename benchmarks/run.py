@@ -9,6 +9,7 @@ the table and the plot.
     python benchmarks/run.py --quick            # ~15-25 min on 2 CPU cores: tweets, one budget, one seed
     python benchmarks/run.py                    # the full grid (hours on CPU; minutes per cell on a GPU)
     python benchmarks/run.py --methods random   # the search's ablation: random scores, the same knapsack
+    python benchmarks/run.py --methods gradient # one-shot gradient-sensitivity scores, the same knapsack
 """
 from __future__ import annotations
 
@@ -128,8 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", default=None, help="comma-separated parameter counts")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds")
     parser.add_argument("--methods", default=",".join(METHODS),
-                        help="comma-separated, from rankalloc, uniform, adalora and random (the search's ablation: "
-                             "random scores through the same knapsack; not in the default grid)")
+                        help="comma-separated, from rankalloc, uniform, adalora, random (the search's ablation: "
+                             "random scores through the same knapsack) and gradient (scores from the frozen "
+                             "weights' loss gradients, the same knapsack); the last two are not in the default grid")
     parser.add_argument("--grid", default=None, help="results subfolder name (default: quick or full)")
     parser.add_argument("--search-args", default="", help="extra flags for every search, e.g. '--search.steps 240'")
     parser.add_argument("--retrain-args", default="", help="extra flags for every retrain (all methods)")

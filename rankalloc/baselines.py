@@ -6,6 +6,9 @@
   automatic ``r_max``) gets an i.i.d. uniform random score instead of a learned one, and the same exact
   knapsack turns the scores into ranks within ``[0.99 B, B]``.  If the search's rank maps do not beat
   these, its scores carry no information the retrain can use (the random-search baseline of NAS).
+* **gradient** - the same candidates and knapsack, scored by the singular values of each frozen weight's
+  mean loss gradient over a few training batches (:mod:`rankalloc.sensitivity`): a one-shot,
+  first-order allocation that costs one gradient pass instead of a search.
 * **adalora** - peft's AdaLoRA (Zhang et al., ICLR 2023): ``W x + s/r0 * P diag(E) Q x``, pruning
   singular-value triplets ``(P_k, E_k, Q_k)`` by a smoothed sensitivity score while the budget falls
   on a cubic schedule from ``b(0)`` to ``b(T)``.
@@ -79,6 +82,23 @@ def random_ranks(targets: list[Target], budget: int, seed: int, budget_text: str
     rng = np.random.default_rng(seed)
     scores = [rng.random(r_max[t.name]).tolist() for t in targets]
     ranks = discretize(scores, costs, budget)
+    return {t.name: int(k) for t, k in zip(targets, ranks)}
+
+
+def gradient_ranks(targets: list[Target], spectra: list[np.ndarray], budget: int,
+                   budget_text: str | None = None) -> dict[str, int]:
+    """Ranks from gradient-sensitivity scores (:func:`~rankalloc.sensitivity.component_scores`), rounded
+    by the search's knapsack over the search's candidate ranks.
+
+    Raises:
+        BudgetError: ``budget`` is outside what the candidate ranks can reach.
+    """
+    from .sensitivity import component_scores
+
+    costs = [t.cost_per_rank for t in targets]
+    r_max = candidate_r_max(targets, budget)
+    check_budget(budget, costs, r_max.values(), budget_text)
+    ranks = discretize(component_scores(targets, spectra, r_max), costs, budget)
     return {t.name: int(k) for t, k in zip(targets, ranks)}
 
 

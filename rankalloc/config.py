@@ -225,6 +225,8 @@ class TrainParams:
                       "AdaLoRA: alpha = scale * init_r, as it divides by its initial rank).")
     lora_dropout: float = _f(0.0, "Dropout on the adapter input.")
     log_every: int = _f(25, "Steps between log lines.")
+    gradient_batches: int = _f(32, "Training batches whose mean loss gradient scores the components of "
+                               "--baseline gradient.")
     adalora_lr: float = _f(5e-3, "AdamW learning rate of AdaLoRA (its authors tune a larger one than LoRA's; "
                            "5e-3 was best of 2e-3/5e-3/1e-2 on tweets at 82,944 parameters).")
     adalora_init_ratio: float = _f(1.5, "AdaLoRA's initial budget as a multiple of the final one (the paper's "
@@ -238,7 +240,7 @@ class TrainParams:
     adalora_orth_reg_weight: float = _f(0.1, "Weight of AdaLoRA's orthogonality regulariser on P and Q.")
 
     def validate(self) -> None:
-        for name in ("epochs", "log_every", "adalora_delta_t"):
+        for name in ("epochs", "log_every", "gradient_batches", "adalora_delta_t"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--train.{name} must be a positive integer, got {getattr(self, name)}")
         for name in ("lr", "adalora_lr", "scale"):
@@ -261,7 +263,7 @@ class TrainParams:
                               f"budget down to --budget), got {self.adalora_init_ratio}")
 
 
-BASELINES = ("uniform", "random", "adalora")
+BASELINES = ("uniform", "random", "gradient", "adalora")
 #: the sweep's baselines: its study fixes the "method" choices, so adding one would orphan existing studies
 SWEEP_BASELINES = ("uniform", "adalora")
 
@@ -272,8 +274,9 @@ class RetrainConfig:
 
     rank_map: str | None = _f(None, "rank_map.json of a search or export (give this or --baseline).")
     baseline: str | None = _f(None, "Instead of a rank map: 'uniform' (one rank everywhere), 'random' "
-                              "(random scores through the search's knapsack, seeded by --seed) or 'adalora' "
-                              "(peft AdaLoRA), all at --budget.")
+                              "(random scores through the search's knapsack, seeded by --seed), 'gradient' "
+                              "(scores from the frozen weights' loss gradients, the same knapsack) or "
+                              "'adalora' (peft AdaLoRA), all at --budget.")
     budget: str | None = _f(None, "Adapter parameter budget of a baseline: 500000, 500k, 0.5M or 0.5%.")
     init_from: str | None = _f(None, "A finished search folder: start the adapters (its highest-ranked components "
                                "per module) and the task head from the search's trained weights instead of a "

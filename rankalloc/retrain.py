@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from . import __version__, distributed, io, rundir
-from .baselines import (adalora_config, adalora_summary, install_param_budget, orthogonality_penalty, random_ranks,
-                        uniform_rank)
+from .baselines import (adalora_config, adalora_summary, gradient_ranks, install_param_budget, orthogonality_penalty,
+                        random_ranks, uniform_rank)
 from .budget import parse_budget
 from .config import RetrainConfig
 from .flags import to_dict
@@ -40,6 +40,7 @@ from .families import Classification, Family
 from .models import (Target, count_parameters, find_targets, head_modules, load_model, load_model_config,
                      load_tokenizer, resolve_device)
 from .rank_map import RankMap
+from .sensitivity import gradient_spectra
 from .training import check_finite, peak_memory, set_seed, to_device
 from .warm_start import warm_start
 
@@ -127,9 +128,13 @@ def predict(model: nn.Module, split: Split, batch_size: int, device: torch.devic
 # Building the adapter of each method
 # --------------------------------------------------------------------------------------------------
 def build_adapter(cfg: RetrainConfig, model: nn.Module, targets: list[Target], rank_map: RankMap | None,
-                  budget: int, budget_text: str | None, steps: int,
-                  family: Family | None = None) -> tuple[nn.Module, RankMap | None]:
-    """Wrap ``model`` in peft: LoRA with the rank map's (or the uniform) ranks, or AdaLoRA at ``budget``."""
+                  budget: int, budget_text: str | None, steps: int, family: Family | None = None,
+                  train_split: Split | None = None,
+                  device: torch.device = torch.device("cpu")) -> tuple[nn.Module, RankMap | None]:
+    """Wrap ``model`` in peft: LoRA with the rank map's (or a baseline's) ranks, or AdaLoRA at ``budget``.
+
+    ``--baseline gradient`` scores on ``train_split`` (on ``device``) before the adapter exists.
+    """
     from peft import LoraConfig, get_peft_model
 
     heads = sorted(head_modules(model))
@@ -149,6 +154,16 @@ def build_adapter(cfg: RetrainConfig, model: nn.Module, targets: list[Target], r
         ranks = random_ranks(targets, budget, cfg.seed, budget_text)
         rank_map = RankMap.from_ranks(targets, ranks, base_model=cfg.model.name, budget=budget,
                                       search={"baseline": "random", "seed": cfg.seed,
+                                              "num_layers": cfg.model.num_layers})
+    elif cfg.baseline == "gradient":
+        if train_split is None:
+            raise ValueError("--baseline gradient needs the training split to score on")
+        spectra = gradient_spectra(model.to(device), targets, train_split, family, p.gradient_batches,
+                                   cfg.data.batch_size, cfg.seed, device)
+        ranks = gradient_ranks(targets, spectra, budget, budget_text)
+        rank_map = RankMap.from_ranks(targets, ranks, base_model=cfg.model.name, budget=budget,
+                                      search={"baseline": "gradient", "seed": cfg.seed,
+                                              "gradient_batches": p.gradient_batches,
                                               "num_layers": cfg.model.num_layers})
     lora = LoraConfig(**rank_map.lora_config(p.scale, task_type=family.peft_task_type, modules_to_save=heads,
                                              dropout=p.lora_dropout))
@@ -204,7 +219,10 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
     steps = steps if cfg.max_steps is None else min(steps, cfg.max_steps)
     device = distributed.device_for(dist_info, resolve_device(cfg.device))
     set_seed(cfg.seed)
-    peft_model, rank_map = build_adapter(cfg, model, targets, rank_map, budget, budget_text, steps, task.family)
+    t = time.time()
+    peft_model, rank_map = build_adapter(cfg, model, targets, rank_map, budget, budget_text, steps, task.family,
+                                         task.train, device)
+    build_s = time.time() - t
     warm = warm_start(peft_model, cfg.init_from, rank_map) if cfg.init_from else None
     peft_model.to(device)
 
@@ -213,7 +231,7 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
         out, _ = rundir.open_run(out, overwrite=cfg.overwrite, resume=False)
         rundir.set_status(out, "running", command=command)
     distributed.barrier(dist_info)
-    wall = {"load": time.time() - t0}
+    wall = {"load": time.time() - t0 - build_s, "build": build_s}
     lr = cfg.train.adalora_lr if method == "adalora" else cfg.train.lr
     logger.info("retrain %s: %d targets, budget %d, %d steps (%d epochs of %d examples), lr %g, device %s, out %s",
                 method, len(targets), budget, steps, cfg.train.epochs, len(task.train), lr, device, out)
