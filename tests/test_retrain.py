@@ -170,7 +170,8 @@ def test_rank_map_of_another_model_is_refused_before_training(tiny_gpt2, tmp_pat
 # --------------------------------------------------------------------------------------------------
 # Baselines at the budget
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("baseline, budget", [("uniform", 13824), ("random", 13824), ("adalora", 12000)])
+@pytest.mark.parametrize("baseline, budget", [("uniform", 13824), ("random", 13824), ("gradient", 13824),
+                                              ("adalora", 12000)])
 def test_baselines_use_the_budget_within_two_percent(baseline, budget, tmp_path):
     result = _run(["--baseline", baseline, "--budget", str(budget), "--out", str(tmp_path / "run"), *SMALL])
     m = result.metrics
@@ -179,9 +180,9 @@ def test_baselines_use_the_budget_within_two_percent(baseline, budget, tmp_path)
     np.testing.assert_allclose(_logits(_reload(result.out / "adapter")), result.logits, atol=1e-5, rtol=0)
     if baseline == "uniform":
         assert set(m["ranks"].values()) == {2}  # 2 * 6,912 = 13,824
-    elif baseline == "random":
+    elif baseline in ("random", "gradient"):
         assert 0.99 * budget <= m["adapter_params"] <= budget
-        assert json.loads((result.out / "rank_map.json").read_text())["search"]["baseline"] == "random"
+        assert json.loads((result.out / "rank_map.json").read_text())["search"]["baseline"] == baseline
     else:
         a = m["adalora"]
         assert a["kept_params"] == m["adapter_params"] <= budget and a["vs_budget"] == "below"
