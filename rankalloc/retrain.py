@@ -158,6 +158,8 @@ def build_adapter(cfg: RetrainConfig, model: nn.Module, targets: list[Target], r
     elif cfg.baseline == "gradient":
         if train_split is None:
             raise ValueError("--baseline gradient needs the training split to score on")
+        logger.info("gradient baseline: scoring %d targets on the mean loss gradient of %d training batches",
+                    len(targets), p.gradient_batches)
         spectra = gradient_spectra(model.to(device), targets, train_split, family, p.gradient_batches,
                                    cfg.data.batch_size, cfg.seed, device)
         ranks = gradient_ranks(targets, spectra, budget, budget_text)
