@@ -24,7 +24,7 @@ knapsack of :mod:`rankalloc.discretize`, so the final adapter uses between 99% a
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ from .config import TrainParams
 from .discretize import discretize
 from .errors import BudgetError
 from .models import Target
+from .sensitivity import component_scores
 
 ADAPTER = "default"
 
@@ -65,40 +66,45 @@ def uniform_rank(targets: list[Target], budget: int, budget_text: str | None = N
 
 
 # --------------------------------------------------------------------------------------------------
-# Random scores, the same discretiser
+# Random or gradient scores, the search's knapsack
 # --------------------------------------------------------------------------------------------------
 def random_ranks(targets: list[Target], budget: int, seed: int, budget_text: str | None = None) -> dict[str, int]:
     """Ranks from i.i.d. uniform scores per rank-1 component, rounded by the search's knapsack.
 
-    The candidate ranks are the default search's (:func:`~rankalloc.budget.candidate_r_max`).  The draw
-    depends on ``seed`` only (its own generator, so it does not move the training's random state).
+    The draw depends on ``seed`` only (its own generator, so it does not move the training's random state).
 
     Raises:
         BudgetError: ``budget`` is outside what the candidate ranks can reach.
     """
-    costs = [t.cost_per_rank for t in targets]
-    r_max = candidate_r_max(targets, budget)
-    check_budget(budget, costs, r_max.values(), budget_text)
     rng = np.random.default_rng(seed)
-    scores = [rng.random(r_max[t.name]).tolist() for t in targets]
-    ranks = discretize(scores, costs, budget)
-    return {t.name: int(k) for t, k in zip(targets, ranks)}
+    return knapsack_ranks(targets, budget, lambda r_max: [rng.random(r_max[t.name]).tolist() for t in targets],
+                          budget_text)
 
 
 def gradient_ranks(targets: list[Target], spectra: list[np.ndarray], budget: int,
                    budget_text: str | None = None) -> dict[str, int]:
     """Ranks from gradient-sensitivity scores (:func:`~rankalloc.sensitivity.component_scores`), rounded
-    by the search's knapsack over the search's candidate ranks.
+    by the search's knapsack.
 
     Raises:
         BudgetError: ``budget`` is outside what the candidate ranks can reach.
     """
-    from .sensitivity import component_scores
+    return knapsack_ranks(targets, budget, lambda r_max: component_scores(targets, spectra, r_max), budget_text)
 
+
+def knapsack_ranks(targets: list[Target], budget: int, scores_for: Callable[[dict[str, int]], list[list[float]]],
+                   budget_text: str | None = None) -> dict[str, int]:
+    """The search's rounding with other scores: ``scores_for(r_max)`` scores every candidate component
+    (the default search's candidate ranks, :func:`~rankalloc.budget.candidate_r_max`), and the exact
+    knapsack keeps the best set within ``[0.99 B, B]``.
+
+    Raises:
+        BudgetError: ``budget`` is outside what the candidate ranks can reach.
+    """
     costs = [t.cost_per_rank for t in targets]
     r_max = candidate_r_max(targets, budget)
     check_budget(budget, costs, r_max.values(), budget_text)
-    ranks = discretize(component_scores(targets, spectra, r_max), costs, budget)
+    ranks = discretize(scores_for(r_max), costs, budget)
     return {t.name: int(k) for t, k in zip(targets, ranks)}
 
 

@@ -112,8 +112,8 @@ def candidate_r_max(targets: Iterable[Any], budget: int, r_max: int | None = Non
     """Each target's largest candidate rank: ``r_max`` (automatic when ``None``) capped by the module's size.
 
     ``targets`` are :class:`~rankalloc.models.Target` s (``name``, ``cost_per_rank``, ``max_rank``).  The
-    search and its random-scores ablation both draw their candidates from here, so they compare like
-    with like.
+    search and the baselines that reuse its knapsack (random and gradient scores) all draw their
+    candidates from here, so they compare like with like.
     """
     targets = list(targets)
     r = r_max or auto_r_max(budget, [t.cost_per_rank for t in targets])
