@@ -38,6 +38,16 @@ class GatedLoRA(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.gates = make_gates(gates, r_max, init_keep, temperature).to(weight.device)
 
+    # Model code that reads the wrapped layer's parameters (T5 checks ``wo.weight.dtype``) sees the base
+    # layer's, as it does through peft's LoRA layers.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         g = self.gates()

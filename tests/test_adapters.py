@@ -120,3 +120,25 @@ def test_cost_projection_hits_the_target_and_keeps_the_order(gated_minilm):
     assert float(gated_minilm.expected_cost().detach()) == pytest.approx(target, rel=1e-4)
     for name, layer in gated_minilm.layers.items():
         assert torch.equal(torch.argsort(layer.gates.log_alpha.detach()), order[name])
+
+
+def test_gated_layers_expose_the_base_weight_for_model_code_that_reads_it():
+    """T5's feed-forward reads ``wo.weight.dtype``; a search on T5 must run through the gated layers."""
+    from transformers import T5Config, T5ForSequenceClassification
+
+    torch.manual_seed(0)
+    model = T5ForSequenceClassification(T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=2,
+                                                 num_heads=2, num_labels=3, decoder_start_token_id=0,
+                                                 eos_token_id=1, pad_token_id=0)).eval()
+    ids = torch.randint(1, 64, (2, 7))
+    ids[:, -1] = 1  # T5's classifier reads the hidden state at the end-of-sequence token
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 2])}
+    before = model(**batch).logits
+    targets = find_targets(model, ModelConfig())
+    gated = GatedModel(model, targets, {t.name: 2 for t in targets}, scale=2.0)
+    layer = gated.layers[targets[0].name]
+    assert layer.weight is layer.base_layer.weight and layer.bias is layer.base_layer.bias
+    out = gated(**batch)
+    torch.testing.assert_close(out.logits, before)  # B = 0 at the start: the base model's output
+    out.loss.backward()
+    assert layer.lora_A.grad is not None or layer.lora_B.grad is not None
