@@ -2,8 +2,8 @@
 
 Targets are found structurally, never by BERT names: the transformer's block stack is the
 ``nn.ModuleList`` holding the most parameters (``bert.encoder.layer``, ``transformer.h``,
-``model.layers``, ...), and by default every Linear-like module inside it (``nn.Linear`` or
-transformers' GPT-2 ``Conv1D``) is a target.  The task head (top-level children other than the base
+``model.layers``, ...; an encoder-decoder's second stack too), and by default every Linear-like module
+inside them (``nn.Linear`` or transformers' GPT-2 ``Conv1D``) is a target.  The task head (top-level children other than the base
 model) is trained normally and never counted in the adapter budget.
 """
 from __future__ import annotations
@@ -107,12 +107,24 @@ def load_model(cfg: ModelConfig, num_labels: int = 2, family: Family | None = No
     hf_logging.set_verbosity_error()  # the "newly initialised head" notice is expected here
     hf_logging.disable_progress_bar()
     try:
-        model, info = family.model_class().from_pretrained(path, config=config, output_loading_info=True)
-    except (OSError, ValueError) as e:
+        # a fine-tuned checkpoint's head may have another label count: the task head is trained anew anyway
+        model, info = family.model_class().from_pretrained(path, config=config, output_loading_info=True,
+                                                           ignore_mismatched_sizes=True)
+    except (OSError, ValueError, RuntimeError) as e:
         raise ModelError(f"--model {cfg.name}: cannot load its weights as {family.describe()} "
                          f"({_first_line(e)})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+    mismatched = [entry[0] if isinstance(entry, (tuple, list)) else str(entry)
+                  for entry in info.get("mismatched_keys", [])]
+    heads = tuple(head_modules(model))
+    outside = [k for k in mismatched if not k.startswith(heads)]
+    if outside:
+        raise ModelError(f"--model {cfg.name}: its checkpoint's {outside[0]} does not fit the model's shape "
+                         f"({len(outside)} such weights outside the task head); only the head may differ")
+    if mismatched:
+        logger.warning("--model %s: the checkpoint's task head (%s) has another shape; it starts fresh for %d "
+                       "labels", cfg.name, ", ".join(mismatched), num_labels)
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     output_names = {n for n, p in model.named_parameters() if output is not None and p is output.weight}
     fresh = [k for k in info.get("missing_keys", []) if k in output_names]
@@ -157,25 +169,48 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     return int(w.shape[0]), int(w.shape[1])
 
 
-def block_stack(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """The ModuleList holding the most parameters: the stack of transformer blocks."""
-    best, best_params = None, 0
+def block_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """The stacks of transformer blocks, in module order: the ModuleList holding the most parameters,
+    plus every other ModuleList (not nested in one already chosen, nor holding one) with at least a
+    fifth of its parameters - an encoder-decoder's second stack (BART's ``model.decoder.layers``, T5's
+    ``decoder.block``), but not a block's own small lists (experts, heads)."""
     heads = tuple(head_modules(model))
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and not name.startswith(heads):
-            n = sum(p.numel() for p in module.parameters())
-            if n > best_params:
-                best, best_params = (name, module), n
-    return best
+    lists = [(name, module, sum(p.numel() for p in module.parameters()))
+             for name, module in model.named_modules()
+             if isinstance(module, nn.ModuleList) and len(module) > 0 and not name.startswith(heads)]
+    if not lists:
+        return []
+    largest = max(n for _, _, n in lists)
+    chosen: list[tuple[str, nn.ModuleList]] = []
+    for name, module, n in sorted(lists, key=lambda item: -item[2]):
+        if not n or n < largest / 5:
+            break
+        if any(name.startswith(c + ".") or c.startswith(name + ".") for c, _ in chosen):
+            continue
+        chosen.append((name, module))
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return sorted(chosen, key=lambda item: order[item[0]])
 
 
 def skeleton_targets(cfg: ModelConfig, family: Family | None = None) -> list[Target]:
     """The adapter targets of ``cfg``'s model built from its config alone, on the meta device: no weight
     is read or allocated, so counting a large model's target costs takes a moment, not a load."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
     family = family or Classification()
     config = _family_config(cfg, family, num_labels=2)
-    with torch.device("meta"):
-        model = family.model_class().from_config(config)
+    # Some decoders have no sequence-classification class (Cohere, Granite, ...); the targets lie in the
+    # body, so a causal-LM or a bare model gives the same shapes (under other name prefixes).
+    for model_class in (family.model_class(), AutoModelForCausalLM, AutoModel):
+        try:
+            with torch.device("meta"):
+                model = model_class.from_config(config)
+            break
+        except ValueError as e:
+            error = e
+    else:
+        raise ModelError(f"--model {cfg.name}: transformers has no model class for its config "
+                         f"({_first_line(error)})")
     return find_targets(model, cfg)
 
 
@@ -195,8 +230,7 @@ def _family_config(cfg: ModelConfig, family: Family, num_labels: int) -> Any:
 def find_targets(model: nn.Module, cfg: ModelConfig) -> list[Target]:
     """Adapter targets in module order; raises ModelError when nothing matches."""
     heads = tuple(f"{h}" for h in head_modules(model))
-    stack = block_stack(model)
-    stack_name = stack[0] if stack else None
+    stack_names = [name for name, _ in block_stacks(model)]
     candidates = []
     for name, module in model.named_modules():
         if not name or not is_linear_like(module):
@@ -216,25 +250,31 @@ def find_targets(model: nn.Module, cfg: ModelConfig) -> list[Target]:
         chosen = [(n, m) for n, m in candidates if any(n == s or n.endswith("." + s) for s in suffixes)]
         asked = f"--model.target_modules {','.join(suffixes)}"
     else:
-        chosen = [(n, m) for n, m in candidates if stack_name and n.startswith(stack_name + ".")]
+        chosen = [(n, m) for n, m in candidates if any(n.startswith(stack + ".") for stack in stack_names)]
         asked = "the default (Linear-like modules inside the transformer blocks)"
+        if len(stack_names) > 1:
+            logger.info("adapter targets in %d block stacks: %s", len(stack_names), ", ".join(stack_names))
     if not chosen:
         sample = ", ".join(n for n, _ in candidates[:8]) or "none"
         raise ModelError(f"no adapter targets match {asked}; Linear-like modules of this model include: {sample}")
     targets = []
     for name, module in chosen:
         d_in, d_out = linear_shape(module)
-        layer, kind = _layer_and_kind(name, stack_name)
+        layer, kind = _layer_and_kind(name, stack_names)
         targets.append(Target(name, d_in, d_out, layer, kind))
     return targets
 
 
-def _layer_and_kind(name: str, stack_name: str | None) -> tuple[int | None, str]:
-    if stack_name and name.startswith(stack_name + "."):
-        rest = name[len(stack_name) + 1:]
-        index, _, kind = rest.partition(".")
-        if index.isdigit():
-            return int(index), kind or name
+def _layer_and_kind(name: str, stack_names: list[str]) -> tuple[int | None, str]:
+    """Block index and module kind (``attention.self.query``); with several stacks the kind names its
+    stack (``model.decoder.layers.self_attn.q_proj``), so encoder and decoder kinds stay apart."""
+    for stack_name in stack_names:
+        if name.startswith(stack_name + "."):
+            rest = name[len(stack_name) + 1:]
+            index, _, kind = rest.partition(".")
+            if index.isdigit():
+                kind = kind or name
+                return int(index), (f"{stack_name}.{kind}" if len(stack_names) > 1 else kind)
     m = re.search(r"\.(\d+)\.(.+)$", name)
     if m:
         return int(m.group(1)), m.group(2)

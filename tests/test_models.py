@@ -82,3 +82,73 @@ def test_fingerprint_depends_on_names_and_shapes(minilm_1layer):
     targets = find_targets(model, cfg)
     assert fingerprint(targets) == fingerprint(list(reversed(targets)))
     assert fingerprint(targets) != fingerprint(targets[:-1])
+
+
+def _tiny_encoder_decoder(kind: str):
+    from transformers import (BartConfig, BartForSequenceClassification, T5Config,
+                              T5ForSequenceClassification)
+
+    if kind == "bart":
+        return BartForSequenceClassification(BartConfig(
+            vocab_size=64, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+            num_labels=3))
+    return T5ForSequenceClassification(T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=2,
+                                                num_heads=2, num_labels=3))
+
+
+@pytest.mark.parametrize("kind, stacks, per_block", [
+    ("bart", ("model.encoder.layers", "model.decoder.layers"), (6, 10)),
+    ("t5", ("transformer.encoder.block", "transformer.decoder.block"), (6, 10)),
+])
+def test_encoder_decoder_models_get_adapters_in_both_stacks(kind, stacks, per_block):
+    model = _tiny_encoder_decoder(kind)
+    targets = find_targets(model, ModelConfig())
+    encoder, decoder = ([t for t in targets if t.name.startswith(s + ".")] for s in stacks)
+    assert (len(encoder), len(decoder)) == (2 * per_block[0], 2 * per_block[1])  # cross-attention in the decoder
+    assert len(encoder) + len(decoder) == len(targets)
+    assert {t.layer for t in targets} == {0, 1}
+    # the kind names its stack, so the encoder's and the decoder's query stay apart in tables and reports
+    assert all(t.kind.startswith(stacks[0] + ".") for t in encoder)
+    assert all(t.kind.startswith(stacks[1] + ".") for t in decoder)
+    # the stack's own inner ModuleLists (T5's block.layer) are not stacks of their own
+    assert len({(t.layer, t.kind) for t in targets}) == len(targets)
+
+
+def test_a_checkpoint_with_another_label_count_loads_with_a_fresh_head(tiny_gpt2, caplog):
+    """A fine-tuned 3-label checkpoint used for a 5-label task: the head starts fresh, the rest loads."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    saved = AutoModelForSequenceClassification.from_pretrained(tiny_gpt2)
+    with caplog.at_level("WARNING", logger="rankalloc.models"):
+        model = load_model(ModelConfig(name=tiny_gpt2), num_labels=5)
+    assert model.score.weight.shape[0] == 5
+    assert "task head (score.weight) has another shape" in caplog.text
+    torch.testing.assert_close(model.transformer.h[0].mlp.c_fc.weight, saved.transformer.h[0].mlp.c_fc.weight)
+
+
+def test_a_checkpoint_whose_body_does_not_fit_is_a_one_line_error(tiny_gpt2, tmp_path):
+    import json
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_gpt2, broken)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps(dict(config, n_inner=64)))  # the MLP no longer fits
+    with pytest.raises(ModelError, match=r"mlp\.c_fc\.(weight|bias) does not fit .* only the head may differ"):
+        load_model(ModelConfig(name=str(broken)), num_labels=3)
+
+
+def test_skeleton_targets_of_a_decoder_without_a_classification_class(tmp_path):
+    """Cohere has no sequence-classification class; the sweep still counts its target costs."""
+    from transformers import CohereConfig, CohereForCausalLM
+
+    config = CohereConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=2, eos_token_id=1, bos_token_id=0,
+                          pad_token_id=0)
+    config.save_pretrained(tmp_path)
+    skeleton = skeleton_targets(ModelConfig(name=str(tmp_path)))
+    loaded = find_targets(CohereForCausalLM(config), ModelConfig())
+    assert [(t.name, t.cost_per_rank) for t in skeleton] == [(t.name, t.cost_per_rank) for t in loaded]
+    assert len(skeleton) == 14
