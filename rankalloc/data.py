@@ -139,11 +139,13 @@ class TaskData:
 # --------------------------------------------------------------------------------------------------
 # Building a TaskData
 # --------------------------------------------------------------------------------------------------
-def prepare_task(cfg: DataConfig, tokenizer: Any, seed: int, model_config: Any = None) -> TaskData:
+def prepare_task(cfg: DataConfig, tokenizer: Any, seed: int, model_config: Any = None,
+                 gate_split: bool = True) -> TaskData:
     """Load, split, cap and tokenise ``cfg.task``; partition train into weight/gate with ``seed``.
 
     ``model_config`` (the base model's transformers config) decides how a multiple-choice task is
     tokenised: question/option pairs for an encoder's choice head, prompt + option for a decoder.
+    ``gate_split=False`` (the retrain, which trains on all of train) only needs train to hold one batch.
 
     Raises:
         DataError: the task cannot be loaded, or a split is too small for ``cfg.batch_size``.
@@ -155,7 +157,12 @@ def prepare_task(cfg: DataConfig, tokenizer: Any, seed: int, model_config: Any =
     train_df, eval_df = train_eval_frames(raw, cfg, family)
     weight_idx, gate_idx = stratified_split(family.strata(train_df), cfg.gate_fraction,
                                             np.random.default_rng([seed, _GATE_SPLIT]))
-    _check_batch_fits(len(weight_idx), len(gate_idx), len(train_df), cfg)
+    if gate_split:
+        _check_batch_fits(len(weight_idx), len(gate_idx), len(train_df), cfg)
+    elif len(train_df) < cfg.batch_size:
+        raise DataError(f"the training split has {len(train_df)} examples, fewer than one batch of "
+                        f"--data.batch_size {cfg.batch_size}; raise --data.max_train_examples or lower "
+                        "--data.batch_size")
     train = Split(family.tokenize(train_df, tokenizer, cfg.max_length), family.sequence_keys)
     evaluation = Split(family.tokenize(eval_df, tokenizer, cfg.max_length), family.sequence_keys)
     data = TaskData(name=raw.name, num_labels=raw.num_labels, label_names=list(raw.label_names), train=train,

@@ -161,6 +161,28 @@ class RankMap:
             cfg["modules_to_save"] = list(modules_to_save)
         return cfg
 
+    def check_built(self, peft_model: Any) -> None:
+        """Check that the peft model built from :meth:`lora_config` has exactly these ranks.
+
+        peft matches ``rank_pattern`` keys itself, and releases before 0.15 could not match the anchored
+        keys written here: every module would silently get the common rank ``r``.
+
+        Raises:
+            RankMapError: a module's built rank differs from the map's (naming the module and peft's version).
+        """
+        import peft
+
+        built = {}
+        for name, module in peft_model.named_modules():
+            r = getattr(module, "r", None)
+            if isinstance(r, dict) and "default" in r and hasattr(module, "lora_A"):
+                built[name.removeprefix("base_model.model.")] = int(r["default"])
+        for name, m in self.modules.items():
+            want, got = m["rank"], built.get(name, 0)
+            if want != got:
+                raise RankMapError(f"peft {peft.__version__} built rank {got} for {name}, the rank map says {want}; "
+                                   f"rankalloc needs peft >= 0.15, which matches anchored rank_pattern keys")
+
     def write_adapter_config(self, path: str | Path, scale: float = 2.0, **kwargs: Any) -> dict[str, Any]:
         """Write a peft ``adapter_config.json`` (``LoraConfig(**cfg).to_dict()``) and return it."""
         from peft import LoraConfig

@@ -14,9 +14,11 @@ Outputs in ``--out``: ``adapter/`` (an ordinary peft adapter), ``metrics.json``,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -36,6 +38,7 @@ from .budget import parse_budget
 from .config import RetrainConfig
 from .flags import to_dict
 from .data import EpochSampler, Split, TaskData, prepare_task
+from .errors import ModelError
 from .families import Classification, Family
 from .models import (Target, count_parameters, find_targets, head_modules, load_model, load_model_config,
                      load_tokenizer, resolve_device)
@@ -169,7 +172,21 @@ def build_adapter(cfg: RetrainConfig, model: nn.Module, targets: list[Target], r
                                               "num_layers": cfg.model.num_layers})
     lora = LoraConfig(**rank_map.lora_config(p.scale, task_type=family.peft_task_type, modules_to_save=heads,
                                              dropout=p.lora_dropout))
-    return get_peft_model(model, lora), rank_map
+    peft_model = get_peft_model(model, lora)
+    rank_map.check_built(peft_model)
+    return peft_model, rank_map
+
+
+def retrain_targets(model: nn.Module, cfg: RetrainConfig, rank_map: RankMap | None) -> list[Target]:
+    """The modules to build adapters on.  A rank map names its own, whatever targeting flags its search
+    was given; the retrain's own ``--model.target_*`` flags, when given, are checked against the map."""
+    if rank_map is None or cfg.model.target_modules is not None or cfg.model.target_regex is not None:
+        return find_targets(model, cfg.model)
+    named = dataclasses.replace(cfg.model, target_regex="|".join(re.escape(name) for name in rank_map.modules))
+    try:
+        return find_targets(model, named)
+    except ModelError:  # none of the map's modules exist here: check_against names the first one
+        return find_targets(model, cfg.model)
 
 
 def saved_adapter_params(folder: Path) -> int:
@@ -206,9 +223,9 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
     dist_info = distributed.init(cfg.device)
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
-    task = prepare_task(cfg.data, tokenizer, cfg.seed, load_model_config(cfg.model))
+    task = prepare_task(cfg.data, tokenizer, cfg.seed, load_model_config(cfg.model), gate_split=False)
     model = load_model(cfg.model, task.num_labels, task.family, tokenizer.pad_token_id)
-    targets = find_targets(model, cfg.model)
+    targets = retrain_targets(model, cfg, rank_map)
     if rank_map is not None:
         rank_map.check_against(targets, source=f"--rank-map {cfg.rank_map}")
         budget, budget_text = rank_map.budget, None

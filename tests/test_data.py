@@ -385,6 +385,15 @@ def test_splits_smaller_than_a_batch_are_refused(tokenizer, overrides, split):
         assert flag in message
 
 
+def test_without_a_gate_split_only_the_training_split_must_hold_a_batch(tokenizer):
+    """The retrain trains on all of train: a gate split smaller than a batch does not matter there."""
+    cfg = tweets_cfg(max_train_examples=40, gate_fraction=0.2, batch_size=16)
+    assert len(prepare_task(cfg, tokenizer, 0, gate_split=False).train) == 40
+    with pytest.raises(DataError, match="the training split has 40 examples, fewer than one batch of "
+                                        "--data.batch_size 64"):
+        prepare_task(tweets_cfg(max_train_examples=40, batch_size=64), tokenizer, 0, gate_split=False)
+
+
 def test_pair_columns_give_two_segments(tmp_path, tokenizer):
     df = pd.DataFrame({"premise": [f"a man plays guitar number {i}" for i in range(30)],
                        "hypothesis": [f"someone makes music {i}" for i in range(30)],

@@ -52,6 +52,19 @@ def test_peft_builds_exactly_the_mapped_ranks(minilm_1layer, targets):
     assert lora_params == rm.total_params
 
 
+def test_check_built_catches_a_peft_that_ignores_the_rank_pattern(minilm_1layer, targets):
+    """Older peft could not match the anchored keys and gave every module the common rank, silently."""
+    from peft import LoraConfig, get_peft_model
+
+    _, model = minilm_1layer
+    rm = RankMap.from_ranks(targets, _ranks(targets), base_model="minilm-l6", budget=30000)
+    cfg = rm.lora_config(2.0, modules_to_save=["classifier"])
+    rm.check_built(get_peft_model(copy.deepcopy(model), LoraConfig(**cfg)))  # this peft matches them
+    ignored = dict(cfg, rank_pattern={}, alpha_pattern={})  # what an unmatched pattern amounts to
+    with pytest.raises(RankMapError, match=r"built rank \d+ for .*the rank map says \d+; .*peft >= 0\.15"):
+        rm.check_built(get_peft_model(copy.deepcopy(model), LoraConfig(**ignored)))
+
+
 def test_adapter_config_file_loads_into_peft(tmp_path, targets):
     from peft import LoraConfig
 

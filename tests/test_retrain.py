@@ -304,3 +304,18 @@ def test_warm_start_reproduces_the_searched_model_with_hard_gates(tmp_path):
 def test_warm_start_needs_a_rank_map_and_a_search_of_the_same_model(tmp_path):
     with pytest.raises(ConfigError, match="--init-from .* needs --rank-map"):
         parse_args(RetrainConfig, ["--baseline", "uniform", "--budget", "10k", "--init-from", str(tmp_path)], "x", "")
+
+
+def test_a_rank_map_searched_with_target_flags_retrains_without_them(minilm_1layer, tmp_path):
+    """The map names its modules: one searched with --model.target_regex reaching outside the blocks
+    (here BERT's pooler) retrains as it is, with no targeting flags repeated."""
+    _, model = minilm_1layer
+    chosen = find_targets(model, ModelConfig(num_layers=1, target_regex=r".*(pooler\.dense|self\.query)"))
+    assert {t.name for t in chosen} == {"bert.pooler.dense", "bert.encoder.layer.0.attention.self.query"}
+    rm = RankMap.from_ranks(chosen, {t.name: 2 for t in chosen}, base_model="minilm-l6", budget=3072,
+                            search={"num_layers": 1, "task": "tweets"})
+    rm.save(tmp_path / "rank_map.json")
+    result = _run(["--rank-map", str(tmp_path / "rank_map.json"), "--out", str(tmp_path / "run"), *SMALL,
+                   "--max-steps", "1"])
+    assert result.metrics["adapter_params"] == 3072
+    assert result.metrics["ranks"] == {t.name: 2 for t in chosen}
