@@ -94,7 +94,9 @@ def encode_labels(columns: list[tuple[pd.Series, str]],
     if label_names is not None:
         mapping = {name: i for i, name in enumerate(label_names)}
         names = list(label_names)
-    elif kind == "int" and everything.min() >= 0:
+    elif kind == "int" and everything.min() == 0 and everything.max() + 1 <= 2 * everything.nunique():
+        # ids 0..K-1 as they are (a class missing from a sample keeps its id); sparse or 1-based ids such
+        # as star ratings 1..5 or {0, 100000} fall through to sorted, re-indexed names below
         names = [str(i) for i in range(int(everything.max()) + 1)]
         mapping = None
     else:

@@ -81,6 +81,9 @@ def test_tweets_loads_every_row_with_three_classes():
     ((0, 1), ["0", "1"]),
     ((2, 0, 1), ["0", "1", "2"]),  # non-negative ids are kept as ids
     ((-1, 1), ["-1", "1"]),  # other integers map in sorted order
+    ((1, 2), ["1", "2"]),  # 1-based ids: two classes, not a phantom class 0
+    ((5, 1, 3), ["1", "3", "5"]),  # sparse ids (star ratings) are re-indexed
+    ((0, 100000), ["0", "100000"]),  # not a 100,001-way head
     (("1", "0"), ["0", "1"]),  # integer literals in strings (JSON) are ids
 ])
 def test_local_file_labels(tmp_path, suffix, labels, names):
