@@ -11,13 +11,12 @@ determined; run a new search there if the point matters.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import io
+from . import io, rundir
 from .budget import check_budget, parse_budget
 from .config import ExportConfig
 from .discretize import discretize
@@ -82,10 +81,14 @@ def run_export(cfg: ExportConfig) -> tuple[Path, RankMap]:
         + (f"-{cfg.rounding}" if cfg.rounding else "")
     out = Path(cfg.out) if cfg.out else Path(cfg.run) / "exports" / label
     rm = export_rank_map(scores, budget, cfg.max_rank, spec.text if spec else None, cfg.rounding)
+    run = Path(cfg.run).resolve()
+    if out.resolve() == run or run.is_relative_to(out.resolve()):
+        raise RunDirError(f"--out {out} holds the search run {cfg.run} itself; choose a folder outside it "
+                          f"(default: {Path(cfg.run) / 'exports' / label})")
     if out.exists() and any(out.iterdir()):
         if not cfg.overwrite:
             raise RunDirError(f"--out {out} exists; pass --overwrite to replace it")
-        shutil.rmtree(out)
+        rundir.remove_run(out, marks=("rank_map.json", "export.md"))
     ratio = budget / scores.data["searched_budget"]
     trusted = TRUSTED_RATIO[0] <= ratio <= TRUSTED_RATIO[1]
     from .figures import plot_rank_heatmap

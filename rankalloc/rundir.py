@@ -39,7 +39,8 @@ def open_run(out: str | Path, *, overwrite: bool, resume: bool) -> tuple[Path, b
     """Prepare ``out``; return (folder, whether to resume from its checkpoint).
 
     * new or empty folder: start;
-    * ``--overwrite``: the folder is emptied and the run starts afresh;
+    * ``--overwrite``: a previous run's folder (it has ``status.json``) is emptied and the run starts
+      afresh; any other non-empty folder is refused, never deleted;
     * a checkpoint and no finished result: the run resumes (``--resume`` or simply re-running);
     * a finished run: refused without ``--overwrite``;
     * ``--resume`` with nothing to resume: refused.
@@ -54,7 +55,7 @@ def open_run(out: str | Path, *, overwrite: bool, resume: bool) -> tuple[Path, b
     status = read_status(out) if has_content else None
     has_ckpt = (out / CHECKPOINT).is_file()
     if overwrite and has_content:
-        shutil.rmtree(out)
+        remove_run(out)
         has_content, status, has_ckpt = False, None, False
     if resume and not has_ckpt:
         raise RunDirError(f"--resume: {out} holds no checkpoint to resume from")
@@ -66,6 +67,19 @@ def open_run(out: str | Path, *, overwrite: bool, resume: bool) -> tuple[Path, b
                           "choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     return out, has_ckpt
+
+
+def remove_run(out: Path, marks: tuple[str, ...] = (STATUS,)) -> None:
+    """Delete the run folder ``out`` for ``--overwrite``, but only if it holds one of ``marks`` (files every
+    rankalloc run writes first): a mistyped ``--out`` pointing at a folder of one's own is refused, not wiped.
+
+    Raises:
+        RunDirError: ``out`` holds none of ``marks``.
+    """
+    if not any((out / mark).is_file() for mark in marks):
+        raise RunDirError(f"--overwrite: {out} is not empty and holds no {' or '.join(marks)}, so it is not a "
+                          "rankalloc run folder; it is left as it is: choose a new or empty --out")
+    shutil.rmtree(out)
 
 
 def set_status(out: Path, state: str, **extra: Any) -> None:

@@ -240,6 +240,11 @@ def load_checkpoint(out: Path, cfg: SearchConfig, gated: GatedModel, opts: dict[
         if saved[section] != to_dict(cfg)[section]:
             raise RunDirError(f"--resume: the run in {out} was started with other {section} settings; "
                               "use the same config, another --out, or --overwrite")
+    saved_max = saved.get("max_steps")
+    saved_steps = saved["search"]["steps"] if saved_max is None else min(saved["search"]["steps"], saved_max)
+    if saved_steps != cfg.steps():  # the budget ramp and the temperature schedule are fractions of the length
+        raise RunDirError(f"--resume: the run in {out} was started for {saved_steps} steps, this one asks for "
+                          f"{cfg.steps()}; give the same --max-steps, another --out, or --overwrite")
     with torch.no_grad():
         for name, layer in gated.layers.items():
             layer.lora_A.copy_(ckpt["adapters"][f"{name}.lora_A"])

@@ -121,3 +121,43 @@ def test_projecting_during_the_ramp_keeps_the_cost_on_its_target(tmp_path):
     gated_rows = [row for row in history if row["val_loss"] is not None]
     assert len(gated_rows) == 8 and gated_rows[0]["target_ratio"] > 1.5  # the ramp starts well above B ...
     assert all(abs(row["cost_ratio"] - row["target_ratio"]) < 1e-3 for row in gated_rows)  # ... C follows it
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tmp_path, tiny_gpt2):
+    from rankalloc.config import ExportConfig
+    from rankalloc.errors import RunDirError
+    from rankalloc.export import run_export
+    from rankalloc.rundir import open_run
+
+    mine = tmp_path / "my-experiments"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    with pytest.raises(RunDirError, match="not a rankalloc run folder; it is left as it is"):
+        open_run(mine, overwrite=True, resume=False)
+    run = run_search(tiny_config(tmp_path, ModelConfig(name=tiny_gpt2), budget="2000", steps=4, r_max=4),
+                     command="test").out
+    with pytest.raises(RunDirError, match="not a rankalloc run folder"):
+        run_export(ExportConfig(run=str(run), budget="1500", out=str(mine), overwrite=True))
+    assert (mine / "notes.txt").read_text() == "precious"
+    with pytest.raises(RunDirError, match="holds the search run"):  # would delete scores.json and checkpoint.pt
+        run_export(ExportConfig(run=str(run), budget="1500", out=str(run), overwrite=True))
+    assert (run / "scores.json").is_file()
+    first, _ = run_export(ExportConfig(run=str(run), budget="1500", out=str(tmp_path / "e")))
+    again, rm = run_export(ExportConfig(run=str(run), budget="1800", out=str(tmp_path / "e"), overwrite=True))
+    assert first == again and rm.budget == 1800  # a previous export is replaced
+    open_run(run, overwrite=True, resume=False)  # a run folder is emptied for --overwrite
+    assert not (run / "scores.json").exists()
+
+
+def test_resume_refuses_another_run_length(tmp_path):
+    """The budget ramp and the temperature schedule are fractions of the run's length: resuming a
+    --max-steps 4 run as an 8-step one would make the cost target jump back above the budget."""
+    from rankalloc.errors import RunDirError
+
+    short = tiny_config(tmp_path, ModelConfig(num_layers=1), budget="5k", steps=8, r_max=4)
+    short.max_steps = 4
+    run_search(short, command="test")
+    longer = tiny_config(tmp_path, ModelConfig(num_layers=1), budget="5k", steps=8, r_max=4)
+    longer.resume = True
+    with pytest.raises(RunDirError, match="started for 4 steps, this one asks for 8; give the same --max-steps"):
+        run_search(longer, command="test")
