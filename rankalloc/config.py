@@ -41,6 +41,12 @@ class ModelConfig:
             raise ConfigError("--model.target_modules and --model.target_regex exclude each other; give one")
 
 
+# The fields of DataConfig that say which examples and columns a task is (not how they are batched):
+# a rank map records them, and a retrain takes those it is not given from there.
+DATASET_FIELDS = ("task", "eval_file", "hub_config", "text_column", "text_pair_column", "label_column", "family",
+                  "choice_columns", "answer_column")
+
+
 @dataclass
 class DataConfig:
     task: str = _f("tweets", "Built-in task name, a local .csv/.json/.jsonl/.parquet file, or a "
@@ -289,7 +295,7 @@ class RetrainConfig:
     overwrite: bool = _f(False, "Replace an existing run folder.")
     resume: bool = _f(False, "Not supported: retrain keeps no checkpoints (rerun with --overwrite).")
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name="auto"))
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(task="auto"))
     train: TrainParams = field(default_factory=TrainParams)
 
     def validate(self) -> None:

@@ -35,7 +35,7 @@ from . import __version__, distributed, io, rundir
 from .baselines import (adalora_config, adalora_summary, gradient_ranks, install_param_budget, orthogonality_penalty,
                         random_ranks, uniform_rank)
 from .budget import parse_budget
-from .config import RetrainConfig
+from .config import DATASET_FIELDS, DataConfig, RetrainConfig
 from .flags import to_dict
 from .data import EpochSampler, Split, TaskData, prepare_task
 from .errors import ModelError
@@ -177,6 +177,20 @@ def build_adapter(cfg: RetrainConfig, model: nn.Module, targets: list[Target], r
     return peft_model, rank_map
 
 
+def _task_from(rank_map: RankMap | None, data: DataConfig) -> None:
+    """``--task`` not given: the task the rank map was searched on, with its columns (those fields still at
+    their defaults); without a rank map, or with one that records no task, the built-in default."""
+    recorded = rank_map.search.get("data") if rank_map else None
+    if not recorded:
+        data.task = DataConfig().task
+        return
+    default = DataConfig()
+    for key in DATASET_FIELDS:
+        if key in recorded and (key == "task" or getattr(data, key) == getattr(default, key)):
+            setattr(data, key, recorded[key])
+    logger.info("task from the rank map: %s", data.task)
+
+
 def retrain_targets(model: nn.Module, cfg: RetrainConfig, rank_map: RankMap | None) -> list[Target]:
     """The modules to build adapters on.  A rank map names its own, whatever targeting flags its search
     was given; the retrain's own ``--model.target_*`` flags, when given, are checked against the map."""
@@ -218,6 +232,8 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
         cfg.model.name = rank_map.base_model if rank_map else DEFAULT_MODEL
     if rank_map and cfg.model.num_layers is None:
         cfg.model.num_layers = rank_map.search.get("num_layers")
+    if cfg.data.task == "auto":
+        _task_from(rank_map, cfg.data)
     method = cfg.baseline or "rank_map"
 
     dist_info = distributed.init(cfg.device)
@@ -391,7 +407,8 @@ def _atomic_dir(path: Path) -> Iterator[Path]:
 DESCRIPTION = """Train a fixed-rank peft adapter from a rank map (or a baseline at the same budget) and evaluate it.
 
 --model defaults to the rank map's base_model (minilm-l6 for baselines); --model.num_layers to the
-searched one.  --resume is not supported: retrain keeps no checkpoints; rerun with --overwrite.
+searched one; --task (with its --data columns) to the task the rank map was searched on (tweets for
+baselines).  --resume is not supported: retrain keeps no checkpoints; rerun with --overwrite.
 
 examples:
   python -m rankalloc.retrain --rank-map runs/my-search/rank_map.json --merge

@@ -34,7 +34,7 @@ import torch
 from . import __version__, distributed, io, rundir
 from .adapters import GatedModel, trainable_only
 from .budget import candidate_r_max, check_budget, parse_budget
-from .config import SearchConfig, SearchParams
+from .config import DATASET_FIELDS, SearchConfig, SearchParams
 from .flags import to_dict
 from .data import EpochSampler, TaskData, prepare_task
 from .discretize import discretize
@@ -349,7 +349,8 @@ def finish(cfg: SearchConfig, gated: GatedModel, task: TaskData, targets: list[T
         "task": task.name, "family": task.family.name, "seed": cfg.seed, "steps": state.step, "final_lambda": lam,
         "final_cost_ratio": final_ratio, "r_max": max(r_max.values()), "scale": cfg.search.scale,
         "rounding": cfg.search.rounding, "gates": cfg.search.gates,
-        "num_layers": cfg.model.num_layers, "rankalloc_version": __version__})
+        "num_layers": cfg.model.num_layers, "rankalloc_version": __version__,
+        "data": {k: getattr(cfg.data, k) for k in DATASET_FIELDS}})
     heads = sorted(head_modules(gated.model))
     io.write_json(out / SCORES, {
         "format": "rankalloc.scores", "version": 1, "base_model": cfg.model.name,

@@ -319,3 +319,21 @@ def test_a_rank_map_searched_with_target_flags_retrains_without_them(minilm_1lay
                    "--max-steps", "1"])
     assert result.metrics["adapter_params"] == 3072
     assert result.metrics["ranks"] == {t.name: 2 for t in chosen}
+
+
+def test_without_task_the_retrain_takes_the_rank_maps_task_and_columns(rank_map_file, tmp_path):
+    """A map searched on a local file with its own columns retrains on that file, not on the built-in default."""
+    import pandas as pd
+
+    rows = [{"sentence": f"{word} film number {i}", "y": word} for i in range(40) for word in ("good", "bad")]
+    csv = tmp_path / "reviews.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    rm = RankMap.load(rank_map_file)
+    rm.search = dict(rm.search, task="reviews", data={"task": str(csv), "text_column": "sentence",
+                                                       "label_column": "y", "eval_file": None})
+    rm.save(tmp_path / "rank_map.json")
+    result = _run(["--rank-map", str(tmp_path / "rank_map.json"), "--out", str(tmp_path / "run"), *SMALL,
+                   "--max-steps", "1"])
+    assert result.metrics["task"] == "reviews" and result.metrics["config"]["data"]["text_column"] == "sentence"
+    assert result.metrics["train_examples"] == 64  # --data.max_train_examples of SMALL, from the 80 rows
+    assert sorted(set(result.labels.tolist())) == [0, 1]

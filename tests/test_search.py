@@ -81,6 +81,7 @@ def test_tiny_search_on_a_minilm_slice(tmp_path):
     rm = _check_run(result.out, 20_000)
     assert len(rm.modules) == 12
     assert rm.search["steps"] == 8
+    assert rm.search["data"]["task"] == "tweets" and rm.search["data"]["text_column"] == "text"  # for the retrain
     assert all(0 <= r <= 8 for r in rm.ranks.values())
     assert set(result.gap) >= {"continuous_loss", "hard_loss", "gap"}
     assert len(result.history) == 8 and all(row["lam"] >= 0 for row in result.history)
