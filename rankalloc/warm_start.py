@@ -2,9 +2,9 @@
 
 ``python -m rankalloc.retrain --rank-map RUN/rank_map.json --init-from RUN`` copies, for every module
 of rank ``r``, the ``r`` components the search ranked highest (the same ones its "hard" gates keep)
-into the peft LoRA: ``lora_A = A[kept]``, ``lora_B = B[:, kept]``.  The LoRA scale ``alpha / r`` equals
-the search's scale, so before the first step the peft model computes exactly what the search's model
-computed with hard gates.  The task head starts from the search's head too.
+into the peft LoRA: ``lora_A = A[kept]``, ``lora_B = (s / s') B[:, kept]``, where ``s`` is the search's
+LoRA scale and ``s' = alpha / r`` the retrain's (equal by default), so before the first step the peft
+model computes exactly what the search's model computed with hard gates.  The task head starts from the search's head too.
 
 This turns search + retrain into one continued training run (as AdaLoRA allocates inside one run), so
 the retrain can be shorter than a fresh one; whether that pays off is measured in ``benchmarks/LOG.md``.
@@ -58,8 +58,10 @@ def warm_start(peft_model: nn.Module, run: str | Path, rank_map: RankMap) -> dic
                                    f"trained only {A.shape[0]} components there")
             keep = kept_components(scores.scores[name], rank)
             layer = model.get_submodule(name)
+            # the retrain's scale alpha / r may differ from the search's (--train.scale): B absorbs the ratio
+            factor = float(scores.data.get("scale", layer.scaling[ADAPTER])) / layer.scaling[ADAPTER]
             layer.lora_A[ADAPTER].weight.copy_(A[keep].to(layer.lora_A[ADAPTER].weight))
-            layer.lora_B[ADAPTER].weight.copy_(B[:, keep].to(layer.lora_B[ADAPTER].weight))
+            layer.lora_B[ADAPTER].weight.copy_((factor * B[:, keep]).to(layer.lora_B[ADAPTER].weight))
             copied += 1
         heads = 0
         for head, head_state in state["heads"].items():

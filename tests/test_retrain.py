@@ -252,10 +252,14 @@ def test_classification_metrics_binary_has_mcc():
     assert m["accuracy"] == 0.75 and -1 <= m["mcc"] <= 1 and m["eval_loss"] > 0
 
 
-def test_warm_start_reproduces_the_searched_model_with_hard_gates(tmp_path):
+@pytest.mark.parametrize("retrain_scale", [2.0, 0.5])
+def test_warm_start_reproduces_the_searched_model_with_hard_gates(tmp_path, retrain_scale):
     """--init-from copies each module's top-ranked components: before any step, the peft LoRA computes
-    what the search's model computed with its hard gates."""
+    what the search's model computed with its hard gates, also when the retrain's LoRA scale differs
+    from the search's (B is rescaled)."""
     import copy
+
+    from rankalloc.config import TrainParams
 
     from rankalloc.adapters import GatedModel
     from rankalloc.config import SearchConfig, SearchParams
@@ -287,7 +291,7 @@ def test_warm_start_reproduces_the_searched_model_with_hard_gates(tmp_path):
     gated.set_gate_mode("hard")
 
     cfg = RetrainConfig(rank_map=str(run / "rank_map.json"), init_from=str(run), device="cpu", model=model_cfg,
-                        data=data)
+                        data=data, train=TrainParams(scale=retrain_scale))
     peft_model, _ = build_adapter(cfg, copy.deepcopy(base), targets, rank_map, rank_map.budget, None, 10)
     batch = _eval_split().batch(slice(0, 16))
     batch.pop("labels")
