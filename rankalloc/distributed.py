@@ -20,12 +20,15 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable, TypeVar
 
 import torch
 import torch.distributed as dist
 
+from .errors import RunDirError
+
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -103,9 +106,28 @@ def mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value / info.world_size
 
 
-def barrier(info: DistInfo) -> None:
+def on_main(info: DistInfo, fn: Callable[[], T]) -> T | None:
+    """Run ``fn`` on rank 0 alone (e.g. open the run folder) and return its result there (None elsewhere).
+
+    Every rank learns whether it succeeded, so that when rank 0 fails with a user error (a refused
+    ``--out``) the others stop at once with a line pointing at it, instead of waiting at a barrier for the
+    process-group timeout.  Doubles as the barrier after ``fn``.
+    """
+    result, error = None, None
+    if info.is_main:
+        try:
+            result = fn()
+        except Exception as e:  # re-raised below, after the other ranks have been told
+            error = e
     if info.enabled:
-        dist.barrier()
+        device = torch.device("cuda", info.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+        failed = torch.tensor([0.0 if error is None else 1.0], device=device)
+        dist.all_reduce(failed)
+        if failed.item() and error is None:
+            raise RunDirError("rank 0 stopped before training (its error says why); this rank stops with it")
+    if error is not None:
+        raise error
+    return result
 
 
 def shutdown(info: DistInfo) -> None:

@@ -262,10 +262,12 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
     peft_model.to(device)
 
     out = Path(cfg.out) if cfg.out else rundir.default_out("retrain", f"{method}-{budget}", cfg.seed)
-    if dist_info.is_main:  # rank 0 alone owns the run folder
-        out, _ = rundir.open_run(out, overwrite=cfg.overwrite, resume=False)
-        rundir.set_status(out, "running", command=command)
-    distributed.barrier(dist_info)
+    def open_out() -> Path:  # rank 0 alone owns the run folder
+        folder, _ = rundir.open_run(out, overwrite=cfg.overwrite, resume=False)
+        rundir.set_status(folder, "running", command=command)
+        return folder
+
+    out = distributed.on_main(dist_info, open_out) or out
     wall = {"load": time.time() - t0 - build_s, "build": build_s}
     lr = cfg.train.adalora_lr if method == "adalora" else cfg.train.lr
     logger.info("retrain %s: %d targets, budget %d, %d steps (%d epochs of %d examples), lr %g, device %s, out %s",

@@ -303,10 +303,11 @@ def run_search(cfg: SearchConfig, command: str | None = None,
     budget = spec.resolve(base_params)
     r_max = candidate_r_max(targets, budget, cfg.search.r_max)
     check_budget(budget, [t.cost_per_rank for t in targets], r_max.values(), spec.text)
+    opened = distributed.on_main(dist_info, lambda: rundir.open_run(out, overwrite=cfg.overwrite,
+                                                                     resume=cfg.resume))
     if dist_info.is_main:
-        out, resume = rundir.open_run(out, overwrite=cfg.overwrite, resume=cfg.resume)
-    distributed.barrier(dist_info)
-    if not dist_info.is_main:
+        out, resume = opened
+    else:
         resume = (out / rundir.CHECKPOINT).is_file()
     device = distributed.device_for(dist_info, resolve_device(cfg.device))
     p = cfg.search

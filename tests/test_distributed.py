@@ -116,3 +116,17 @@ def test_two_process_retrain_matches_one_process(tmp_path, tiny_llama):
     assert m1["adapter_params"] == m2["adapter_params"]
     assert m1["eval_loss"] == pytest.approx(m2["eval_loss"], abs=1e-4)
     assert m1["final_train_loss"] == pytest.approx(m2["final_train_loss"], abs=1e-4)
+
+
+def test_a_refused_out_stops_every_rank_at_once(tmp_path, tiny_llama):
+    """Rank 0 alone opens the run folder; when it refuses (here --overwrite on a folder that is not a
+    run), the other rank stops too, instead of waiting for the process-group timeout."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    proc = subprocess.run(_torchrun(2, _search_args(tiny_llama, mine, batch=8) + ["--overwrite"]), cwd=REPO,
+                          env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    assert "not a rankalloc run folder" in proc.stderr
+    assert "rank 0 stopped before training" in proc.stderr
+    assert (mine / "notes.txt").read_text() == "precious" and not (mine / "checkpoint.pt").exists()
