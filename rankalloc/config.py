@@ -351,7 +351,9 @@ class SweepConfig:
     max_retry: int = _f(3, "Retries of a crashed trial (its point is retried as a new trial).")
     poll_interval: float = _f(10.0, "Seconds between looks at the study while the remaining trials run in "
                               "other workers.")
-    seed: int = _f(0, "Seed of every search and retrain (and of the sampler).")
+    seed: int = _f(0, "Seed of every search and retrain (and of the grid sampler). With --tune the TPE sampler "
+                   "also mixes in the worker's process id, so parallel workers propose different points: a "
+                   "tuned study's trials depend on its workers, its runs on this seed.")
     device: str = _f("auto", "auto, cpu, cuda or cuda:N.")
     out: str | None = _f(None, "Sweep folder (default: runs/sweep-<study name>): shared search, trials, "
                          "pareto.csv/.md/.png, the default SQLite storage.")
