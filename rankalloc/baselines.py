@@ -108,6 +108,19 @@ def knapsack_ranks(targets: list[Target], budget: int, scores_for: Callable[[dic
     return {t.name: int(k) for t, k in zip(targets, ranks)}
 
 
+def check_baseline_budget(method: str, targets: list[Target], budget: int, p: TrainParams,
+                          budget_text: str | None = None) -> None:
+    """Raise the BudgetError that ``--baseline method --budget budget`` would raise, without a model or data
+    (a sweep checks all its points before its first trial)."""
+    if method == "uniform":
+        uniform_rank(targets, budget, budget_text)
+    elif method == "adalora":
+        adalora_config(targets, budget, 100, p, [], budget_text)
+    else:  # random, gradient: the search's candidate ranks and knapsack
+        check_budget(budget, [t.cost_per_rank for t in targets], candidate_r_max(targets, budget).values(),
+                     budget_text)
+
+
 # --------------------------------------------------------------------------------------------------
 # AdaLoRA
 # --------------------------------------------------------------------------------------------------

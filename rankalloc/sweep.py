@@ -209,8 +209,8 @@ def run_worker(study: Any, sweep: Sweep) -> None:
             running = {t.number for t in held.values()}
             if running != waiting_for:
                 logger.info("waiting for %d trial(s) running in other workers: %s", len(running),
-                            ", ".join(f"#{t.number} {p[0]}@{p[1]:,} ({t.user_attrs.get('worker', '?')})"
-                                      for p, t in held.items()))
+                            ", ".join(f"#{t.number} " + (f"{p[0]}@{p[1]:,}" if p else "(no point yet)")
+                                      + f" ({t.user_attrs.get('worker', '?')})" for p, t in held.items()))
                 waiting_for = running
             time.sleep(cfg.poll_interval)
             continue
@@ -246,6 +246,8 @@ def run_sweep(cfg: SweepConfig, command: str | None = None) -> SweepResult:
     study = open_study(cfg, storage, out)
     methods = ([] if cfg.tune else [RANKALLOC]) + list(cfg.baseline or [])
     points = [(m, b) for m in methods for b in budgets]
+    _check_baseline_points(cfg, budgets)
+    _check_budget_distribution(study, cfg, budgets)
     shared = None
     if cfg.tune:
         logger.info("tuning %s: one search per trial", ", ".join(cfg.tune))
@@ -253,7 +255,6 @@ def run_sweep(cfg: SweepConfig, command: str | None = None) -> SweepResult:
         shared = run_shared_search(cfg, out, budgets)
     sweep = Sweep(cfg, out, budgets, points, shared,
                   tune_total=(cfg.n_trials or 4 * len(budgets)) if cfg.tune else 0)
-    _check_budget_distribution(study, cfg, budgets)
     if cfg.tune:
         from optuna.samplers import TPESampler
 
@@ -269,6 +270,24 @@ def run_sweep(cfg: SweepConfig, command: str | None = None) -> SweepResult:
     rows = write_reports(study, sweep, summary)
     logger.info("pareto front: %s (plot %s)", out / "pareto.md", out / "pareto.png")
     return SweepResult(out, rows, summary)
+
+
+def _check_baseline_points(cfg: SweepConfig, budgets: list[int]) -> None:
+    """Every baseline must fit every budget (uniform needs rank 1 everywhere): refuse before any trial, or a
+    sweep would stop at its first unfit point after the others ran, and stop there again on every rerun."""
+    if not cfg.baseline:
+        return
+    from .baselines import check_baseline_budget
+    from .models import skeleton_targets
+
+    targets = skeleton_targets(cfg.model)
+    for method in cfg.baseline:
+        for budget in budgets:
+            try:
+                check_baseline_budget(method, targets, budget, cfg.train)
+            except BudgetError as e:
+                raise BudgetError(f"--baseline {method} cannot run at the sweep's budget {budget:,}: "
+                                  f"{str(e).split(': ', 1)[-1]}") from None
 
 
 def _check_budget_distribution(study: Any, cfg: SweepConfig, budgets: list[int]) -> None:
@@ -299,7 +318,7 @@ finished point is never rerun, and a rerun of the same command resumes the study
 
 examples:
   python -m rankalloc.sweep --config configs/sweep/default.yaml
-  python -m rankalloc.sweep --budgets 40k:400k:4 --baseline uniform --out runs/sweep
+  python -m rankalloc.sweep --budgets 42k:400k:4 --baseline uniform --out runs/sweep   # uniform needs >= 41,472
   python -m rankalloc.sweep --budgets 41k,166k --storage postgresql://user:pw@db/rankalloc --study-name s1
 """
 

@@ -98,6 +98,18 @@ def test_the_sweep_refuses_a_baseline_its_studies_cannot_hold():
         parse_args(SweepConfig, ["--budgets", "41k", "--baseline", "random"], "t", "")
 
 
+def test_a_baseline_that_cannot_fit_a_budget_is_refused_before_any_trial(tmp_path, capsys):
+    """Uniform rank 1 on MiniLM-L6's 36 matrices costs 41,472: at 41k it cannot run, so the sweep says so
+    at once, instead of stopping at that point after the others ran (and again on every rerun)."""
+    out = tmp_path / "s"
+    code = sweep.main(["--budgets", "41k,83k", "--baseline", "uniform", "--out", str(out), "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "Traceback" not in "\n".join(err)
+    assert "--baseline uniform cannot run at the sweep's budget 41,000" in err[-1]
+    assert "below rank 1 on all 36 targets (41,472)" in err[-1]
+    assert not (out / "trials").exists()
+
+
 # --------------------------------------------------------------------------------------------------
 # SQLite: a 3-trial sweep, resumed with more budgets; re-export at 5 budgets from its shared search
 # --------------------------------------------------------------------------------------------------
