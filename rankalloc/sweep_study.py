@@ -96,13 +96,16 @@ def postgres_driver_url(url: str) -> str:
 def _with_retries(make: Any, attempts: int = 5) -> Any:
     """Workers that start together on a fresh database race to create optuna's tables; the losers see
     'already exists' / 'duplicate key' errors.  Once the winner is done the tables are there: try again."""
-    from sqlalchemy.exc import IntegrityError, ProgrammingError
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
     for attempt in range(attempts):
         try:
             return make()
-        except (IntegrityError, ProgrammingError):
-            if attempt == attempts - 1:
+        except (IntegrityError, ProgrammingError, OperationalError) as e:
+            # SQLite reports the race as an OperationalError ("table studies already exists", "database is
+            # locked"); any other OperationalError (a wrong path, a refused connection) is not a race
+            racing = not isinstance(e, OperationalError) or any(s in str(e) for s in ("already exists", "locked"))
+            if not racing or attempt == attempts - 1:
                 raise
             time.sleep(0.5 + attempt)
 
@@ -119,6 +122,10 @@ def _retry_callback() -> type:
             logger.warning("trial %d (%s at %s, worker %s) crashed: failed, and its point queued again", trial.number,
                            trial.params.get("method", trial.user_attrs.get("method", "?")),
                            trial.params.get("budget", "?"), trial.user_attrs.get("worker", "?"))
+            # the retry must not inherit the dead worker's name: until the new worker writes its own, another
+            # worker's crash recovery would see the dead PID on it and fail the retry as well
+            trial = copy.copy(trial)
+            trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != "worker"}
             super().__call__(study, trial)
 
     return Retry

@@ -193,6 +193,23 @@ def test_a_storage_that_cannot_be_opened_is_refused_in_one_line(tmp_path, capsys
     assert not out.exists()
 
 
+def test_workers_starting_together_on_a_new_sqlite_file_all_open_it(tmp_path):
+    """Several workers on one machine may share SQLite; those that lose the race to create optuna's tables
+    (SQLite says 'table ... already exists' or 'database is locked') retry instead of dying."""
+    script = ("import sys, time; from pathlib import Path; from rankalloc.config import SweepConfig; "
+              "from rankalloc.sweep_study import open_storage; "
+              "time.sleep(max(0.0, float(sys.argv[1]) - time.time())); "
+              "open_storage(SweepConfig(budgets=['7k'], storage=sys.argv[2]), Path(sys.argv[3])); print('opened')")
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    start = time.time() + 6  # every process imports optuna first, then all open at the same moment
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(start), url, str(tmp_path)], env=env, cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    results = [p.communicate(timeout=120) for p in procs]
+    for proc, (out, err) in zip(procs, results):
+        assert proc.returncode == 0 and "opened" in out, err[-2000:]
+
+
 def test_journal_trial_of_a_dead_worker_is_failed_and_retried(tmp_path):
     """A journal file has no heartbeats: a running trial whose process is gone is failed and requeued."""
     import optuna
