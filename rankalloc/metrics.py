@@ -22,13 +22,14 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray, num_labels: int) -> dict[str, float]:
-    """accuracy, macro F1 (over the classes present), eval loss (mean cross-entropy); MCC for two classes."""
+    """accuracy, macro F1 (over the classes in ``labels``, whatever the model predicts, so that two models are
+    averaged over the same classes), eval loss (mean cross-entropy); MCC for two classes."""
     from sklearn.metrics import f1_score, matthews_corrcoef
 
     labels = labels.astype(np.int64)
     preds = logits.argmax(-1)
     out = {"accuracy": float((preds == labels).mean()),
-           "macro_f1": float(f1_score(labels, preds, average="macro", zero_division=0)),
+           "macro_f1": float(f1_score(labels, preds, labels=np.unique(labels), average="macro", zero_division=0)),
            "eval_loss": float(-_log_softmax(logits.astype(np.float64))[np.arange(len(labels)), labels].mean())}
     if num_labels == 2:
         out["mcc"] = float(matthews_corrcoef(labels, preds))

@@ -37,6 +37,18 @@ def test_classification_metrics_match_sklearn():
     assert m["eval_loss"] == pytest.approx(log_loss(labels, probs))
 
 
+def test_macro_f1_averages_over_the_true_classes_whatever_is_predicted():
+    """One error each, on labels of classes 0 and 1 out of 3: predicting the absent class 2 must not change
+    the set of classes averaged over (F1 over {0, 1} in both cases)."""
+    labels = np.array([0, 0, 1, 1])
+    wrong_into_absent = np.eye(3)[[0, 0, 1, 2]]
+    wrong_into_present = np.eye(3)[[0, 0, 1, 0]]
+    f1_a = classification_metrics(wrong_into_absent, labels, 3)["macro_f1"]
+    f1_b = classification_metrics(wrong_into_present, labels, 3)["macro_f1"]
+    assert f1_a == pytest.approx((1.0 + 2 / 3) / 2)  # class 0 perfect; class 1 precision 1, recall 1/2
+    assert f1_b == pytest.approx((0.8 + 2 / 3) / 2)  # class 0: precision 2/3, recall 1
+
+
 def test_regression_metrics_match_scipy_and_sklearn():
     from scipy.stats import pearsonr, spearmanr
     from sklearn.metrics import mean_squared_error
