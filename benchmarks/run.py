@@ -85,7 +85,7 @@ def cell(task: str, budget: int, method: str, seed: int, work: Path, search_args
                        "--out", str(folder / "export"), "--overwrite"]
         times["search_s"] = before["times"]["search_s"]  # that search's wall time, not rerun
         times["export_s"] = run(export, log)
-        commands += [before["commands"][0], export]
+        commands += [shlex.split(before["commands"][0]), export]  # that search's command, as arguments
         retrain = py + ["rankalloc.retrain", "--rank-map", str(folder / "export" / "rank_map.json"),
                         "--out", str(folder / "retrain"), "--overwrite", *common, *retrain_args,
                         *rankalloc_retrain_args]

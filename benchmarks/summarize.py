@@ -59,9 +59,14 @@ def summarize(records: list[dict]) -> tuple[str, list[dict]]:
         peak = peak_rss(rs)
         deltas = []
         for base in bases:
-            other = groups.get((task, budget, base))
-            if method == "rankalloc" and other:
-                deltas.append(f"{acc - statistics.fmean(100 * score(r) for r in other):+.2f}")
+            # paired: over the seeds both sides have, and says how many when that is not every seed
+            other = {r["seed"]: r for r in groups.get((task, budget, base), [])}
+            mine = {r["seed"]: r for r in rs}
+            shared = sorted(set(mine) & set(other))
+            if method == "rankalloc" and shared:
+                delta = statistics.fmean(100 * (score(mine[s]) - score(other[s])) for s in shared)
+                note = "" if len(shared) == len(mine) == len(other) else f" (n={len(shared)})"
+                deltas.append(f"{delta:+.2f}{note}")
             else:
                 deltas.append("")
         lines.append(f"| {task} | {budget:,} | {method} | {len(rs)} | {acc:.2f} ± {acc_sd:.2f} ({metric}) | {f1} | "
