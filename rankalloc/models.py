@@ -107,9 +107,12 @@ def load_model(cfg: ModelConfig, num_labels: int = 2, family: Family | None = No
     hf_logging.set_verbosity_error()  # the "newly initialised head" notice is expected here
     hf_logging.disable_progress_bar()
     try:
-        # a fine-tuned checkpoint's head may have another label count: the task head is trained anew anyway
+        # a fine-tuned checkpoint's head may have another label count: the task head is trained anew anyway;
+        # float32 weights: transformers >= 5 keeps an fp16 checkpoint's dtype, and AdamW on an fp16 head
+        # underflows (eps 1e-8) to inf/NaN in the first step
         model, info = family.model_class().from_pretrained(path, config=config, output_loading_info=True,
-                                                           ignore_mismatched_sizes=True)
+                                                           ignore_mismatched_sizes=True,
+                                                           **{_dtype_kwarg(): torch.float32})
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelError(f"--model {cfg.name}: cannot load its weights as {family.describe()} "
                          f"({_first_line(e)})") from None
@@ -136,6 +139,14 @@ def load_model(cfg: ModelConfig, num_labels: int = 2, family: Family | None = No
     for p in head_parameters(model):
         p.requires_grad_(True)
     return model
+
+
+def _dtype_kwarg() -> str:
+    """``from_pretrained``'s name for the weights' dtype (``torch_dtype`` before transformers 4.56)."""
+    import transformers
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 
 
 def head_modules(model: nn.Module) -> dict[str, nn.Module]:

@@ -152,3 +152,13 @@ def test_skeleton_targets_of_a_decoder_without_a_classification_class(tmp_path):
     loaded = find_targets(CohereForCausalLM(config), ModelConfig())
     assert [(t.name, t.cost_per_rank) for t in skeleton] == [(t.name, t.cost_per_rank) for t in loaded]
     assert len(skeleton) == 14
+
+
+def test_an_fp16_checkpoint_loads_in_float32(tiny_gpt2, tmp_path):
+    """transformers >= 5 keeps a checkpoint's dtype; an fp16 task head under AdamW underflows to inf/NaN."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    AutoModelForSequenceClassification.from_pretrained(tiny_gpt2).half().save_pretrained(tmp_path / "fp16")
+    model = load_model(ModelConfig(name=str(tmp_path / "fp16")), num_labels=3)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
