@@ -6,6 +6,7 @@ are encoded, is :mod:`rankalloc.task_columns`' job.
 """
 from __future__ import annotations
 
+import csv
 import json
 import logging
 from dataclasses import dataclass
@@ -90,7 +91,11 @@ def read_table(path: Path) -> pd.DataFrame:
         raise DataError(f"{path}: the file is empty")
     try:
         if suffix in (".csv", ".tsv"):
-            df = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", encoding_errors="replace")
+            # a TSV has no quoting (GLUE's convention): a quote character is text, not a field delimiter;
+            # utf-8-sig drops a byte-order mark that would otherwise stick to the first column's name
+            tsv = suffix == ".tsv"
+            df = pd.read_csv(path, sep="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL,
+                             encoding="utf-8-sig", encoding_errors="replace")
         elif suffix == ".parquet":
             df = pd.read_parquet(path)
         else:
@@ -108,7 +113,7 @@ def read_table(path: Path) -> pd.DataFrame:
 
 def _read_json(path: Path) -> pd.DataFrame:
     """A JSON list of records, {"data"|"examples"|...: [records]}, a column mapping, or JSON lines."""
-    text = path.read_bytes().decode("utf-8", errors="replace")
+    text = path.read_bytes().decode("utf-8-sig", errors="replace")  # a byte-order mark is not JSON
     if not text.strip():
         raise DataError(f"{path}: the file is empty")
     try:

@@ -96,6 +96,25 @@ def test_local_file_labels(tmp_path, suffix, labels, names):
     assert raw.train["text"].tolist() == df["text"].tolist()
 
 
+def test_tsv_quote_characters_are_text(tmp_path):
+    """GLUE-style TSV has no quoting: an unbalanced quote must not swallow tabs and newlines into one row."""
+    path = tmp_path / "reviews.tsv"
+    rows = ['"Great" movie\t1', '"bad\t0', 'ok" film\t1', 'fine\t0'] * 5
+    path.write_text("text\tlabel\n" + "\n".join(rows) + "\n")
+    raw = load_raw_task(small_cfg(path))
+    assert raw.train["text"].tolist() == [r.split("\t")[0] for r in rows]
+    assert raw.train["label"].tolist() == [int(r.split("\t")[1]) for r in rows]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".json"])
+def test_a_byte_order_mark_is_not_part_of_the_data(tmp_path, suffix):
+    df = sentiment_frame(30)
+    path = write(df, tmp_path / f"data{suffix}")
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # as Excel and Notepad save UTF-8
+    raw = load_raw_task(small_cfg(path))
+    assert raw.train["text"].tolist() == df["text"].tolist() and raw.label_names == ["neg", "pos"]
+
+
 def test_local_eval_file_shares_the_label_mapping(tmp_path):
     train = write(sentiment_frame(40, ("b", "c")), tmp_path / "train.csv")
     evaluation = write(sentiment_frame(10, ("a", "c")), tmp_path / "eval.jsonl")
