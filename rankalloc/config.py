@@ -162,6 +162,11 @@ class SearchParams:
             raise ConfigError(f"--search.rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
         if not 0.0 <= self.budget_warmup < 1.0:
             raise ConfigError(f"--search.budget_warmup must lie in [0, 1), got {self.budget_warmup}")
+        ramp = int(self.budget_warmup * self.steps)
+        if self.warmup_steps + ramp >= self.steps:
+            raise ConfigError(f"--search.warmup_steps {self.warmup_steps} plus the budget ramp ({ramp} steps, "
+                              f"--search.budget_warmup {self.budget_warmup}) leaves no gate step at the budget in "
+                              f"--search.steps {self.steps}; allowed: warmup_steps 0 to {self.steps - ramp - 1}")
         if not 0.0 < self.gate_init < 1.0:
             raise ConfigError(f"--search.gate_init must lie strictly between 0 and 1, got {self.gate_init}")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -179,7 +184,8 @@ class SearchConfig:
     seed: int = _f(0, "Seed of data order, initialisation and gate sampling.")
     device: str = _f("auto", "auto, cpu, cuda or cuda:N.")
     out: str | None = _f(None, "Run folder (default: a new folder under runs/).")
-    max_steps: int | None = _f(None, "Cap on weight steps, for quick runs (overrides search.steps if lower).")
+    max_steps: int | None = _f(None, "Cap on weight steps, for quick runs (overrides search.steps if lower; the "
+                               "weight warm-up shrinks in proportion, as the budget ramp does).")
     overwrite: bool = _f(False, "Replace an existing run folder.")
     resume: bool = _f(False, "Continue the run in --out from its last checkpoint.")
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -197,6 +203,11 @@ class SearchConfig:
     def steps(self) -> int:
         """Weight steps this run will take (``--max-steps`` caps ``search.steps``)."""
         return self.search.steps if self.max_steps is None else min(self.search.steps, self.max_steps)
+
+    def warmup_steps(self) -> int:
+        """Weight steps before the first gate step: ``search.warmup_steps``, shrunk in proportion when
+        ``--max-steps`` cuts the run, so that a short run still moves its gates and reaches the budget."""
+        return self.search.warmup_steps * self.steps() // self.search.steps
 
 
 @dataclass

@@ -128,13 +128,15 @@ def cost_target(step: int, initial: float, budget: float, start: int, ramp: int)
     return initial + (budget - initial) * (step - start) / ramp
 
 
-def gate_temperature(step: int, p: SearchParams, steps: int) -> float:
-    """The gate temperature at weight step ``step``: ``temperature`` until the first gate step, then
-    geometric to ``temperature_final`` at the last step (constant when that is null)."""
+def gate_temperature(step: int, p: SearchParams, steps: int, warmup: int | None = None) -> float:
+    """The gate temperature at weight step ``step``: ``temperature`` until the first gate step (``warmup``,
+    default ``p.warmup_steps``), then geometric to ``temperature_final`` at the last step (constant when
+    that is null)."""
     if p.temperature_final is None:
         return p.temperature
-    span = max(1, steps - 1 - p.warmup_steps)
-    frac = min(1.0, max(0.0, (step - p.warmup_steps) / span))
+    warmup = p.warmup_steps if warmup is None else warmup
+    span = max(1, steps - 1 - warmup)
+    frac = min(1.0, max(0.0, (step - warmup) / span))
     return p.temperature * (p.temperature_final / p.temperature) ** frac
 
 
@@ -147,7 +149,7 @@ def search_loop(cfg: SearchConfig, gated: GatedModel, task: TaskData, budget: in
                 dist_info: distributed.DistInfo = distributed.DistInfo()) -> SearchState:
     """Alternate weight, gate and dual steps from ``state.step`` to the last step; checkpoint."""
     p = cfg.search
-    steps = cfg.steps()
+    steps, warmup = cfg.steps(), cfg.warmup_steps()
     weight_opt, gate_opt, sched = opts["weight_opt"], opts["gate_opt"], opts["sched"]
     lagr, weight_batches, gate_batches = opts["lagrangian"], opts["weight_sampler"], opts["gate_sampler"]
     initial_cost = p.gate_init * gated.max_cost()  # the expected cost before any gate step, either gates
@@ -157,7 +159,7 @@ def search_loop(cfg: SearchConfig, gated: GatedModel, task: TaskData, budget: in
     gated.set_gate_mode("sample")
     while state.step < steps:
         step = state.step
-        gated.set_temperature(gate_temperature(step, p, steps))  # a function of the step: resumes exactly
+        gated.set_temperature(gate_temperature(step, p, steps, warmup))  # a function of the step: resumes exactly
         batch = to_device(task.weight.batch(distributed.shard(weight_batches.next(), dist_info)), device)
         try:
             loss = distributed.mean(weight_step(gated, batch, weight_opt, sched, dist_info), dist_info)
@@ -165,8 +167,8 @@ def search_loop(cfg: SearchConfig, gated: GatedModel, task: TaskData, budget: in
             check_finite(float("nan"), f"a weight step (loss {e.loss}) had a non-finite gradient; it", step,
                          last_ckpt)
         row = {"step": step + 1, "train_loss": float(loss), "val_loss": None, "lam": lagr.lam}
-        if step >= p.warmup_steps and (step + 1) % p.gate_every == 0:
-            target = cost_target(step, initial_cost, budget, p.warmup_steps, ramp)
+        if step >= warmup and (step + 1) % p.gate_every == 0:
+            target = cost_target(step, initial_cost, budget, warmup, ramp)
             gbatch = to_device(task.gate.batch(distributed.shard(gate_batches.next(), dist_info)), device)
             try:
                 val_loss, cost = gate_step(gated, gbatch, gate_opt, lagr, target, dist_info)
@@ -180,7 +182,7 @@ def search_loop(cfg: SearchConfig, gated: GatedModel, task: TaskData, budget: in
                 cost = gated.expected_cost().detach()
             lagr.dual_step(float(cost), target)
             row.update(val_loss=float(val_loss), lam=lagr.lam, target_ratio=target / budget)
-        row.setdefault("target_ratio", cost_target(step, initial_cost, budget, p.warmup_steps, ramp) / budget)
+        row.setdefault("target_ratio", cost_target(step, initial_cost, budget, warmup, ramp) / budget)
         row["cost_ratio"] = float(gated.expected_cost().detach()) / budget
         state.history.append(row)
         state.step += 1
@@ -195,7 +197,7 @@ def search_loop(cfg: SearchConfig, gated: GatedModel, task: TaskData, budget: in
                                   or state.step == steps):
             save_checkpoint(out, cfg, gated, state, opts)
             last_ckpt = str(out / rundir.CHECKPOINT)
-    gated.set_temperature(gate_temperature(steps - 1, p, steps))  # the scores are read at the final temperature
+    gated.set_temperature(gate_temperature(steps - 1, p, steps, warmup))  # scores are read at the final temperature
     return state
 
 
@@ -208,7 +210,7 @@ def make_optimizers(cfg: SearchConfig, gated: GatedModel, budget: int, task: Tas
     p = cfg.search
     global_batch = cfg.data.batch_size * world_size
     weight_opt = torch.optim.AdamW(gated.weight_parameters(), lr=p.weight_lr, weight_decay=0.0)
-    warm = max(1, p.warmup_steps)
+    warm = max(1, cfg.warmup_steps())
     sched = torch.optim.lr_scheduler.LambdaLR(weight_opt, lambda s: min(1.0, (s + 1) / warm))
     gate_opt = make_gate_optimizer(p.gate_optimizer, gated.gate_parameters(), p.gate_lr)
     return {"weight_opt": weight_opt, "gate_opt": gate_opt, "sched": sched,
@@ -229,11 +231,16 @@ def save_checkpoint(out: Path, cfg: SearchConfig, gated: GatedModel, state: Sear
         "gate_sampler": opts["gate_sampler"].state_dict(), "rng": rng_state()})
 
 
+def _budget_key(text: Any) -> tuple[float, bool]:
+    spec = parse_budget(text)
+    return spec.value, spec.percent
+
+
 def load_checkpoint(out: Path, cfg: SearchConfig, gated: GatedModel, opts: dict[str, Any]) -> SearchState:
     ckpt = torch.load(out / rundir.CHECKPOINT, map_location="cpu", weights_only=False)
     saved = ckpt["config"]
-    for key in ("budget", "seed"):
-        if saved[key] != getattr(cfg, key):
+    for key, same in (("budget", lambda a, b: _budget_key(a) == _budget_key(b)), ("seed", lambda a, b: a == b)):
+        if not same(saved[key], getattr(cfg, key)):  # 0.5M and 500k are the same budget
             raise RunDirError(f"--resume: the run in {out} was started with --{key} {saved[key]}, not "
                               f"{getattr(cfg, key)}; use another --out or --overwrite")
     for section in ("model", "data", "search"):

@@ -162,3 +162,35 @@ def test_resume_refuses_another_run_length(tmp_path):
     longer.resume = True
     with pytest.raises(RunDirError, match="started for 4 steps, this one asks for 8; give the same --max-steps"):
         run_search(longer, command="test")
+
+
+def test_resume_compares_budgets_by_value_not_by_spelling(tmp_path):
+    from rankalloc.errors import RunDirError
+
+    run_search(tiny_config(tmp_path, ModelConfig(num_layers=1), budget="5k", steps=4, r_max=4), command="test")
+    same = tiny_config(tmp_path, ModelConfig(num_layers=1), budget="5000", steps=4, r_max=4)
+    same.resume = True
+    assert run_search(same, command="test").out == tmp_path / "run"  # 5k and 5000: the same run
+    other = tiny_config(tmp_path, ModelConfig(num_layers=1), budget="6k", steps=4, r_max=4)
+    other.resume = True
+    with pytest.raises(RunDirError, match="started with --budget 5k, not 6k"):
+        run_search(other, command="test")
+
+
+def test_a_short_run_still_moves_its_gates_and_reaches_the_budget(tmp_path):
+    """--max-steps 8 of a 30-step search: the warm-up shrinks from 5 to 1 step, so there are gate steps,
+    and the cost target reaches the budget (B at step 1 + 3) before the end."""
+    cfg = tiny_config(tmp_path, ModelConfig(num_layers=1), budget="5k", steps=30, r_max=4)
+    cfg.search.warmup_steps, cfg.max_steps = 5, 8
+    assert cfg.warmup_steps() == 1
+    history = run_search(cfg, command="test").history
+    assert len(history) == 8 and history[-1]["target_ratio"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("warmup, steps", [(30, 30), (20, 30)])
+def test_a_warmup_that_leaves_no_gate_step_at_the_budget_is_refused(warmup, steps):
+    from rankalloc.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--search.warmup_steps \d+ plus the budget ramp .* allowed: "
+                                          r"warmup_steps 0 to 17"):
+        SearchParams(steps=steps, warmup_steps=warmup).validate()
