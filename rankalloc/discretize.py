@@ -71,6 +71,10 @@ def discretize(scores: Sequence[Sequence[float]], costs: Sequence[int], budget: 
         ranks = _solve_milp(values, costs, budget, min_fill)
     used = sum(r * c for r, c in zip(ranks, costs))
     assert used <= budget, "discretiser exceeded the budget"  # a bug, not a user error
+    if used < min_fill * budget:
+        logger.warning("the rank map uses %d of the budget %d parameters (%.1f%%): no ranks within these candidates "
+                       "fill [%.0f%%, 100%%] of it (cost per rank: %s)", used, budget, 100 * used / budget,
+                       100 * min_fill, ", ".join(str(c) for c in sorted(set(costs))[:4]))
     return ranks
 
 

@@ -119,3 +119,16 @@ def test_knapsack_charges_cost_where_probability_rounding_does_not():
     assert discretize(scores, costs, 10, rounding="probability") == [2, 0]  # the surer components first
     with pytest.raises(ValueError, match="rounding must be one of"):
         discretize(scores, costs, 10, rounding="greedy")
+
+
+def test_a_budget_that_no_ranks_fill_to_99_percent_is_said_in_the_log(caplog):
+    """Four 1,536-parameter ranks cannot fill 2,536 beyond 1,536 (61%): the map is the best below B, and
+    the log says how full it is instead of leaving it to be noticed."""
+    with caplog.at_level("WARNING", logger="rankalloc.discretize"):
+        ranks = discretize([[0.9] * 8] * 4, [1536] * 4, 2536)
+    assert sum(ranks) == 1
+    assert "uses 1536 of the budget 2536 parameters (60.6%)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rankalloc.discretize"):
+        discretize([[0.9] * 8] * 4, [1536] * 4, 3072)
+    assert caplog.text == ""
