@@ -53,7 +53,9 @@ def parse_budget(text: str | int) -> BudgetSpec:
     if not m:
         raise BudgetError(f"--budget {raw!r} is not a budget; allowed: {ALLOWED}")
     number, suffix = float(m.group(1)), m.group(2).lower()
-    if not math.isfinite(number) or number <= 0:
+    if not math.isfinite(number):
+        raise BudgetError(f"--budget {raw}: not a finite number; allowed: {ALLOWED}")
+    if number <= 0:
         raise BudgetError(f"--budget {raw}: a budget must be positive; allowed: {ALLOWED}")
     if suffix == "%":
         if number > 100:

@@ -41,6 +41,8 @@ def test_valid_budgets(text, value, percent):
     ("1.5k5", "not a budget"),
     ("nan", "not a budget"),
     ("inf", "not a budget"),
+    ("1e999", "not a finite number"),
+    ("1e999%", "not a finite number"),
 ])
 def test_invalid_budgets(text, fragment):
     with pytest.raises(BudgetError) as err:
