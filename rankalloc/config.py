@@ -100,7 +100,8 @@ class DataConfig:
 @dataclass
 class SearchParams:
     r_max: int | None = _f(None, "Largest rank any layer may get during the search; null = automatic "
-                           "(a power of two about 2.5x the uniform rank that the budget affords).")
+                           "(the smallest power of two at or above 2.5x the uniform rank that the budget "
+                           "affords, at least 4, at most 64: 4x the uniform rank at r = 1, 2, 4, 8).")
     scale: float = _f(2.0, "LoRA scale s = alpha / r, the same for every rank (alpha = scale * r).")
     steps: int = _f(30, "Weight steps of the search (each followed by a gate step once gates move). 30 matched "
                     "60 and 180 in accuracy at a half and a sixth of the cost (benchmarks/LOG.md).")
@@ -131,7 +132,7 @@ class SearchParams:
                                          "constant).")
     lora_dropout: float = _f(0.0, "Dropout on the adapter input.")
     log_every: int = _f(20, "Weight steps between log lines.")
-    checkpoint_every: int = _f(50, "Weight steps between checkpoints (0 = only at the end).")
+    checkpoint_every: int = _f(10, "Weight steps between checkpoints (0 = only at the end).")
     gap_batches: int = _f(8, "Held-out batches used to measure the discretisation gap.")
     rounding: str = _f("knapsack", "From gate scores to ranks: 'knapsack' (maximise the summed keep-probability: "
                        "score per parameter) or 'probability' (keep components in order of keep-probability "
@@ -218,7 +219,7 @@ class ExportConfig:
     budget: str | None = _f(None, "New budget (default: the searched one): 500k, 0.3M, 0.5%, ...")
     max_rank: int | None = _f(None, "Cap on every module's rank (e.g. 8, 16, 32, 64 for serving stacks).")
     rounding: str | None = _f(None, "knapsack or probability (see --search.rounding); default: the search's.")
-    out: str | None = _f(None, "Output folder (default: RUN/exports/<budget>[-r<cap>]).")
+    out: str | None = _f(None, "Output folder (default: RUN/exports/<budget>[-r<cap>][-<rounding>]).")
     overwrite: bool = _f(False, "Replace an existing export folder.")
 
     def validate(self) -> None:

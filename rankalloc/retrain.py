@@ -4,11 +4,11 @@
 from the rank map - layer ``l`` gets a plain LoRA of rank ``r_l``, ``W x + (alpha/r) B A x`` with
 ``alpha = scale * r`` - trains it from a fresh initialisation on every training example of the task
 (the search's weight and gate splits together) and evaluates it on the task's evaluation split, which
-the search never saw.  ``--baseline uniform|random|adalora --budget B`` trains the baselines with the very
+the search never saw.  ``--baseline uniform|random|gradient|adalora --budget B`` trains the baselines with the very
 same recipe (:class:`~rankalloc.config.TrainParams`); only the adapter shape differs (AdaLoRA also
 keeps its own learning rate and budget schedule, as its authors tune it).
 
-Outputs in ``--out``: ``adapter/`` (an ordinary peft adapter), ``metrics.json``, ``rank_map.json``
+Outputs in ``--out``: ``adapter/`` (an ordinary peft adapter), ``metrics.json``, ``history.json``, ``rank_map.json``
 (the ranks trained; for AdaLoRA the ranks it kept), ``merged/`` with ``--merge``, and ``status.json``.
 """
 from __future__ import annotations
@@ -50,6 +50,7 @@ from .warm_start import warm_start
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "minilm-l6"
+RELOAD_TOLERANCE = 1e-3  # largest logit difference of the saved adapter (or merged model) before a warning
 
 
 @dataclass
@@ -356,6 +357,11 @@ def save_outputs(out: Path, cfg: RetrainConfig, peft_model: nn.Module, tokenizer
         with _atomic_dir(out / "merged") as tmp:
             merged.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
+    for name in ("reload_max_abs_diff", "merged_max_abs_diff"):
+        if checks.get(name, 0.0) > RELOAD_TOLERANCE:
+            logger.warning("%s: the saved model's logits differ from the trained model's by %.2g (more than %g); "
+                           "check the peft and transformers versions before using it", name, checks[name],
+                           RELOAD_TOLERANCE)
     return checks
 
 
