@@ -32,19 +32,20 @@ import torch
 from torch import nn
 
 from . import __version__, distributed, io, rundir
-from .baselines import (adalora_config, adalora_summary, gradient_ranks, install_param_budget, orthogonality_penalty,
-                        random_ranks, uniform_rank)
+from .baselines import (adalora_config, adalora_summary, gradient_ranks, install_param_budget, random_ranks,
+                        uniform_rank)
 from .budget import parse_budget
 from .config import DATASET_FIELDS, DataConfig, RetrainConfig
 from .flags import to_dict
-from .data import EpochSampler, Split, TaskData, prepare_task
+from .data import Split, TaskData, prepare_task
 from .errors import ModelError
 from .families import Classification, Family
 from .models import (Target, count_parameters, find_targets, head_modules, load_model, load_model_config,
                      load_tokenizer, resolve_device)
 from .rank_map import RankMap
+from .retrain_loop import predict, train
 from .sensitivity import gradient_spectra
-from .training import check_finite, peak_memory, set_seed, to_device
+from .training import peak_memory, set_seed, to_device
 from .warm_start import warm_start
 
 logger = logging.getLogger(__name__)
@@ -59,73 +60,6 @@ class RetrainResult:
     metrics: dict[str, Any]
     logits: np.ndarray  # the trained model's logits on the evaluation split
     labels: np.ndarray
-
-
-# --------------------------------------------------------------------------------------------------
-# The training loop and the evaluation
-# --------------------------------------------------------------------------------------------------
-def linear_schedule(total: int, warmup: int) -> Callable[[int], float]:
-    """Learning-rate factor: linear warm-up over ``warmup`` steps, then linear decay to 0 at ``total``."""
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
-    return factor
-
-
-def train(model: nn.Module, train_split: Split, steps: int, lr: float, cfg: RetrainConfig, device: torch.device,
-          adalora: bool = False, on_step: Callable[[dict[str, Any]], None] | None = None,
-          dist_info: distributed.DistInfo = distributed.DistInfo(), family: Family | None = None) -> list[dict[str, Any]]:
-    """``steps`` AdamW steps on batches of ``train_split``; AdaLoRA adds its orthogonality regulariser to
-    the loss and re-allocates its ranks after each step."""
-    family = family or Classification()
-    p = cfg.train
-    params = [q for q in model.parameters() if q.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=p.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(steps, math.ceil(p.warmup_ratio * steps)))
-    # every rank draws the same global batch and keeps its slice (see rankalloc.distributed)
-    sampler = EpochSampler(len(train_split), cfg.data.batch_size * dist_info.world_size, cfg.seed)
-    history = []
-    model.train()
-    for step in range(steps):
-        batch = to_device(train_split.batch(distributed.shard(sampler.next(), dist_info)), device)
-        opt.zero_grad(set_to_none=True)
-        loss = family.forward(model, batch).loss
-        if adalora:
-            loss = loss + p.adalora_orth_reg_weight * orthogonality_penalty(model)
-        value = float(distributed.mean(loss.detach(), dist_info))
-        check_finite(value, "training loss", step, None)
-        loss.backward()
-        distributed.average_gradients(params, dist_info)
-        opt.step()
-        sched.step()
-        if adalora:  # after the update, before the gradients are cleared: it scores |w * grad|
-            model.base_model.update_and_allocate(step + 1)
-        row = {"step": step + 1, "total_steps": steps, "train_loss": value, "lr": sched.get_last_lr()[0]}
-        history.append(row)
-        if (step + 1) % p.log_every == 0 or step + 1 == steps:
-            recent = [r["train_loss"] for r in history[-p.log_every:]]
-            logger.info("step %d/%d  loss %.4f  lr %.2e", step + 1, steps, float(np.mean(recent)), row["lr"])
-        if on_step is not None:
-            on_step(row)
-    return history
-
-
-@torch.no_grad()
-def predict(model: nn.Module, split: Split, batch_size: int, device: torch.device,
-            family: Family | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The family's per-example outputs ("logits") and labels over ``split``, in eval mode."""
-    family = family or Classification()
-    was_training = model.training
-    model.eval()
-    logits, labels = [], []
-    try:
-        for batch in split.iter_batches(batch_size):
-            labels.append(family.eval_labels(batch).numpy())
-            logits.append(family.forward(model, to_device(batch, device)).logits.float().cpu().numpy())
-    finally:
-        model.train(was_training)
-    return np.concatenate(logits), np.concatenate(labels)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def _reload(folder: Path):
 
 
 def _logits(model) -> np.ndarray:
-    from rankalloc.retrain import predict
+    from rankalloc.retrain_loop import predict
 
     return predict(model, _eval_split(), 32, torch.device("cpu"))[0]
 
