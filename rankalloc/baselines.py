@@ -101,11 +101,20 @@ def knapsack_ranks(targets: list[Target], budget: int, scores_for: Callable[[dic
     Raises:
         BudgetError: ``budget`` is outside what the candidate ranks can reach.
     """
-    costs = [t.cost_per_rank for t in targets]
-    r_max = candidate_r_max(targets, budget)
-    check_budget(budget, costs, r_max.values(), budget_text)
-    ranks = discretize(scores_for(r_max), costs, budget)
+    r_max = knapsack_candidates(targets, budget, budget_text)
+    ranks = discretize(scores_for(r_max), [t.cost_per_rank for t in targets], budget)
     return {t.name: int(k) for t, k in zip(targets, ranks)}
+
+
+def knapsack_candidates(targets: list[Target], budget: int, budget_text: str | None = None) -> dict[str, int]:
+    """The search's candidate ranks per target at ``budget``, once the budget is known to be reachable.
+
+    Raises:
+        BudgetError: ``budget`` is outside what the candidate ranks can reach.
+    """
+    r_max = candidate_r_max(targets, budget)
+    check_budget(budget, [t.cost_per_rank for t in targets], r_max.values(), budget_text)
+    return r_max
 
 
 def check_baseline_budget(method: str, targets: list[Target], budget: int, p: TrainParams,
@@ -115,10 +124,9 @@ def check_baseline_budget(method: str, targets: list[Target], budget: int, p: Tr
     if method == "uniform":
         uniform_rank(targets, budget, budget_text)
     elif method == "adalora":
-        adalora_config(targets, budget, 100, p, [], budget_text)
+        adalora_config(targets, budget, 100, p, [], budget_text)  # the step count does not enter the check
     else:  # random, gradient: the search's candidate ranks and knapsack
-        check_budget(budget, [t.cost_per_rank for t in targets], candidate_r_max(targets, budget).values(),
-                     budget_text)
+        knapsack_candidates(targets, budget, budget_text)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -239,8 +239,8 @@ def _budget_key(text: Any) -> tuple[float, bool]:
 def load_checkpoint(out: Path, cfg: SearchConfig, gated: GatedModel, opts: dict[str, Any]) -> SearchState:
     ckpt = torch.load(out / rundir.CHECKPOINT, map_location="cpu", weights_only=False)
     saved = ckpt["config"]
-    for key, same in (("budget", lambda a, b: _budget_key(a) == _budget_key(b)), ("seed", lambda a, b: a == b)):
-        if not same(saved[key], getattr(cfg, key)):  # 0.5M and 500k are the same budget
+    for key, value_of in (("budget", _budget_key), ("seed", int)):  # 0.5M and 500k are the same budget
+        if value_of(saved[key]) != value_of(getattr(cfg, key)):
             raise RunDirError(f"--resume: the run in {out} was started with --{key} {saved[key]}, not "
                               f"{getattr(cfg, key)}; use another --out or --overwrite")
     for section in ("model", "data", "search"):

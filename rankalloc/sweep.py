@@ -286,8 +286,7 @@ def _check_baseline_points(cfg: SweepConfig, budgets: list[int]) -> None:
             try:
                 check_baseline_budget(method, targets, budget, cfg.train)
             except BudgetError as e:
-                raise BudgetError(f"--baseline {method} cannot run at the sweep's budget {budget:,}: "
-                                  f"{str(e).split(': ', 1)[-1]}") from None
+                raise BudgetError(f"--baseline {method} cannot run at the sweep's budget {budget:,}: {e}") from None
 
 
 def _check_budget_distribution(study: Any, cfg: SweepConfig, budgets: list[int]) -> None:
