@@ -159,7 +159,8 @@ def _records_frame(records: list[Any], path: Path) -> pd.DataFrame:
 # datasets hub
 # --------------------------------------------------------------------------------------------------
 def _load_hub(cfg: DataConfig, builtin_names: Iterable[str]) -> RawTask:
-    """Load ``cfg.task`` with ``datasets.load_dataset``; train = "train", eval = "validation" or "test".
+    """Load ``cfg.task`` with ``datasets.load_dataset`` (or ``load_from_disk`` for a ``save_to_disk`` folder);
+    train = "train", eval = "validation" or "test".
 
     ``builtin_names`` are the built-in tasks, suggested in the message when the hub cannot be reached.
 
@@ -174,11 +175,24 @@ def _load_hub(cfg: DataConfig, builtin_names: Iterable[str]) -> RawTask:
     except ImportError:
         raise DataError(f"{label}: not a built-in task or local file, and the 'datasets' package is not "
                         f"installed to load it from the hub; {offline_hint}") from None
-    try:
-        splits = datasets.load_dataset(cfg.task, cfg.hub_config)
-    except Exception as e:  # network, missing dataset, bad config: all user-fixable
-        raise DataError(f"{label}: could not be loaded as a datasets hub name ({_first_line(e)}); "
-                        f"{offline_hint}") from None
+    saved = Path(cfg.task).expanduser()
+    if _is_saved_dataset(saved):  # written by Dataset(Dict).save_to_disk: load_dataset refuses these
+        if cfg.hub_config:
+            raise DataError(f"{label}: --data.hub_config names a hub configuration, but {cfg.task} is a folder "
+                            "written by save_to_disk; drop --data.hub_config")
+        try:
+            splits = datasets.load_from_disk(str(saved))
+        except Exception as e:
+            raise DataError(f"{label}: a folder written by save_to_disk that could not be read "
+                            f"({_first_line(e)})") from None
+        if isinstance(splits, datasets.Dataset):  # one split: the evaluation split is held out of it
+            splits = datasets.DatasetDict({"train": splits})
+    else:
+        try:
+            splits = datasets.load_dataset(cfg.task, cfg.hub_config)
+        except Exception as e:  # network, missing dataset, bad config: all user-fixable
+            raise DataError(f"{label}: could not be loaded as a datasets hub name ({_first_line(e)}); "
+                            f"{offline_hint}") from None
     if not hasattr(splits, "keys") or "train" not in splits:
         found = ", ".join(splits.keys()) if hasattr(splits, "keys") else type(splits).__name__
         raise DataError(f"{label}: has no 'train' split (splits: {found})")
@@ -204,6 +218,11 @@ def _load_hub(cfg: DataConfig, builtin_names: Iterable[str]) -> RawTask:
         logger.info("%s: evaluating on the %r split", label, eval_name)
     name = cfg.task.rstrip("/").split("/")[-1] + (f"-{cfg.hub_config}" if cfg.hub_config else "")
     return RawTask(name, train, evaluation, names, "text_pair" in train.columns, family)
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    """Whether ``path`` is a folder written by ``datasets``' ``save_to_disk`` (one split or a dict of them)."""
+    return path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
 
 
 def _drop_hidden_labels(train: pd.DataFrame, evaluation: pd.DataFrame | None, label: str,

@@ -9,7 +9,9 @@
    ``python -m rankalloc.tasks prepare NAME`` into a cache folder (``$RANKALLOC_CACHE/tasks``, default
    ``~/.cache/rankalloc/tasks``);
 2. a local ``.csv``/``.tsv``/``.json``/``.jsonl``/``.parquet`` file (``cfg.eval_file`` optional);
-3. anything else is handed to ``datasets.load_dataset(cfg.task, cfg.hub_config)``.
+3. a folder written by ``datasets``' ``save_to_disk`` (a ``DatasetDict``, or one ``Dataset`` used as the
+   training split) is read with ``datasets.load_from_disk``;
+4. anything else is handed to ``datasets.load_dataset(cfg.task, cfg.hub_config)``.
 
 Class labels may be integer ids or class names.  Integer ids ``>= 0`` are kept as they are
 (``K = max + 1``); other integers, and class names, are mapped in sorted order onto ``0..K-1``.

@@ -240,6 +240,38 @@ def test_hub_dataset_with_class_labels(monkeypatch, eval_split, eval_labels, exp
     assert (raw.eval is None) if expect_eval is None else (len(raw.eval) == expect_eval)
 
 
+def _saved_splits():
+    import datasets
+
+    features = datasets.Features({"sentence": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["negative", "positive"])})
+    return datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"sentence": ["a", "b", "c", "d"], "label": [1, 0, 1, 0]},
+                                            features=features),
+        "validation": datasets.Dataset.from_dict({"sentence": ["e", "f", "g"], "label": [0, 1, 1]},
+                                                 features=features),
+    })
+
+
+def test_save_to_disk_folders_load_without_the_hub(tmp_path, monkeypatch):
+    import datasets
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("a save_to_disk folder must not go through load_dataset")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    splits = _saved_splits()
+    splits.save_to_disk(str(tmp_path / "both"))
+    splits["train"].save_to_disk(str(tmp_path / "train-only"))
+    raw = load_raw_task(DataConfig(task=str(tmp_path / "both"), text_column="sentence"))
+    assert raw.name == "both" and raw.label_names == ["negative", "positive"]
+    assert raw.train["label"].tolist() == [1, 0, 1, 0] and raw.eval["label"].tolist() == [0, 1, 1]
+    raw = load_raw_task(DataConfig(task=str(tmp_path / "train-only"), text_column="sentence"))
+    assert raw.eval is None and raw.train["text"].tolist() == ["a", "b", "c", "d"]
+    with pytest.raises(DataError, match="hub_config"):
+        load_raw_task(DataConfig(task=str(tmp_path / "both"), hub_config="sst2", text_column="sentence"))
+
+
 # --------------------------------------------------------------------------------------------------
 # Prepared (sdist-based) built-in tasks
 # --------------------------------------------------------------------------------------------------
