@@ -74,6 +74,7 @@ def export_rank_map(scores: Scores, budget: int, max_rank: int | None = None,
 
 
 def run_export(cfg: ExportConfig) -> tuple[Path, RankMap]:
+    cfg.validate()  # a config built in Python gets the command line's checks
     scores = Scores.load(cfg.run)
     spec = parse_budget(cfg.budget) if cfg.budget else None
     budget = spec.resolve(scores.data["base_params"]) if spec else scores.data["searched_budget"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import sys
 import types
 import typing
@@ -243,3 +244,29 @@ def parse_args(cls: type, argv: list[str] | None, prog: str, description: str,
             _apply(cfg, dotted, raw, short.get(dotted, f"--{dotted}"))
     cfg.validate()
     return cfg, ns
+
+
+def stage_command(stage: str, cfg: Any) -> str:
+    """The command line that runs ``stage`` with exactly ``cfg``: every field that differs from the
+    stage's defaults, as a flag (``--overwrite``/``--resume`` left out)."""
+    default = type(cfg)()
+    short = {v: k for k, v in SHORT_FLAGS.items()}
+    args = []
+    for dotted, _tp, _f in walk_fields(type(cfg)):
+        value, base = _get(cfg, dotted), _get(default, dotted)
+        if value == base or dotted in ("overwrite", "resume"):
+            continue
+        if isinstance(value, list):
+            text = ",".join(str(v) for v in value)
+        elif value is None:
+            text = "null"
+        else:
+            text = str(value).lower() if isinstance(value, bool) else str(value)
+        args += [short.get(dotted, f"--{dotted}"), text]
+    return f"python -m rankalloc.{stage} " + " ".join(shlex.quote(a) for a in args)
+
+
+def _get(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj

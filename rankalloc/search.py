@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from . import __version__, distributed, io, rundir
 from .adapters import GatedModel, trainable_only
 from .budget import candidate_r_max, check_budget, parse_budget
 from .config import DATASET_FIELDS, SearchConfig, SearchParams
-from .flags import to_dict
+from .flags import stage_command, to_dict
 from .data import EpochSampler, TaskData, prepare_task
 from .discretize import discretize
 from .errors import RunDirError
@@ -297,8 +296,9 @@ def run_search(cfg: SearchConfig, command: str | None = None,
         RankallocError: bad budget, data, model, config or run folder (one-line messages).
     """
     t0 = time.time()
+    cfg.validate()  # a config built in Python gets the command line's checks
     spec = parse_budget(cfg.budget)  # a malformed budget is refused before any model work
-    command = command or "python -m rankalloc.search " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = command or stage_command("search", cfg)
     out = Path(cfg.out) if cfg.out else rundir.default_out("search", spec.text, cfg.seed)
     dist_info = distributed.init(cfg.device)
     set_seed(cfg.seed)  # the same seed on every rank: sampled gates agree across ranks

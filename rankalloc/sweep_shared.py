@@ -9,7 +9,6 @@ import fcntl
 import json
 import logging
 import math
-import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any, Iterator
 from . import io
 from .budget import auto_r_max, check_budget, parse_budget
 from .config import SearchConfig, SweepConfig
-from .flags import SHORT_FLAGS, to_dict, walk_fields
+from .flags import stage_command, to_dict
 from .errors import BudgetError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -57,32 +56,6 @@ def _absolute(text: str, item: str) -> int:
     if spec.percent:
         raise BudgetError(f"--budgets {item}: give parameter counts (500k, 0.5M), not a share of the model")
     return int(spec.value)
-
-
-def stage_command(stage: str, cfg: Any) -> str:
-    """The command line that runs ``stage`` with exactly ``cfg``: every field that differs from the
-    stage's defaults, as a flag (``--overwrite``/``--resume`` left out)."""
-    default = type(cfg)()
-    short = {v: k for k, v in SHORT_FLAGS.items()}
-    args = []
-    for dotted, _tp, _f in walk_fields(type(cfg)):
-        value, base = _get(cfg, dotted), _get(default, dotted)
-        if value == base or dotted in ("overwrite", "resume"):
-            continue
-        if isinstance(value, list):
-            text = ",".join(str(v) for v in value)
-        elif value is None:
-            text = "null"
-        else:
-            text = str(value).lower() if isinstance(value, bool) else str(value)
-        args += [short.get(dotted, f"--{dotted}"), text]
-    return f"python -m rankalloc.{stage} " + " ".join(shlex.quote(a) for a in args)
-
-
-def _get(obj: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import pytest
 
 from rankalloc import sweep, sweep_shared, sweep_study
 from rankalloc.config import ExportConfig, RetrainConfig, SearchConfig, SweepConfig, TrainParams
-from rankalloc.flags import parse_args
+from rankalloc.flags import parse_args, stage_command
 from rankalloc.errors import BudgetError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ def test_recorded_commands_rebuild_the_same_config(cls, argv):
     import shlex
 
     cfg, _ = parse_args(cls, argv, "t", "")
-    command = sweep_shared.stage_command(cls.__name__.replace("Config", "").lower(), cfg)
+    command = stage_command(cls.__name__.replace("Config", "").lower(), cfg)
     again, _ = parse_args(cls, shlex.split(command)[3:], "t", "")
     assert again == cfg
 

@@ -1,0 +1,65 @@
+"""The stages called from Python: the same config objects as the command line, the same checks, and a
+recorded command that rebuilds the config."""
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+
+import pytest
+
+import rankalloc
+from rankalloc.errors import ConfigError
+from rankalloc.flags import parse_args
+
+pytestmark = [pytest.mark.filterwarnings("ignore:The following rank_pattern keys did not match"),
+              pytest.mark.usefixtures("one_thread")]
+DATA = dict(task="tweets", max_length=24, max_train_examples=96, max_eval_examples=32, batch_size=16,
+            eval_batch_size=32)
+
+
+def test_import_is_light_and_names_every_stage():
+    for name in ("SearchConfig", "ExportConfig", "RetrainConfig", "SweepConfig",
+                 "run_search", "run_export", "run_retrain", "run_sweep"):
+        assert name in rankalloc.__all__ and getattr(rankalloc, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'run_everything'"):
+        rankalloc.run_everything
+
+
+@pytest.mark.parametrize("stage, cfg, message", [
+    ("run_search", lambda: rankalloc.SearchConfig(), "--budget is required"),
+    ("run_search", lambda: rankalloc.SearchConfig(budget="10k", overwrite=True, resume=True), "exclude each other"),
+    ("run_retrain", lambda: rankalloc.RetrainConfig(), "rank"),
+    ("run_sweep", lambda: rankalloc.SweepConfig(), "--budgets is required"),
+])
+def test_a_config_built_in_python_gets_the_command_line_checks(tmp_path, monkeypatch, stage, cfg, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        getattr(rankalloc, stage)(cfg())
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
+
+
+def test_search_then_retrain_from_python(tmp_path, monkeypatch):
+    import peft
+
+    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "kernel.json"])  # as in a notebook
+    model = rankalloc.config.ModelConfig(num_layers=1)
+    cfg = rankalloc.SearchConfig(budget="6912", seed=0, device="cpu", out=str(tmp_path / "search"), model=model,
+                                 data=rankalloc.config.DataConfig(**DATA),
+                                 search=rankalloc.config.SearchParams(steps=4, warmup_steps=1, gap_batches=1))
+    result = rankalloc.run_search(cfg)
+    assert result.rank_map.total_params <= 6912
+
+    # the recorded command is the config's, not the notebook's argv, and it rebuilds the same config
+    command = json.loads((result.out / "summary.json").read_text())["command"]
+    assert command.startswith("python -m rankalloc.search ") and "ipykernel" not in command
+    again, _ = parse_args(rankalloc.SearchConfig, shlex.split(command)[3:], "rankalloc search", "")
+    assert again == cfg
+
+    trained = rankalloc.run_retrain(rankalloc.RetrainConfig(
+        rank_map=str(result.out / "rank_map.json"), seed=0, device="cpu", out=str(tmp_path / "retrain"),
+        max_steps=2, data=rankalloc.config.DataConfig(**DATA)))
+    assert trained.metrics["adapter_params"] == result.rank_map.total_params
+    assert trained.metrics["command"].startswith("python -m rankalloc.retrain --rank-map ")
+    loaded = peft.PeftConfig.from_pretrained(str(trained.out / "adapter"))
+    assert {k.strip("^$") for k in loaded.rank_pattern} == {n for n, r in result.rank_map.ranks.items() if r > 0}
