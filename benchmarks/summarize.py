@@ -1,6 +1,10 @@
 """Tables and the accuracy-versus-parameters plot from ``benchmarks/results/<grid>/*.json``.
 
     python benchmarks/summarize.py --grid quick     # writes results/quick/summary.md and accuracy_vs_params.png
+    python benchmarks/summarize.py --grid tight --with "tight-qv:uniform=uniform q,v"   # add another grid's cells
+
+``--with GRID:METHOD=LABEL`` (repeatable) adds the cells of METHOD from another grid under the name LABEL,
+e.g. a uniform baseline on hand-picked targets that ran in its own grid; rankalloc's deltas include it.
 """
 from __future__ import annotations
 
@@ -17,6 +21,24 @@ sys.path.insert(0, str(HERE.parent))
 
 def load(grid: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(grid.glob("*.json"))]
+
+
+def load_extra(spec: str, results: Path = HERE / "results") -> list[dict]:
+    """``GRID:METHOD=LABEL``: METHOD's records from ``results/GRID``, renamed LABEL.
+
+    Raises:
+        ValueError: a malformed spec, a LABEL that is already a method name, or no such cells.
+    """
+    where, sep, label = spec.partition("=")
+    other, colon, method = where.partition(":")
+    if not (sep and colon and other and method and label.strip()):
+        raise ValueError(f"--with {spec!r}: expected GRID:METHOD=LABEL, e.g. 'tight-qv:uniform=uniform q,v'")
+    if label in ("rankalloc", "random", "gradient", "uniform", "adalora"):
+        raise ValueError(f"--with {spec!r}: the label {label!r} is a method name; pick another")
+    records = [dict(r, method=label) for r in load(results / other) if r["method"] == method]
+    if not records:
+        raise ValueError(f"--with {spec!r}: no {method} cells in results/{other}")
+    return records
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -43,8 +65,12 @@ def summarize(records: list[dict]) -> tuple[str, list[dict]]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
         groups[(r["task"], r["budget"], r["method"])].append(r)
-    bases = (["random"] if any(k[2] == "random" for k in groups) else []) + ["uniform", "adalora"]
-    names = {"random": "random scores", "uniform": "uniform", "adalora": "AdaLoRA"}
+    # every other method present is a baseline (the default grid's three first, in this order)
+    present = {k[2] for k in groups} - {"rankalloc"}
+    bases = [m for m in ("random", "gradient", "uniform", "adalora") if m in present] \
+        + sorted(present - {"random", "gradient", "uniform", "adalora"})
+    names = {"random": "random scores", "gradient": "gradient", "uniform": "uniform", "adalora": "AdaLoRA"}
+    names.update({m: m for m in bases if m not in names})
     lines = ["| task | budget | method | seeds | score (mean ± std) | macro-F1 | adapter params (% of B) | "
              "wall time (s) | peak RSS (MiB) | " + " | ".join(f"Δ vs {names[b]}" for b in bases) + " |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(bases)]
@@ -79,12 +105,20 @@ def summarize(records: list[dict]) -> tuple[str, list[dict]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grid", default="quick")
+    parser.add_argument("--with", dest="extra", action="append", default=[], metavar="GRID:METHOD=LABEL",
+                        help="add METHOD's cells from results/GRID under the name LABEL (repeatable)")
+    parser.add_argument("--results", type=Path, default=HERE / "results", help="the folder of the grids")
     args = parser.parse_args(argv)
-    grid = HERE / "results" / args.grid
+    grid = args.results / args.grid
     records = load(grid)
     if not records:
         print(f"no results in {grid}", file=sys.stderr)
         return 1
+    for spec in args.extra:
+        try:
+            records += load_extra(spec, args.results)
+        except ValueError as e:
+            parser.error(str(e))
     table, points = summarize(records)
     meta = records[0].get("meta", {})
     runs = sorted({(r.get("meta", {}).get("command", "?"), r.get("meta", {}).get("git_revision", "?"),

@@ -1,4 +1,5 @@
-"""benchmarks/compare.py: cells are paired on (task, budget, seed), and only those on both sides count."""
+"""benchmarks/compare.py and summarize.py: cells are paired on (task, budget, seed), and only those on both
+sides count."""
 from __future__ import annotations
 
 import importlib.util
@@ -10,11 +11,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _compare_module():
-    spec = importlib.util.spec_from_file_location("bench_compare", REPO / "benchmarks" / "compare.py")
+def _benchmark_module(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _compare_module():
+    return _benchmark_module("compare")
 
 
 def _cell(folder: Path, method: str, seed: int, score: float, budget: int = 82944, task: str = "tweets") -> None:
@@ -45,3 +50,29 @@ def test_bad_sides_are_refused_in_one_line(tmp_path):
         with pytest.raises(SystemExit) as err:
             compare.main([*argv, "--results", str(tmp_path)])
         assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_summarize_adds_another_grids_cells_as_a_named_baseline(tmp_path, capsys):
+    summarize = _benchmark_module("summarize")
+    for seed, (a, b, c) in enumerate([(0.76, 0.75, 0.70), (0.74, 0.72, 0.71)]):
+        _cell(tmp_path / "tight", "rankalloc", seed, a, budget=9216)
+        _cell(tmp_path / "tight", "random", seed, c, budget=9216)
+        _cell(tmp_path / "tight-qv", "uniform", seed, b, budget=9216)
+    _cell(tmp_path / "tight-qv", "adalora", 0, 0.10, budget=9216)  # another method of that grid: left out
+    for record in (tmp_path / "tight").glob("*.json"):  # what run.py records besides the score
+        data = json.loads(record.read_text())
+        record.write_text(json.dumps(dict(data, adapter_params=9216, macro_f1=0.5, meta={"command": "x"})))
+    for record in (tmp_path / "tight-qv").glob("*.json"):
+        record.write_text(json.dumps(dict(json.loads(record.read_text()), adapter_params=9216)))
+    assert summarize.main(["--grid", "tight", "--with", "tight-qv:uniform=uniform q,v",
+                           "--results", str(tmp_path)]) == 0
+    table = (tmp_path / "tight" / "summary.md").read_text()
+    assert "Δ vs random scores | Δ vs uniform q,v |" in table and "adalora" not in table
+    row = next(line for line in table.splitlines() if "| rankalloc |" in line)
+    assert row.rstrip(" |").endswith("+4.50 | +1.50")  # paired means over seeds 0 and 1, in points
+    assert (tmp_path / "tight" / "accuracy_vs_params.png").stat().st_size > 0
+    for bad, says in [("tight-qv:uniform", "GRID:METHOD=LABEL"), ("tight-qv:uniform=uniform", "method name"),
+                      ("tight-qv:gradient=g", "no gradient cells")]:
+        with pytest.raises(SystemExit):
+            summarize.main(["--grid", "tight", "--with", bad, "--results", str(tmp_path)])
+        assert says in capsys.readouterr().err
