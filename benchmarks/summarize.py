@@ -31,8 +31,11 @@ def load_extra(spec: str, results: Path = HERE / "results") -> list[dict]:
     """
     where, sep, label = spec.partition("=")
     other, colon, method = where.partition(":")
-    if not (sep and colon and other and method and label.strip()):
+    label = label.strip()
+    if not (sep and colon and other and method and label):
         raise ValueError(f"--with {spec!r}: expected GRID:METHOD=LABEL, e.g. 'tight-qv:uniform=uniform q,v'")
+    if "|" in label:
+        raise ValueError(f"--with {spec!r}: a label cannot contain '|' (it separates the table's columns)")
     if label in ("rankalloc", "random", "gradient", "uniform", "adalora"):
         raise ValueError(f"--with {spec!r}: the label {label!r} is a method name; pick another")
     records = [dict(r, method=label) for r in load(results / other) if r["method"] == method]
@@ -116,9 +119,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for spec in args.extra:
         try:
-            records += load_extra(spec, args.results)
+            extra = load_extra(spec, args.results)
         except ValueError as e:
             parser.error(str(e))
+        if extra[0]["method"] in {r["method"] for r in records}:  # two sources would merge into one row
+            parser.error(f"--with {spec!r}: the label {extra[0]['method']!r} is already used; pick another")
+        records += extra
     table, points = summarize(records)
     meta = records[0].get("meta", {})
     runs = sorted({(r.get("meta", {}).get("command", "?"), r.get("meta", {}).get("git_revision", "?"),

@@ -26,6 +26,10 @@ __all__ = [
 ]
 
 
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_STAGE_NAMES))
+
+
 def __getattr__(name: str):
     if name in _STAGE_NAMES:
         import importlib

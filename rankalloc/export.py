@@ -21,6 +21,7 @@ from .budget import check_budget, parse_budget
 from .config import ExportConfig
 from .discretize import discretize
 from .errors import RunDirError
+from .flags import checked_copy
 from .models import Target
 from .rank_map import RankMap
 
@@ -74,7 +75,8 @@ def export_rank_map(scores: Scores, budget: int, max_rank: int | None = None,
 
 
 def run_export(cfg: ExportConfig) -> tuple[Path, RankMap]:
-    cfg.validate()  # a config built in Python gets the command line's checks
+    cfg = checked_copy(cfg)  # a config built in Python: the command line's types, the caller's object untouched
+    cfg.validate()  # and the command line's checks
     scores = Scores.load(cfg.run)
     spec = parse_budget(cfg.budget) if cfg.budget else None
     budget = spec.resolve(scores.data["base_params"]) if spec else scores.data["searched_budget"]

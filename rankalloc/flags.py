@@ -9,7 +9,9 @@ project's stages: their dataclasses live in :mod:`rankalloc.config`.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import os
 import shlex
 import sys
 import types
@@ -244,6 +246,45 @@ def parse_args(cls: type, argv: list[str] | None, prog: str, description: str,
             _apply(cfg, dotted, raw, short.get(dotted, f"--{dotted}"))
     cfg.validate()
     return cfg, ns
+
+
+def checked_copy(cfg: Any, prefix: str = "") -> Any:
+    """A copy of a config built in Python, with every field of the type the command line would give it.
+
+    Paths become strings, an integer where a number is expected becomes a float; anything else of the
+    wrong type is refused as the command line refuses it.  The caller's object is never changed, so a
+    stage that fills in defaults (e.g. the task from a rank map) leaves it as it was.
+
+    Raises:
+        ConfigError: a field of the wrong type, named by its flag.
+    """
+    cfg = copy.deepcopy(cfg)
+    for f in dataclasses.fields(cfg):
+        tp, value, flag = _hints(type(cfg))[f.name], getattr(cfg, f.name), f"--{prefix}{f.name}"
+        if _is_section(tp):
+            if not isinstance(value, tp):
+                raise ConfigError(f"{flag} must be a {tp.__name__}, got {type(value).__name__}")
+            setattr(cfg, f.name, checked_copy(value, f"{prefix}{f.name}."))
+            continue
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not _has_type(value, tp):
+            value = coerce(value, tp, flag)
+        setattr(cfg, f.name, value)
+    return cfg
+
+
+def _has_type(value: Any, tp: Any) -> bool:
+    inner, optional = _unwrap_optional(tp)
+    if value is None:
+        return optional
+    if inner is float:
+        return isinstance(value, float)
+    if inner is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if typing.get_origin(inner) is list:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return isinstance(value, inner) if isinstance(inner, type) else False
 
 
 def stage_command(stage: str, cfg: Any) -> str:

@@ -36,7 +36,7 @@ from .baselines import (adalora_config, adalora_summary, gradient_ranks, install
                         uniform_rank)
 from .budget import parse_budget
 from .config import DATASET_FIELDS, DataConfig, RetrainConfig
-from .flags import stage_command, to_dict
+from .flags import checked_copy, stage_command, to_dict
 from .data import Split, TaskData, prepare_task
 from .errors import ModelError
 from .families import Classification, Family
@@ -160,7 +160,8 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
         RankallocError: bad rank map, budget, data, model, config or run folder (one-line messages).
     """
     t0 = time.time()
-    cfg.validate()  # a config built in Python gets the command line's checks
+    cfg = checked_copy(cfg)  # a config built in Python: the command line's types, the caller's object untouched
+    cfg.validate()  # and the command line's checks
     command = command or stage_command("retrain", cfg)
     rank_map = RankMap.load(cfg.rank_map) if cfg.rank_map else None  # format errors before any model work
     spec = parse_budget(cfg.budget) if cfg.budget else None

@@ -34,7 +34,7 @@ from . import __version__, distributed, io, rundir
 from .adapters import GatedModel, trainable_only
 from .budget import candidate_r_max, check_budget, parse_budget
 from .config import DATASET_FIELDS, SearchConfig, SearchParams
-from .flags import stage_command, to_dict
+from .flags import checked_copy, stage_command, to_dict
 from .data import EpochSampler, TaskData, prepare_task
 from .discretize import discretize
 from .errors import RunDirError
@@ -296,7 +296,8 @@ def run_search(cfg: SearchConfig, command: str | None = None,
         RankallocError: bad budget, data, model, config or run folder (one-line messages).
     """
     t0 = time.time()
-    cfg.validate()  # a config built in Python gets the command line's checks
+    cfg = checked_copy(cfg)  # a config built in Python: the command line's types, the caller's object untouched
+    cfg.validate()  # and the command line's checks
     spec = parse_budget(cfg.budget)  # a malformed budget is refused before any model work
     command = command or stage_command("search", cfg)
     out = Path(cfg.out) if cfg.out else rundir.default_out("search", spec.text, cfg.seed)

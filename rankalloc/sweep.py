@@ -45,7 +45,7 @@ from typing import Any
 from .budget import MAX_ABSOLUTE
 from .config import ExportConfig, RetrainConfig, SearchConfig, SweepConfig
 from .errors import BudgetError, ConfigError, RunDirError
-from .flags import stage_command
+from .flags import checked_copy, stage_command
 from .sweep_report import sweep_summary, write_reports
 from .sweep_shared import SharedSearch, parse_budgets, run_shared_search
 from .sweep_study import (METHODS, RANKALLOC, delete_study, duplicate_of, make_grid_sampler, open_storage,
@@ -233,7 +233,8 @@ def run_sweep(cfg: SweepConfig, command: str | None = None) -> SweepResult:
         RankallocError: bad budgets, storage, settings or data (one-line messages).
     """
     t0 = time.time()
-    cfg.validate()  # a config built in Python gets the command line's checks
+    cfg = checked_copy(cfg)  # a config built in Python: the command line's types, the caller's object untouched
+    cfg.validate()  # and the command line's checks
     command = command or stage_command("sweep", cfg)
     budgets = parse_budgets(cfg.budgets or [])
     out = Path(cfg.out) if cfg.out else Path("runs") / f"sweep-{_safe(cfg.study_name)}"

@@ -216,7 +216,8 @@ def _load_hub(cfg: DataConfig, builtin_names: Iterable[str]) -> RawTask:
                                f"{label} split {eval_name!r} column {cfg.label_column!r}")
     if evaluation is not None:
         logger.info("%s: evaluating on the %r split", label, eval_name)
-    name = cfg.task.rstrip("/").split("/")[-1] + (f"-{cfg.hub_config}" if cfg.hub_config else "")
+    base = saved.resolve().name if _is_saved_dataset(saved) else cfg.task.rstrip("/").split("/")[-1]
+    name = base + (f"-{cfg.hub_config}" if cfg.hub_config else "")
     return RawTask(name, train, evaluation, names, "text_pair" in train.columns, family)
 
 

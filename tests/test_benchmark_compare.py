@@ -71,8 +71,10 @@ def test_summarize_adds_another_grids_cells_as_a_named_baseline(tmp_path, capsys
     row = next(line for line in table.splitlines() if "| rankalloc |" in line)
     assert row.rstrip(" |").endswith("+4.50 | +1.50")  # paired means over seeds 0 and 1, in points
     assert (tmp_path / "tight" / "accuracy_vs_params.png").stat().st_size > 0
-    for bad, says in [("tight-qv:uniform", "GRID:METHOD=LABEL"), ("tight-qv:uniform=uniform", "method name"),
-                      ("tight-qv:gradient=g", "no gradient cells")]:
+    for bad, says in [(["tight-qv:uniform"], "GRID:METHOD=LABEL"), (["tight-qv:uniform=uniform"], "method name"),
+                      (["tight-qv:gradient=g"], "no gradient cells"), (["tight-qv:uniform=q|v"], "'|'"),
+                      (["tight-qv:uniform=qv", "tight-qv:uniform= qv "], "already used")]:
         with pytest.raises(SystemExit):
-            summarize.main(["--grid", "tight", "--with", bad, "--results", str(tmp_path)])
+            summarize.main(["--grid", "tight", "--results", str(tmp_path)]
+                           + [arg for spec in bad for arg in ("--with", spec)])
         assert says in capsys.readouterr().err

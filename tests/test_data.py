@@ -270,6 +270,9 @@ def test_save_to_disk_folders_load_without_the_hub(tmp_path, monkeypatch):
     assert raw.eval is None and raw.train["text"].tolist() == ["a", "b", "c", "d"]
     with pytest.raises(DataError, match="hub_config"):
         load_raw_task(DataConfig(task=str(tmp_path / "both"), hub_config="sst2", text_column="sentence"))
+    with pytest.raises(DataError, match="save a DatasetDict with a 'validation'"):
+        load_raw_task(DataConfig(task=str(tmp_path / "train-only"), eval_file="eval.csv", text_column="sentence"))
+    assert load_raw_task(DataConfig(task=str(tmp_path / "both") + "/.", text_column="sentence")).name == "both"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -19,17 +19,39 @@ DATA = dict(task="tweets", max_length=24, max_train_examples=96, max_eval_exampl
 
 
 def test_import_is_light_and_names_every_stage():
+    import subprocess
+
+    probe = "import sys, rankalloc; print(sorted(m for m in ('transformers', 'peft', 'optuna') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          check=True).stdout.strip() == "[]"  # the stages load them on first use
     for name in ("SearchConfig", "ExportConfig", "RetrainConfig", "SweepConfig",
                  "run_search", "run_export", "run_retrain", "run_sweep"):
-        assert name in rankalloc.__all__ and getattr(rankalloc, name) is not None
+        assert name in rankalloc.__all__ and name in dir(rankalloc) and getattr(rankalloc, name) is not None
     with pytest.raises(AttributeError, match="no attribute 'run_everything'"):
         rankalloc.run_everything
+
+
+def test_python_values_get_the_command_lines_types_on_a_copy(tmp_path):
+    from pathlib import Path
+
+    from rankalloc.flags import checked_copy
+
+    cfg = rankalloc.SearchConfig(budget="10k", out=Path(tmp_path), seed="3",
+                                 search=rankalloc.config.SearchParams(gate_lr=1, r_max=None))
+    checked = checked_copy(cfg)
+    assert checked.out == str(tmp_path) and checked.seed == 3 and checked.search.gate_lr == 1.0
+    assert isinstance(checked.search.gate_lr, float)
+    assert cfg.out == Path(tmp_path) and cfg.seed == "3"  # the caller's object is untouched
+    for bad, flag in [(dict(seed=1.5), "--seed"), (dict(overwrite="maybe"), "--overwrite"),
+                      (dict(data={"task": "tweets"}), "--data")]:
+        with pytest.raises(ConfigError, match=flag):
+            checked_copy(rankalloc.SearchConfig(budget="10k", **bad))
 
 
 @pytest.mark.parametrize("stage, cfg, message", [
     ("run_search", lambda: rankalloc.SearchConfig(), "--budget is required"),
     ("run_search", lambda: rankalloc.SearchConfig(budget="10k", overwrite=True, resume=True), "exclude each other"),
-    ("run_retrain", lambda: rankalloc.RetrainConfig(), "rank"),
+    ("run_retrain", lambda: rankalloc.RetrainConfig(), "exactly one of --rank-map"),
     ("run_sweep", lambda: rankalloc.SweepConfig(), "--budgets is required"),
 ])
 def test_a_config_built_in_python_gets_the_command_line_checks(tmp_path, monkeypatch, stage, cfg, message):
@@ -56,9 +78,12 @@ def test_search_then_retrain_from_python(tmp_path, monkeypatch):
     again, _ = parse_args(rankalloc.SearchConfig, shlex.split(command)[3:], "rankalloc search", "")
     assert again == cfg
 
-    trained = rankalloc.run_retrain(rankalloc.RetrainConfig(
-        rank_map=str(result.out / "rank_map.json"), seed=0, device="cpu", out=str(tmp_path / "retrain"),
-        max_steps=2, data=rankalloc.config.DataConfig(**DATA)))
+    retrain_cfg = rankalloc.RetrainConfig(rank_map=result.out / "rank_map.json", seed=0, device="cpu",
+                                          out=tmp_path / "retrain", max_steps=2)
+    retrain_cfg.data.max_train_examples, retrain_cfg.data.max_length = 96, 24
+    trained = rankalloc.run_retrain(retrain_cfg)  # model and task come from the rank map
+    assert trained.metrics["task"] == "tweets" and trained.metrics["base_model"] == "minilm-l6"
+    assert retrain_cfg.model.name == "auto" and retrain_cfg.data.task == "auto"  # filled in on a copy only
     assert trained.metrics["adapter_params"] == result.rank_map.total_params
     assert trained.metrics["command"].startswith("python -m rankalloc.retrain --rank-map ")
     loaded = peft.PeftConfig.from_pretrained(str(trained.out / "adapter"))
