@@ -303,8 +303,9 @@ def test_a_worker_killed_mid_trial_is_retried_by_the_other(pg_out, tmp_path):
 
     name = f"kill-{uuid.uuid4().hex[:8]}"
     logs = [tmp_path / "victim.log", tmp_path / "survivor.log"]
+    # the victim starts alone, so that it surely holds a trial (a survivor started with it could finish all
+    # six first on a slow machine); the survivor joins once the victim is dead, its trial still RUNNING
     victim = _worker(pg_out, name, "7k,14k,28k", logs[0])
-    survivor = _worker(pg_out, name, "7k,14k,28k", logs[1])
     killed = None
     deadline = time.time() + 120
     while killed is None and time.time() < deadline and victim.poll() is None:
@@ -322,6 +323,7 @@ def test_a_worker_killed_mid_trial_is_retried_by_the_other(pg_out, tmp_path):
         else:
             victim.send_signal(signal.SIGCONT)
     assert killed is not None, "the victim never ran a trial:\n" + logs[0].read_text()[-2000:]
+    survivor = _worker(pg_out, name, "7k,14k,28k", logs[1])
     assert _finish([survivor], logs[1:]) == [0], logs[1].read_text()[-3000:]
     study = _study(PG_DB, name)
     states = {t.number: t.state for t in study.trials}
