@@ -2,6 +2,7 @@
 
     python benchmarks/compare.py quick-nested:rankalloc quick-shared:rankalloc
     python benchmarks/compare.py full:rankalloc full:uniform --task tweets
+    python benchmarks/compare.py tight:rankalloc tight-qv:uniform --budget 9216
 
 Each side is ``GRID:METHOD`` (cells under ``results/GRID/``).  Cells are paired on (task, budget, seed),
 so seed-to-seed variation (data order, initialisation) cancels; prints each pair, the mean difference,
@@ -21,7 +22,7 @@ sys.path.insert(0, str(HERE))
 from summarize import load, score  # noqa: E402
 
 
-def cells(spec: str, results: Path, task: str | None) -> dict[tuple, dict]:
+def cells(spec: str, results: Path, task: str | None, budget: int | None = None) -> dict[tuple, dict]:
     grid, sep, method = spec.partition(":")
     if not sep or not grid or not method:
         raise SystemExit(f"compare: {spec!r} is not GRID:METHOD (e.g. quick-shared:rankalloc)")
@@ -30,7 +31,8 @@ def cells(spec: str, results: Path, task: str | None) -> dict[tuple, dict]:
         known = ", ".join(sorted(p.name for p in results.iterdir() if p.is_dir()))
         raise SystemExit(f"compare: no grid {grid!r} under {results}; grids: {known}")
     return {(r["task"], r["budget"], r["seed"]): r for r in load(folder)
-            if r["method"] == method and (task is None or r["task"] == task)}
+            if r["method"] == method and (task is None or r["task"] == task)
+            and (budget is None or r["budget"] == budget)}
 
 
 def compare(pairs: list[tuple[dict, dict]]) -> dict:
@@ -49,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sides", nargs="+", help="GRID:METHOD pairs: A B [A2 B2 ...]")
     ap.add_argument("--task", default=None, help="Only this task.")
+    ap.add_argument("--budget", type=int, default=None, help="Only this budget (adapter parameters).")
     ap.add_argument("--results", default=str(HERE / "results"), help="Folder holding the grids.")
     args = ap.parse_args(argv)
     if len(args.sides) % 2:
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     results = Path(args.results)
     pairs = []
     for a_spec, b_spec in zip(args.sides[::2], args.sides[1::2]):
-        a, b = cells(a_spec, results, args.task), cells(b_spec, results, args.task)
+        a, b = cells(a_spec, results, args.task, args.budget), cells(b_spec, results, args.task, args.budget)
         for key in sorted(set(a) & set(b)):
             pairs.append((a[key], b[key]))
             print(f"{key[0]:>14} {key[1]:>8,} s{key[2]}  {100 * score(a[key]):6.2f}  {100 * score(b[key]):6.2f}  "

@@ -38,6 +38,11 @@ def test_pairs_on_task_budget_seed_and_reports_the_mean_difference(tmp_path, cap
     assert compare.main(["new:rankalloc", "old:rankalloc", "--results", str(tmp_path)]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("3 pairs: mean difference +1.00 points")
+    _cell(tmp_path / "new", "rankalloc", 0, 0.50, budget=9216)
+    _cell(tmp_path / "old", "rankalloc", 0, 0.40, budget=9216)
+    assert compare.main(["new:rankalloc", "old:rankalloc", "--budget", "9216", "--results", str(tmp_path)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("1 pairs: mean difference +10.00 points")  # the 82,944 cells left out
     res = compare.compare([({"score": 0.76}, {"score": 0.75}), ({"score": 0.78}, {"score": 0.75})])
     assert res["diffs"] == pytest.approx([1.0, 3.0]) and 0 < res["p"] < 1
 
