@@ -75,8 +75,7 @@ def export_rank_map(scores: Scores, budget: int, max_rank: int | None = None,
 
 
 def run_export(cfg: ExportConfig) -> tuple[Path, RankMap]:
-    cfg = checked_copy(cfg)  # a config built in Python: the command line's types, the caller's object untouched
-    cfg.validate()  # and the command line's checks
+    cfg = checked_copy(cfg)  # a config built in Python gets the command line's types and checks, on a copy
     scores = Scores.load(cfg.run)
     spec = parse_budget(cfg.budget) if cfg.budget else None
     budget = spec.resolve(scores.data["base_params"]) if spec else scores.data["searched_budget"]

@@ -248,23 +248,30 @@ def parse_args(cls: type, argv: list[str] | None, prog: str, description: str,
     return cfg, ns
 
 
-def checked_copy(cfg: Any, prefix: str = "") -> Any:
-    """A copy of a config built in Python, with every field of the type the command line would give it.
+def checked_copy(cfg: Any) -> Any:
+    """A stage config built in Python, as the command line would have built it: a copy with every field of
+    the flag's type, validated.
 
     Paths become strings, an integer where a number is expected becomes a float; anything else of the
     wrong type is refused as the command line refuses it.  The caller's object is never changed, so a
     stage that fills in defaults (e.g. the task from a rank map) leaves it as it was.
 
     Raises:
-        ConfigError: a field of the wrong type, named by its flag.
+        ConfigError: a field of the wrong type, named by its flag, or a value ``validate()`` refuses.
     """
-    cfg = copy.deepcopy(cfg)
+    cfg = _typed_copy(copy.deepcopy(cfg))
+    cfg.validate()
+    return cfg
+
+
+def _typed_copy(cfg: Any, prefix: str = "") -> Any:
+    """``cfg`` (already a private copy) with every field coerced to its flag's type, sections included."""
     for f in dataclasses.fields(cfg):
         tp, value, flag = _hints(type(cfg))[f.name], getattr(cfg, f.name), f"--{prefix}{f.name}"
         if _is_section(tp):
             if not isinstance(value, tp):
                 raise ConfigError(f"{flag} must be a {tp.__name__}, got {type(value).__name__}")
-            setattr(cfg, f.name, checked_copy(value, f"{prefix}{f.name}."))
+            setattr(cfg, f.name, _typed_copy(value, f"{prefix}{f.name}."))
             continue
         if isinstance(value, os.PathLike):
             value = os.fspath(value)

@@ -160,8 +160,7 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
         RankallocError: bad rank map, budget, data, model, config or run folder (one-line messages).
     """
     t0 = time.time()
-    cfg = checked_copy(cfg)  # a config built in Python: the command line's types, the caller's object untouched
-    cfg.validate()  # and the command line's checks
+    cfg = checked_copy(cfg)  # a config built in Python gets the command line's types and checks, on a copy
     command = command or stage_command("retrain", cfg)
     rank_map = RankMap.load(cfg.rank_map) if cfg.rank_map else None  # format errors before any model work
     spec = parse_budget(cfg.budget) if cfg.budget else None

@@ -19,7 +19,6 @@ Then the gate scores go through the exact knapsack (:mod:`rankalloc.discretize`)
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import time
@@ -296,8 +295,7 @@ def run_search(cfg: SearchConfig, command: str | None = None,
         RankallocError: bad budget, data, model, config or run folder (one-line messages).
     """
     t0 = time.time()
-    cfg = checked_copy(cfg)  # a config built in Python: the command line's types, the caller's object untouched
-    cfg.validate()  # and the command line's checks
+    cfg = checked_copy(cfg)  # a config built in Python gets the command line's types and checks, on a copy
     spec = parse_budget(cfg.budget)  # a malformed budget is refused before any model work
     command = command or stage_command("search", cfg)
     out = Path(cfg.out) if cfg.out else rundir.default_out("search", spec.text, cfg.seed)

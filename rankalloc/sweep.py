@@ -233,8 +233,7 @@ def run_sweep(cfg: SweepConfig, command: str | None = None) -> SweepResult:
         RankallocError: bad budgets, storage, settings or data (one-line messages).
     """
     t0 = time.time()
-    cfg = checked_copy(cfg)  # a config built in Python: the command line's types, the caller's object untouched
-    cfg.validate()  # and the command line's checks
+    cfg = checked_copy(cfg)  # a config built in Python gets the command line's types and checks, on a copy
     command = command or stage_command("sweep", cfg)
     budgets = parse_budgets(cfg.budgets or [])
     out = Path(cfg.out) if cfg.out else Path("runs") / f"sweep-{_safe(cfg.study_name)}"

@@ -156,11 +156,10 @@ def _records_frame(records: list[Any], path: Path) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------------------------------
-# datasets hub
+# datasets: the hub, and folders written by save_to_disk
 # --------------------------------------------------------------------------------------------------
 def _load_hub(cfg: DataConfig, builtin_names: Iterable[str]) -> RawTask:
-    """Load ``cfg.task`` with ``datasets.load_dataset`` (or ``load_from_disk`` for a ``save_to_disk`` folder);
-    train = "train", eval = "validation" or "test".
+    """Load ``cfg.task`` with ``datasets.load_dataset``; train = "train", eval = "validation" or "test".
 
     ``builtin_names`` are the built-in tasks, suggested in the message when the hub cannot be reached.
 
@@ -175,24 +174,43 @@ def _load_hub(cfg: DataConfig, builtin_names: Iterable[str]) -> RawTask:
     except ImportError:
         raise DataError(f"{label}: not a built-in task or local file, and the 'datasets' package is not "
                         f"installed to load it from the hub; {offline_hint}") from None
-    saved = Path(cfg.task).expanduser()
-    if _is_saved_dataset(saved):  # written by Dataset(Dict).save_to_disk: load_dataset refuses these
-        if cfg.hub_config:
-            raise DataError(f"{label}: --data.hub_config names a hub configuration, but {cfg.task} is a folder "
-                            "written by save_to_disk; drop --data.hub_config")
-        try:
-            splits = datasets.load_from_disk(str(saved))
-        except Exception as e:
-            raise DataError(f"{label}: a folder written by save_to_disk that could not be read "
-                            f"({_first_line(e)})") from None
-        if isinstance(splits, datasets.Dataset):  # one split: the evaluation split is held out of it
-            splits = datasets.DatasetDict({"train": splits})
-    else:
-        try:
-            splits = datasets.load_dataset(cfg.task, cfg.hub_config)
-        except Exception as e:  # network, missing dataset, bad config: all user-fixable
-            raise DataError(f"{label}: could not be loaded as a datasets hub name ({_first_line(e)}); "
-                            f"{offline_hint}") from None
+    try:
+        splits = datasets.load_dataset(cfg.task, cfg.hub_config)
+    except Exception as e:  # network, missing dataset, bad config: all user-fixable
+        raise DataError(f"{label}: could not be loaded as a datasets hub name ({_first_line(e)}); "
+                        f"{offline_hint}") from None
+    name = cfg.task.rstrip("/").split("/")[-1] + (f"-{cfg.hub_config}" if cfg.hub_config else "")
+    return _from_splits(splits, cfg, label, name)
+
+
+def _load_saved(cfg: DataConfig, path: Path) -> RawTask:
+    """Load a folder written by ``save_to_disk``: a ``DatasetDict``, or one ``Dataset`` as the training
+    split (the evaluation split is then held out of it).
+
+    Raises:
+        DataError: hub-only settings given, an unreadable folder, no train split, or malformed data.
+    """
+    label = f"--task {cfg.task}"
+    for flag, value in (("--data.hub_config", cfg.hub_config), ("--data.eval_file", cfg.eval_file)):
+        if value is not None:
+            raise DataError(f"{label} is a folder written by save_to_disk, so {flag} does not apply; drop it "
+                            "(to evaluate on other data, save a DatasetDict with a 'validation' (or 'test') split)")
+    import datasets
+
+    try:
+        splits = datasets.load_from_disk(str(path))
+    except Exception as e:
+        raise DataError(f"{label}: a folder written by save_to_disk that could not be read ({_first_line(e)})") from None
+    if isinstance(splits, datasets.Dataset):
+        splits = datasets.DatasetDict({"train": splits})
+    return _from_splits(splits, cfg, label, path.resolve().name)
+
+
+def _from_splits(splits: Any, cfg: DataConfig, label: str, name: str) -> RawTask:
+    """A ``datasets`` split dict as a task: train = "train", eval = "validation" or "test"; ``ClassLabel``
+    names are kept."""
+    import datasets
+
     if not hasattr(splits, "keys") or "train" not in splits:
         found = ", ".join(splits.keys()) if hasattr(splits, "keys") else type(splits).__name__
         raise DataError(f"{label}: has no 'train' split (splits: {found})")
@@ -216,8 +234,6 @@ def _load_hub(cfg: DataConfig, builtin_names: Iterable[str]) -> RawTask:
                                f"{label} split {eval_name!r} column {cfg.label_column!r}")
     if evaluation is not None:
         logger.info("%s: evaluating on the %r split", label, eval_name)
-    base = saved.resolve().name if _is_saved_dataset(saved) else cfg.task.rstrip("/").split("/")[-1]
-    name = base + (f"-{cfg.hub_config}" if cfg.hub_config else "")
     return RawTask(name, train, evaluation, names, "text_pair" in train.columns, family)
 
 

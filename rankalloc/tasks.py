@@ -41,7 +41,7 @@ from .errors import DataError
 from .io import atomic_path, write_json
 from .task_columns import convert_family, encode_labels
 from .task_files import (LOCAL_EXTENSIONS, RawTask, _first_line, _frame, _is_saved_dataset, _load_hub,
-                         _load_local)
+                         _load_local, _load_saved)
 from .task_prepare import (PREPARED_FORMAT, SDIST_SOURCES, _download_sdist, _extract_checked, _load_prepared,
                            is_prepared, prepared_paths)
 
@@ -93,9 +93,8 @@ def load_raw_task(cfg: DataConfig) -> RawTask:
     if task.startswith(("/", "./", "../", "~")) and not path.exists():
         raise DataError(f"--task {task}: no such file or folder (give a {'/'.join(LOCAL_EXTENSIONS)} file, "
                         f"a built-in task ({', '.join(BUILTIN_TASKS)}) or a datasets hub name)")
-    if cfg.eval_file is not None and _is_saved_dataset(path):
-        raise DataError(f"--data.eval_file applies only to local-file tasks; for the save_to_disk folder {task}, "
-                        "save a DatasetDict with a 'validation' (or 'test') split instead")
+    if _is_saved_dataset(path):
+        return _load_saved(cfg, path)
     _reject_eval_file(cfg, "datasets hub")
     return _load_hub(cfg, BUILTIN_TASKS)
 
