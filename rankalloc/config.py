@@ -187,7 +187,7 @@ class SearchConfig:
     out: str | None = _f(None, "Run folder (default: a new folder under runs/).")
     max_steps: int | None = _f(None, "Cap on weight steps, for quick runs (overrides search.steps if lower; the "
                                "weight warm-up shrinks in proportion, as the budget ramp does).")
-    overwrite: bool = _f(False, "Replace an existing run folder.")
+    overwrite: bool = _f(False, "Replace an existing run folder (kept in OUT.replaced until the new run finishes).")
     resume: bool = _f(False, "Continue the run in --out from its last checkpoint.")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -220,7 +220,7 @@ class ExportConfig:
     max_rank: int | None = _f(None, "Cap on every module's rank (e.g. 8, 16, 32, 64 for serving stacks).")
     rounding: str | None = _f(None, "knapsack or probability (see --search.rounding); default: the search's.")
     out: str | None = _f(None, "Output folder (default: RUN/exports/<budget>[-r<cap>][-<rounding>]).")
-    overwrite: bool = _f(False, "Replace an existing export folder.")
+    overwrite: bool = _f(False, "Replace an existing export folder (restored if the new export fails).")
 
     def validate(self) -> None:
         if self.run is None:
@@ -304,7 +304,7 @@ class RetrainConfig:
     device: str = _f("auto", "auto, cpu, cuda or cuda:N.")
     out: str | None = _f(None, "Run folder (default: a new folder under runs/).")
     max_steps: int | None = _f(None, "Cap on optimisation steps, for quick runs (schedules shrink to fit).")
-    overwrite: bool = _f(False, "Replace an existing run folder.")
+    overwrite: bool = _f(False, "Replace an existing run folder (kept in OUT.replaced until the new run finishes).")
     resume: bool = _f(False, "Not supported: retrain keeps no checkpoints (rerun with --overwrite).")
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name="auto"))
     data: DataConfig = field(default_factory=lambda: DataConfig(task="auto"))

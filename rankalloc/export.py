@@ -11,6 +11,7 @@ determined; run a new search there if the point matters.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,9 @@ from .rank_map import RankMap
 
 SCORES = "scores.json"
 TRUSTED_RATIO = (0.5, 2.0)
+EXPORT_MARKS = ("rank_map.json", "export.md")  # an export folder holds one of these
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -74,6 +78,29 @@ def export_rank_map(scores: Scores, budget: int, max_rank: int | None = None,
                               base_model=scores.data["base_model"], budget=budget, search=search)
 
 
+def write_export(out: Path, run: str, scores: Scores, rm: RankMap, max_rank: int | None) -> None:
+    """The export folder: ``rank_map.json`` (written last), ``adapter_config.json``, ``export.md``, ``ranks.png``."""
+    from .figures import plot_rank_heatmap
+    from .tables import markdown_rank_table
+
+    budget = rm.budget
+    ratio = budget / scores.data["searched_budget"]
+    trusted = TRUSTED_RATIO[0] <= ratio <= TRUSTED_RATIO[1]
+    plot_rank_heatmap(out / "ranks.png", scores.targets, rm.ranks,
+                      title=f"LoRA ranks at {rm.total_params:,} parameters (re-export)")
+    io.write_text(out / "export.md", "\n".join([
+        f"# Re-export of {run} at {budget:,} parameters", "",
+        f"- searched budget: {scores.data['searched_budget']:,}; this budget is {ratio:.2f}x of it"
+        + ("" if trusted else " - outside [0.5, 2]: scores learned far from here, consider a new search"),
+        f"- rank cap: {max_rank or 'none'}; parameters used: {rm.total_params:,} "
+        f"({100 * rm.total_params / budget:.2f}% of the budget)", "",
+        markdown_rank_table(scores.targets, rm.ranks), "", "![ranks](ranks.png)", ""]))
+    rm.write_adapter_config(out / "adapter_config.json", scores.data["scale"],
+                            modules_to_save=scores.data.get("modules_to_save"),
+                            task_type=scores.data.get("peft_task_type", "SEQ_CLS"))
+    rm.save(out / "rank_map.json")
+
+
 def run_export(cfg: ExportConfig) -> tuple[Path, RankMap]:
     cfg = checked_copy(cfg)  # a config built in Python gets the command line's types and checks, on a copy
     scores = Scores.load(cfg.run)
@@ -87,28 +114,20 @@ def run_export(cfg: ExportConfig) -> tuple[Path, RankMap]:
     if out.resolve() == run or run.is_relative_to(out.resolve()):
         raise RunDirError(f"--out {out} holds the search run {cfg.run} itself; choose a folder outside it "
                           f"(default: {Path(cfg.run) / 'exports' / label})")
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out {out} is a file, not a folder")
+    replacing = out.exists() and any(out.iterdir())
+    if replacing:
         if not cfg.overwrite:
             raise RunDirError(f"--out {out} exists; pass --overwrite to replace it")
-        rundir.remove_run(out, marks=("rank_map.json", "export.md"))
-    ratio = budget / scores.data["searched_budget"]
-    trusted = TRUSTED_RATIO[0] <= ratio <= TRUSTED_RATIO[1]
-    from .figures import plot_rank_heatmap
-    from .tables import markdown_rank_table
-
-    plot_rank_heatmap(out / "ranks.png", scores.targets, rm.ranks,
-                      title=f"LoRA ranks at {rm.total_params:,} parameters (re-export)")
-    io.write_text(out / "export.md", "\n".join([
-        f"# Re-export of {cfg.run} at {budget:,} parameters", "",
-        f"- searched budget: {scores.data['searched_budget']:,}; this budget is {ratio:.2f}x of it"
-        + ("" if trusted else " - outside [0.5, 2]: scores learned far from here, consider a new search"),
-        f"- rank cap: {cfg.max_rank or 'none'}; parameters used: {rm.total_params:,} "
-        f"({100 * rm.total_params / budget:.2f}% of the budget)", "",
-        markdown_rank_table(scores.targets, rm.ranks), "", "![ranks](ranks.png)", ""]))
-    rm.write_adapter_config(out / "adapter_config.json", scores.data["scale"],
-                            modules_to_save=scores.data.get("modules_to_save"),
-                            task_type=scores.data.get("peft_task_type", "SEQ_CLS"))
-    rm.save(out / "rank_map.json")
+        rundir.set_aside(out, marks=EXPORT_MARKS)
+    try:
+        write_export(out, cfg.run, scores, rm, cfg.max_rank)
+    except BaseException:
+        if replacing and rundir.restore_replaced(out):
+            logger.warning("export failed; the previous export is back in %s", out)
+        raise
+    rundir.drop_replaced(out)
     return out, rm
 
 

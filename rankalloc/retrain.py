@@ -248,11 +248,11 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
         io.write_json(out / "metrics.json", metrics)
     except BaseException as e:
         if dist_info.is_main:
-            rundir.set_status(out, "failed", error=f"{type(e).__name__}: {e}", command=command)
+            rundir.fail_run(out, e, command=command)
         raise
     finally:
         distributed.shutdown(dist_info)
-    rundir.set_status(out, "done", command=command)
+    rundir.finish_run(out, command=command)
     return RetrainResult(out, metrics, logits, labels)
 
 

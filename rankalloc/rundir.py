@@ -3,10 +3,16 @@
 ``status.json`` holds ``{"state": "running" | "done" | "failed", ...}``.  A folder whose state is
 not ``done`` holds no result to trust: results are written last, each atomically, and the state flips
 to ``done`` only after all of them exist.
+
+``--overwrite`` never deletes a previous run before its replacement exists: the old folder is moved
+aside to ``OUT.replaced`` and deleted only when the new run in ``OUT`` finishes (``finish_run``); a new
+run that fails or is killed leaves the old one there.
 """
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -17,6 +23,9 @@ from .errors import RunDirError
 
 STATUS = "status.json"
 CHECKPOINT = "checkpoint.pt"
+REPLACED_SUFFIX = ".replaced"
+
+logger = logging.getLogger(__name__)
 
 
 def default_out(stage: str, label: str, seed: int) -> Path:
@@ -39,8 +48,9 @@ def open_run(out: str | Path, *, overwrite: bool, resume: bool) -> tuple[Path, b
     """Prepare ``out``; return (folder, whether to resume from its checkpoint).
 
     * new or empty folder: start;
-    * ``--overwrite``: a previous run's folder (it has ``status.json``) is emptied and the run starts
-      afresh; any other non-empty folder is refused, never deleted;
+    * ``--overwrite``: a previous run's folder (it has ``status.json``) is moved aside to
+      ``OUT.replaced`` (see ``set_aside``) and the run starts afresh; any other non-empty folder is
+      refused, never touched;
     * a checkpoint and no finished result: the run resumes (``--resume`` or simply re-running);
     * a finished run: refused without ``--overwrite``;
     * ``--resume`` with nothing to resume: refused.
@@ -55,7 +65,7 @@ def open_run(out: str | Path, *, overwrite: bool, resume: bool) -> tuple[Path, b
     status = read_status(out) if has_content else None
     has_ckpt = (out / CHECKPOINT).is_file()
     if overwrite and has_content:
-        remove_run(out)
+        set_aside(out)
         has_content, status, has_ckpt = False, None, False
     if resume and not has_ckpt:
         raise RunDirError(f"--resume: {out} holds no checkpoint to resume from")
@@ -69,17 +79,85 @@ def open_run(out: str | Path, *, overwrite: bool, resume: bool) -> tuple[Path, b
     return out, has_ckpt
 
 
-def remove_run(out: Path, marks: tuple[str, ...] = (STATUS,)) -> None:
-    """Delete the run folder ``out`` for ``--overwrite``, but only if it holds one of ``marks`` (files every
-    rankalloc run writes first): a mistyped ``--out`` pointing at a folder of one's own is refused, not wiped.
+def replaced_folder(out: str | Path) -> Path:
+    """Where ``--overwrite`` keeps the run it replaces: ``OUT.replaced`` next to ``OUT``."""
+    here = Path(os.path.abspath(out))
+    return here.with_name(here.name + REPLACED_SUFFIX)
+
+
+def _is_run(folder: Path, marks: tuple[str, ...]) -> bool:
+    return any((folder / mark).exists() for mark in marks)
+
+
+def _state(folder: Path) -> str | None:
+    return (read_status(folder) or {}).get("state")
+
+
+def set_aside(out: str | Path, marks: tuple[str, ...] = (STATUS,)) -> Path:
+    """Move the previous run in ``out`` to ``OUT.replaced`` for ``--overwrite``; return that folder.
+
+    Only a folder holding one of ``marks`` (files every rankalloc run writes first) is moved: a mistyped
+    ``--out`` pointing at a folder of one's own is refused, not touched.  When ``OUT.replaced`` is
+    already there (a replacement that never finished), the finished run of the two is kept, else the
+    newer one.
 
     Raises:
-        RunDirError: ``out`` holds none of ``marks``.
+        RunDirError: ``out`` holds none of ``marks``, or is the working folder, or ``OUT.replaced`` is
+            in the way and is not a run folder.
     """
-    if not any((out / mark).is_file() for mark in marks):
+    out = Path(out)
+    if not _is_run(out, marks):
         raise RunDirError(f"--overwrite: {out} is not empty and holds no {' or '.join(marks)}, so it is not a "
                           "rankalloc run folder; it is left as it is: choose a new or empty --out")
-    shutil.rmtree(out)
+    here, cwd = Path(os.path.abspath(out)), Path.cwd()
+    if cwd == here or cwd.is_relative_to(here):
+        raise RunDirError(f"--overwrite: --out {out} is the working folder or holds it; run from outside it")
+    aside = replaced_folder(out)
+    if aside.exists() or aside.is_symlink():
+        if not aside.is_dir() or aside.is_symlink() or not _is_run(aside, marks):
+            raise RunDirError(f"--overwrite: {aside} (where the replaced run is kept) is in the way and is not a "
+                              "rankalloc run folder; move it away")
+        if _state(aside) == "done" and _state(out) != "done":
+            logger.warning("--overwrite: keeping the finished run in %s; deleting the unfinished one in %s",
+                           aside, out)
+            shutil.rmtree(out)
+            return aside
+        shutil.rmtree(aside)
+    os.replace(out, aside)
+    logger.info("--overwrite: the previous run is kept in %s until the new one finishes", aside)
+    return aside
+
+
+def drop_replaced(out: str | Path) -> None:
+    """Delete the run ``--overwrite`` set aside for ``out``, once ``out`` holds its replacement."""
+    aside = replaced_folder(out)
+    if aside.is_dir() and not aside.is_symlink():
+        shutil.rmtree(aside)
+
+
+def restore_replaced(out: str | Path) -> bool:
+    """Put the run ``--overwrite`` set aside back into ``out`` (after a failed replacement); say if one was."""
+    aside = replaced_folder(out)
+    if not aside.is_dir() or aside.is_symlink():
+        return False
+    if Path(out).exists():
+        shutil.rmtree(out)
+    os.replace(aside, out)
+    return True
+
+
+def finish_run(out: Path, **extra: Any) -> None:
+    """Mark the run in ``out`` done, then delete the run it replaced (if any)."""
+    set_status(out, "done", **extra)
+    drop_replaced(out)
+
+
+def fail_run(out: Path, error: BaseException, **extra: Any) -> None:
+    """Mark the run in ``out`` failed; say where the run it was replacing is kept."""
+    set_status(out, "failed", error=f"{type(error).__name__}: {error}", **extra)
+    aside = replaced_folder(out)
+    if aside.is_dir():
+        logger.warning("the run that --overwrite was replacing is kept in %s", aside)
 
 
 def set_status(out: Path, state: str, **extra: Any) -> None:

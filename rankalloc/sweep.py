@@ -47,7 +47,7 @@ from .config import ExportConfig, RetrainConfig, SearchConfig, SweepConfig
 from .errors import BudgetError, ConfigError, RunDirError
 from .flags import checked_copy, stage_command
 from .sweep_report import sweep_summary, write_reports
-from .sweep_shared import SharedSearch, parse_budgets, run_shared_search
+from .sweep_shared import SHARED_SEARCH_FILE, SharedSearch, parse_budgets, run_shared_search
 from .sweep_study import (METHODS, RANKALLOC, delete_study, duplicate_of, make_grid_sampler, open_storage,
                           open_study, point_of, quiet_optuna, recover_crashed, storage_name)
 
@@ -240,6 +240,7 @@ def run_sweep(cfg: SweepConfig, command: str | None = None) -> SweepResult:
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--out {out} is a file, not a folder")
     if cfg.overwrite:
+        _check_is_sweep_folder(out)  # before the study goes: a mistyped --out refuses the whole --overwrite
         delete_study(cfg, out)
         shutil.rmtree(out, ignore_errors=True)
     if cfg.storage is None:
@@ -273,6 +274,17 @@ def run_sweep(cfg: SweepConfig, command: str | None = None) -> SweepResult:
     rows = write_reports(study, sweep, summary)
     logger.info("pareto front: %s (plot %s)", out / "pareto.md", out / "pareto.png")
     return SweepResult(out, rows, summary)
+
+
+SWEEP_MARKS = ("sweep.db", "sweep.json", "trials", "pareto.md", SHARED_SEARCH_FILE, ".shared_search.lock")
+
+
+def _check_is_sweep_folder(out: Path) -> None:
+    """``--overwrite`` empties ``out``: refuse unless it is empty or holds something only a sweep writes."""
+    if out.is_dir() and any(out.iterdir()) and not any((out / mark).exists() for mark in SWEEP_MARKS):
+        raise RunDirError(f"--overwrite: {out} is not empty and holds no {', '.join(SWEEP_MARKS)}, so it is not a "
+                          "rankalloc sweep folder; it is left as it is (and so is the study): choose a new or empty "
+                          "--out")
 
 
 def _check_baseline_points(cfg: SweepConfig, budgets: list[int]) -> None:

@@ -146,8 +146,54 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tmp_path, tiny_gpt2)
     first, _ = run_export(ExportConfig(run=str(run), budget="1500", out=str(tmp_path / "e")))
     again, rm = run_export(ExportConfig(run=str(run), budget="1800", out=str(tmp_path / "e"), overwrite=True))
     assert first == again and rm.budget == 1800  # a previous export is replaced
-    open_run(run, overwrite=True, resume=False)  # a run folder is emptied for --overwrite
-    assert not (run / "scores.json").exists()
+    open_run(run, overwrite=True, resume=False)  # a run folder is set aside for --overwrite, not deleted
+    assert not (run / "scores.json").exists() and (tmp_path / "run.replaced" / "scores.json").is_file()
+
+
+def test_overwrite_keeps_the_previous_run_until_its_replacement_finishes(tmp_path, tiny_gpt2, monkeypatch):
+    """--overwrite moves the old run to OUT.replaced; a replacement that dies leaves it there, and only a
+    replacement that finishes deletes it.  A failed re-export puts the previous export back."""
+    from rankalloc import rank_map
+    from rankalloc.config import ExportConfig
+    from rankalloc.export import run_export
+    from rankalloc.rundir import read_status
+
+    cfg = tiny_config(tmp_path, ModelConfig(name=tiny_gpt2), budget="2000", steps=4, r_max=4)
+    run = run_search(cfg, command="test").out
+    first = (run / "rank_map.json").read_text()
+    aside = tmp_path / "run.replaced"
+
+    class Killed(Exception):
+        pass
+
+    def die_at_step_3(row):
+        if row["step"] >= 3:
+            raise Killed("killed")
+
+    again = copy.deepcopy(cfg)
+    again.overwrite = True
+    with pytest.raises(Killed):
+        run_search(again, command="test", on_step=die_at_step_3)
+    assert read_status(run)["state"] == "failed"
+    assert (aside / "rank_map.json").read_text() == first and read_status(aside)["state"] == "done"
+    with pytest.raises(Killed):  # a second failed try keeps the finished run, not the failed one
+        run_search(again, command="test", on_step=die_at_step_3)
+    assert (aside / "rank_map.json").read_text() == first
+    run_search(again, command="test")
+    assert read_status(run)["state"] == "done" and (run / "rank_map.json").is_file() and not aside.exists()
+
+    export = tmp_path / "export"
+    run_export(ExportConfig(run=str(run), budget="1500", out=str(export)))
+    before = {p.name: p.read_bytes() for p in export.iterdir()}
+
+    def broken_save(self, path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(rank_map.RankMap, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        run_export(ExportConfig(run=str(run), budget="1800", out=str(export), overwrite=True))
+    assert {p.name: p.read_bytes() for p in export.iterdir()} == before  # the previous export, whole
+    assert not (tmp_path / "export.replaced").exists()
 
 
 def test_resume_refuses_another_run_length(tmp_path):

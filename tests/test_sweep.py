@@ -166,6 +166,20 @@ def test_reexports_from_one_search_respect_their_budgets(sqlite_sweep):
         assert rank_map["search"]["exported_from_budget"] == shared.budget and commands[0] == shared.command
 
 
+def test_overwrite_refuses_a_folder_that_is_not_a_sweep_and_keeps_the_study(sqlite_sweep, tmp_path, capsys):
+    out, argv = sqlite_sweep
+    mine = tmp_path / "my-experiments"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    storage = f"sqlite:///{out / 'sweep.db'}"
+    code = sweep.main(SMALL + ["--budgets", "7k", "--out", str(mine), "--storage", storage, "--study-name", "t3",
+                               "--overwrite"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "Traceback" not in "\n".join(err)
+    assert "is not a rankalloc sweep folder; it is left as it is (and so is the study)" in err[-1]
+    assert (mine / "notes.txt").read_text() == "precious" and len(_study(storage, "t3").trials) >= 3
+
+
 def test_changed_settings_are_refused_on_resume(sqlite_sweep, capsys):
     out, argv = sqlite_sweep
     code = sweep.main(argv + ["--train.lr", "0.0123"])
