@@ -18,7 +18,8 @@ Workers: every process started with the same ``--storage`` and ``--study-name`` 
 RDB storage (SQLite, PostgreSQL, MySQL) a running trial sends heartbeats; one that stays silent past
 ``--grace_period`` is failed and retried by another worker (``RetryHeartbeatStaleTrialCallback``).  A
 journal file has no heartbeats: there a trial whose worker process on this machine is gone is failed
-and retried.  A worker ends when every point is complete, waiting meanwhile for points that other
+and retried.  On both, a trial whose worker died before its first line (no worker recorded) is failed
+and retried once it is older than ``--grace_period``.  A worker ends when every point is complete, waiting meanwhile for points that other
 workers are running.
 
 Outputs in ``--out``: ``pareto.csv``/``pareto.md`` (the non-dominated trials of each method, with the

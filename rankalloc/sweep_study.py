@@ -304,17 +304,19 @@ def recover_crashed(study: Any, cfg: SweepConfig) -> None:
     """Fail trials whose worker died, and queue their points again (at most --max_retry times).
 
     RDB storages: by heartbeat (optuna's ``fail_stale_trials``).  A journal file has no heartbeats:
-    there, a running trial counts as dead when its worker process on this machine is gone, or when it
-    has no worker recorded and started more than --grace_period ago.
+    there, a running trial counts as dead when its worker process on this machine is gone.  On both, a
+    running trial with no worker recorded that started more than --grace_period ago counts as dead: its
+    worker was killed between creating it and its first line (optuna never looks at a trial that
+    has sent no heartbeat, so without this rule it would hold its point forever).
     """
     import optuna
     from optuna.storages._heartbeat import is_heartbeat_enabled
     from optuna.trial import TrialState
 
     with quiet_optuna():
-        if is_heartbeat_enabled(study._storage):
+        heartbeats = is_heartbeat_enabled(study._storage)
+        if heartbeats:
             optuna.storages.fail_stale_trials(study)
-            return
         host = socket.gethostname()
         retry = _retry_callback()(max_retry=cfg.max_retry)
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -322,6 +324,8 @@ def recover_crashed(study: Any, cfg: SweepConfig) -> None:
             if worker is None:
                 started = t.datetime_start.timestamp() if t.datetime_start else time.time()
                 dead = time.time() - started > cfg.grace_period
+            elif heartbeats:
+                continue  # its heartbeats decide
             else:
                 where, _, pid = worker.rpartition(":")
                 dead = where == host and not _alive(int(pid))

@@ -245,6 +245,24 @@ def test_journal_trial_of_a_dead_worker_is_failed_and_retried(tmp_path):
     assert retry[0].params == {"budget": trial.params["budget"]}
 
 
+def test_a_trial_killed_before_its_first_heartbeat_is_failed_and_retried(tmp_path):
+    """optuna's stale-trial check skips a trial that never sent a heartbeat: a worker killed right after
+    creating one would hold its point forever.  No worker recorded and older than --grace_period: dead."""
+    import optuna
+    from optuna.trial import TrialState
+
+    cfg, _ = parse_args(SweepConfig, ["--budgets", "7k", "--heartbeat_interval", "1", "--grace_period", "2"], "t", "")
+    study = sweep_study.open_study(cfg, sweep_study.open_storage(cfg, tmp_path), tmp_path)
+    orphan = study.ask({"budget": optuna.distributions.IntDistribution(1, 10**13, log=True)})
+    time.sleep(2.5)
+    fresh = study.ask()  # just created by a live worker: not yet its first line
+    sweep_study.recover_crashed(study, cfg)
+    states = {t.number: t.state for t in study.trials}
+    assert states[orphan.number] == TrialState.FAIL and states[fresh.number] == TrialState.RUNNING
+    retry = [t for t in study.trials if t.state == TrialState.WAITING]
+    assert len(retry) == 1 and retry[0].system_attrs["failed_trial"] == orphan.number
+
+
 # --------------------------------------------------------------------------------------------------
 # PostgreSQL: two worker processes on one study; one killed mid-trial
 # --------------------------------------------------------------------------------------------------
