@@ -200,6 +200,11 @@ class SearchConfig:
         self.model.validate()
         self.data.validate()
         self.search.validate()
+        first, last, k = self.warmup_steps(), self.steps(), self.search.gate_every
+        if not any((step + 1) % k == 0 for step in range(first, last)):  # the gates would never train
+            raise ConfigError(f"--search.gate_every {k} leaves no gate step in this run: gate steps follow weight "
+                              f"steps {first + 1} to {last} whose number is a multiple of it; allowed: 1 to "
+                              f"{last - first}")
 
     def steps(self) -> int:
         """Weight steps this run will take (``--max-steps`` caps ``search.steps``)."""
@@ -370,7 +375,8 @@ class SweepConfig:
     out: str | None = _f(None, "Sweep folder (default: runs/sweep-<study name>): shared search, trials, "
                          "pareto.csv/.md/.png, the default SQLite storage.")
     max_steps: int | None = _f(None, "Cap on optimisation steps of every search and retrain, for quick runs.")
-    overwrite: bool = _f(False, "Delete the study and empty --out before starting.")
+    overwrite: bool = _f(False, "Start afresh: --out moves to OUT.replaced (deleted when this sweep "
+                         "finishes); a study in its own --storage is deleted.")
     resume: bool = _f(False, "Require the study to exist already (a sweep always resumes an existing one).")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

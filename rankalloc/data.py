@@ -152,6 +152,10 @@ def prepare_task(cfg: DataConfig, tokenizer: Any, seed: int, model_config: Any =
     """
     _check_seed(seed, "--seed")
     _check_seed(cfg.split_seed, "--data.split_seed")
+    positions = getattr(model_config, "max_position_embeddings", None)  # absent where positions are relative
+    if isinstance(positions, int) and cfg.max_length > positions:
+        raise DataError(f"--data.max_length {cfg.max_length} exceeds the {positions} positions the model has "
+                        f"(max_position_embeddings); allowed: 1 to {positions}")
     raw = load_raw_task(cfg)
     family = make_family(raw.family, model_config)
     train_df, eval_df = train_eval_frames(raw, cfg, family)

@@ -52,13 +52,22 @@ class Scores:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise RunDirError(f"--run {run}: {SCORES} is not valid JSON ({e})") from None
-        if data.get("format") != "rankalloc.scores" or data.get("version") != 1:
+        if not isinstance(data, dict) or data.get("format") != "rankalloc.scores" or data.get("version") != 1:
+            data = data if isinstance(data, dict) else {}
             raise RunDirError(f"--run {run}: {SCORES} has format {data.get('format')!r} version "
                               f"{data.get('version')!r}; expected 'rankalloc.scores' version 1")
-        targets = [Target(m["name"], m["in_features"], m["out_features"], m["layer"], m["kind"])
-                   for m in data["modules"]]
-        return cls(targets, {m["name"]: m["r_max"] for m in data["modules"]},
-                   {m["name"]: m["scores"] for m in data["modules"]}, data)
+        missing = [key for key in ("modules", "base_params", "searched_budget", "scale", "base_model") if key not in data]
+        if missing:
+            raise RunDirError(f"--run {run}: {SCORES} is damaged (no {', '.join(missing)}); rerun the search or "
+                              "restore the file")
+        try:
+            targets = [Target(m["name"], m["in_features"], m["out_features"], m["layer"], m["kind"])
+                       for m in data["modules"]]
+            return cls(targets, {m["name"]: int(m["r_max"]) for m in data["modules"]},
+                       {m["name"]: [float(x) for x in m["scores"]] for m in data["modules"]}, data)
+        except (KeyError, TypeError, ValueError) as e:
+            raise RunDirError(f"--run {run}: {SCORES} is damaged ({type(e).__name__}: {e}); rerun the search "
+                              "or restore the file") from None
 
 
 def export_rank_map(scores: Scores, budget: int, max_rank: int | None = None,
@@ -114,8 +123,7 @@ def run_export(cfg: ExportConfig) -> tuple[Path, RankMap]:
     if out.resolve() == run or run.is_relative_to(out.resolve()):
         raise RunDirError(f"--out {out} holds the search run {cfg.run} itself; choose a folder outside it "
                           f"(default: {Path(cfg.run) / 'exports' / label})")
-    if out.exists() and not out.is_dir():
-        raise RunDirError(f"--out {out} is a file, not a folder")
+    rundir.check_out_path(out)
     replacing = out.exists() and any(out.iterdir())
     if replacing:
         if not cfg.overwrite:

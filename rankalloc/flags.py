@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import math
 import os
 import shlex
 import sys
@@ -88,7 +89,10 @@ def coerce(value: Any, tp: Any, flag: str) -> Any:
         if inner is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):  # nan slips past every range check (nan < 0 is False)
+                raise ConfigError(f"{flag} must be a finite number, got {value!r}")
+            return number
         if inner is str:
             if isinstance(value, (dict, list)):
                 raise ValueError
@@ -101,6 +105,8 @@ def coerce(value: Any, tp: Any, flag: str) -> Any:
             else:
                 raise ValueError
             return items
+    except ConfigError:
+        raise
     except (TypeError, ValueError):
         raise ConfigError(f"{flag} must be {_type_name(tp)}, got {value!r}") from None
     raise ConfigError(f"{flag}: unsupported field type {tp}")
@@ -142,7 +148,10 @@ def load_yaml(cls: type, path: str | Path) -> Any:
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--config {path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 "
+                          "YAML or JSON") from None
     except yaml.YAMLError as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(f"--config {path}: not valid YAML ({first})") from None

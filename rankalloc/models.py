@@ -25,6 +25,12 @@ from .families import Classification, Family
 logger = logging.getLogger(__name__)
 
 BUILTIN_MODELS = {"minilm-l6": "sentence-transformers/all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384)"}
+BUILTIN_HUB_IDS = {"minilm-l6": "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+def hub_id(name: str) -> str:
+    """The name peft and transformers know a model by: a built-in alias becomes its hub id."""
+    return BUILTIN_HUB_IDS.get(name, name)
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,14 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+def _hub_hint(name: str) -> str:
+    """A name like ``models/my-bert`` is taken for a hub id; say so when it fails to load."""
+    if name in BUILTIN_MODELS or Path(name).expanduser().exists():
+        return ""
+    return (f"; {name} was read as a hub id, as there is no such local folder (give a folder as ./{name} "
+            f"or an absolute path; built-in models: {', '.join(BUILTIN_MODELS)})")
+
+
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
@@ -76,7 +90,7 @@ def load_tokenizer(cfg: ModelConfig):
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise ModelError(f"--model {cfg.name}: cannot load its tokenizer ({_first_line(e)})") from None
+        raise ModelError(f"--model {cfg.name}: cannot load its tokenizer ({_first_line(e)}){_hub_hint(cfg.name)}") from None
     if tok.pad_token is None:  # decoder models: pad with EOS, as is usual for classification heads
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     return tok
@@ -89,7 +103,7 @@ def load_model_config(cfg: ModelConfig) -> Any:
     try:
         return AutoConfig.from_pretrained(resolve_model_path(cfg.name))
     except (OSError, ValueError) as e:
-        raise ModelError(f"--model {cfg.name}: cannot load its config ({_first_line(e)})") from None
+        raise ModelError(f"--model {cfg.name}: cannot load its config ({_first_line(e)}){_hub_hint(cfg.name)}") from None
 
 
 def load_model(cfg: ModelConfig, num_labels: int = 2, family: Family | None = None,
@@ -121,7 +135,7 @@ def load_model(cfg: ModelConfig, num_labels: int = 2, family: Family | None = No
     mismatched = [entry[0] if isinstance(entry, (tuple, list)) else str(entry)
                   for entry in info.get("mismatched_keys", [])]
     heads = tuple(head_modules(model))
-    outside = [k for k in mismatched if not k.startswith(heads)]
+    outside = sorted(k for k in mismatched if not k.startswith(heads))  # transformers' order varies
     if outside:
         raise ModelError(f"--model {cfg.name}: its checkpoint's {outside[0]} does not fit the model's shape "
                          f"({len(outside)} such weights outside the task head); only the head may differ")
@@ -230,25 +244,40 @@ def _family_config(cfg: ModelConfig, family: Family, num_labels: int) -> Any:
     from transformers import AutoConfig
 
     kwargs = family.config_kwargs(num_labels)
-    if cfg.num_layers is not None:
-        kwargs["num_hidden_layers"] = cfg.num_layers
+    path = resolve_model_path(cfg.name)
     try:
-        return AutoConfig.from_pretrained(resolve_model_path(cfg.name), **kwargs)
+        depth = getattr(AutoConfig.from_pretrained(path), "num_hidden_layers", None) if cfg.num_layers else None
+        if cfg.num_layers is not None:
+            kwargs["num_hidden_layers"] = cfg.num_layers
+        config = AutoConfig.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
-        raise ModelError(f"--model {cfg.name}: cannot load its config ({_first_line(e)})") from None
+        raise ModelError(f"--model {cfg.name}: cannot load its config ({_first_line(e)}){_hub_hint(cfg.name)}") from None
+    if isinstance(depth, int) and cfg.num_layers > depth:  # more would add randomly initialised blocks
+        raise ModelError(f"--model.num_layers {cfg.num_layers}: {cfg.name} has only {depth} blocks; "
+                         f"allowed: 1 to {depth}")
+    return config
 
 
 def find_targets(model: nn.Module, cfg: ModelConfig) -> list[Target]:
     """Adapter targets in module order; raises ModelError when nothing matches."""
     heads = tuple(f"{h}" for h in head_modules(model))
     stack_names = [name for name, _ in block_stacks(model)]
-    candidates = []
+    # nn.MultiheadAttention reads its out_proj's weight directly, bypassing the module's forward, so
+    # LoRA there would be inert yet charged to the budget
+    inside_mha = tuple(n + "." for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention))
+    candidates, inert = [], []
     for name, module in model.named_modules():
         if not name or not is_linear_like(module):
             continue
         if any(name == h or name.startswith(h + ".") for h in heads):
             continue
+        if inside_mha and name.startswith(inside_mha):
+            inert.append(name)
+            continue
         candidates.append((name, module))
+    if inert:
+        logger.info("not adapter targets: %d Linear module(s) inside nn.MultiheadAttention (%s, ...), which reads "
+                    "their weights directly, so LoRA there would do nothing", len(inert), inert[0])
     if cfg.target_regex is not None:
         try:
             pattern = re.compile(cfg.target_regex)
@@ -260,6 +289,11 @@ def find_targets(model: nn.Module, cfg: ModelConfig) -> list[Target]:
         suffixes = list(cfg.target_modules)
         chosen = [(n, m) for n, m in candidates if any(n == s or n.endswith("." + s) for s in suffixes)]
         asked = f"--model.target_modules {','.join(suffixes)}"
+        unmatched = [s for s in suffixes if not any(n == s or n.endswith("." + s) for n, _ in chosen)]
+        if chosen and unmatched:  # a typo would silently narrow the targets (and so the budget's meaning)
+            kinds = sorted({_layer_and_kind(n, stack_names)[1] for n, _ in candidates})
+            raise ModelError(f"--model.target_modules: {', '.join(unmatched)} match(es) no Linear-like module of "
+                             f"{cfg.name}; module names end in: {', '.join(kinds[:12])}")
     else:
         chosen = [(n, m) for n, m in candidates if any(n.startswith(stack + ".") for stack in stack_names)]
         asked = "the default (Linear-like modules inside the transformer blocks)"
@@ -267,7 +301,9 @@ def find_targets(model: nn.Module, cfg: ModelConfig) -> list[Target]:
             logger.info("adapter targets in %d block stacks: %s", len(stack_names), ", ".join(stack_names))
     if not chosen:
         sample = ", ".join(n for n, _ in candidates[:8]) or "none"
-        raise ModelError(f"no adapter targets match {asked}; Linear-like modules of this model include: {sample}")
+        why = (f" ({len(inert)} inside nn.MultiheadAttention, e.g. {inert[0]}, are never targets: it reads their "
+               "weights directly, so LoRA there would do nothing)") if inert else ""
+        raise ModelError(f"no adapter targets match {asked}; Linear-like modules of this model include: {sample}{why}")
     targets = []
     for name, module in chosen:
         d_in, d_out = linear_shape(module)

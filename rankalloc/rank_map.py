@@ -13,6 +13,7 @@ ranks must lie in ``[0, min(d_in, d_out)]``; the first mismatch is named in a on
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 
 from . import io
 from .errors import RankMapError
-from .models import Target, fingerprint
+from .models import Target, fingerprint, hub_id
 
 FORMAT = "rankalloc.rank_map"
 VERSION = 1
@@ -106,10 +107,14 @@ class RankMap:
                                    f"min(d_in, d_out) = {limit}")
             clean[name] = {k: int(entry[k]) for k in ("rank", "in_features", "out_features")}
         budget = data["budget"]
-        if not isinstance(budget, int) or budget <= 0:
+        if not isinstance(budget, int) or isinstance(budget, bool) or budget <= 0:
             raise RankMapError(f"{source}: budget must be a positive integer, got {budget!r}")
-        rm = cls(str(data["base_model"]), str(data["model_fingerprint"]), budget, clean,
-                 dict(data.get("search") or {}))
+        search = data.get("search") or {}
+        if not isinstance(search, dict):
+            raise RankMapError(f"{source}: 'search' must be a mapping of search settings, got {search!r}")
+        if not isinstance(data["base_model"], str) or not data["base_model"]:
+            raise RankMapError(f"{source}: base_model must be a model name or folder, got {data['base_model']!r}")
+        rm = cls(data["base_model"], str(data["model_fingerprint"]), budget, clean, dict(search))
         if "total_params" in data and data["total_params"] != rm.total_params:
             raise RankMapError(f"{source}: total_params {data['total_params']} disagrees with the ranks "
                                f"({rm.total_params}); the file was edited or corrupted")
@@ -151,8 +156,8 @@ class RankMap:
             "lora_alpha": _alpha(scale, r),
             "lora_dropout": dropout,
             "target_modules": sorted(kept),
-            "rank_pattern": {f"^{name}$": rank for name, rank in kept.items()},
-            "alpha_pattern": {f"^{name}$": _alpha(scale, rank) for name, rank in kept.items()},
+            "rank_pattern": {_anchored(name): rank for name, rank in kept.items()},
+            "alpha_pattern": {_anchored(name): _alpha(scale, rank) for name, rank in kept.items()},
             "bias": "none",
         }
         if task_type is not None:
@@ -180,18 +185,26 @@ class RankMap:
         for name, m in self.modules.items():
             want, got = m["rank"], built.get(name, 0)
             if want != got:
-                raise RankMapError(f"peft {peft.__version__} built rank {got} for {name}, the rank map says {want}; "
-                                   f"rankalloc needs peft >= 0.15, which matches anchored rank_pattern keys")
+                old_peft = tuple(int(x) for x in re.findall(r"\d+", peft.__version__)[:2]) < (0, 15)
+                raise RankMapError(f"peft {peft.__version__} built rank {got} for {name}, the rank map says {want}: "
+                                   "peft did not apply this module's rank_pattern key"
+                                   + ("; rankalloc needs peft >= 0.15, which matches anchored keys" if old_peft else ""))
 
     def write_adapter_config(self, path: str | Path, scale: float = 2.0, **kwargs: Any) -> dict[str, Any]:
         """Write a peft ``adapter_config.json`` (``LoraConfig(**cfg).to_dict()``) and return it."""
         from peft import LoraConfig
 
         cfg = LoraConfig(**self.lora_config(scale, **kwargs)).to_dict()
-        cfg["base_model_name_or_path"] = self.base_model
+        cfg["base_model_name_or_path"] = hub_id(self.base_model)  # a built-in alias means nothing to peft
         cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
         io.write_json(path, cfg)
         return cfg
+
+
+def _anchored(name: str) -> str:
+    """A ``rank_pattern`` key that matches the module ``name`` and nothing else: peft reads the keys as
+    regular expressions, so an unescaped ``attn.out`` would also match a sibling ``attn_out``."""
+    return f"^{re.escape(name)}$"
 
 
 def _alpha(scale: float, rank: int) -> float | int:

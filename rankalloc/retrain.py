@@ -22,6 +22,7 @@ import re
 import shutil
 import sys
 import time
+import typing
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +37,9 @@ from .baselines import (adalora_config, adalora_summary, gradient_ranks, install
                         uniform_rank)
 from .budget import parse_budget
 from .config import DATASET_FIELDS, DataConfig, RetrainConfig
-from .flags import checked_copy, stage_command, to_dict
+from .flags import checked_copy, coerce, stage_command, to_dict
 from .data import Split, TaskData, prepare_task
-from .errors import ModelError
+from .errors import ModelError, RankMapError
 from .families import Classification, Family
 from .models import (Target, count_parameters, find_targets, head_modules, load_model, load_model_config,
                      load_tokenizer, resolve_device)
@@ -119,10 +120,13 @@ def _task_from(rank_map: RankMap | None, data: DataConfig) -> None:
     if not recorded:
         data.task = DataConfig().task
         return
-    default = DataConfig()
+    if not isinstance(recorded, dict):
+        raise RankMapError(f"rank map: search.data must be a mapping of data settings, got {recorded!r}")
+    default, hints = DataConfig(), typing.get_type_hints(DataConfig)
     for key in DATASET_FIELDS:
         if key in recorded and (key == "task" or getattr(data, key) == getattr(default, key)):
-            setattr(data, key, recorded[key])
+            setattr(data, key, coerce(recorded[key], hints[key], f"rank map search.data.{key}"))
+    data.validate()
     logger.info("task from the rank map: %s", data.task)
 
 
@@ -163,11 +167,14 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
     cfg = checked_copy(cfg)  # a config built in Python gets the command line's types and checks, on a copy
     command = command or stage_command("retrain", cfg)
     rank_map = RankMap.load(cfg.rank_map) if cfg.rank_map else None  # format errors before any model work
+    if cfg.out:
+        rundir.check_out_path(cfg.out)
     spec = parse_budget(cfg.budget) if cfg.budget else None
     if cfg.model.name == "auto":
         cfg.model.name = rank_map.base_model if rank_map else DEFAULT_MODEL
     if rank_map and cfg.model.num_layers is None:
-        cfg.model.num_layers = rank_map.search.get("num_layers")
+        cfg.model.num_layers = coerce(rank_map.search.get("num_layers"), int | None, "rank map search.num_layers")
+        cfg.model.validate()
     if cfg.data.task == "auto":
         _task_from(rank_map, cfg.data)
     method = cfg.baseline or "rank_map"
@@ -292,6 +299,10 @@ def save_outputs(out: Path, cfg: RetrainConfig, peft_model: nn.Module, tokenizer
         with _atomic_dir(out / "merged") as tmp:
             merged.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
+    if cfg.model.num_layers is not None:  # peft loads an adapter onto any depth without a word
+        logger.warning("the adapter fits %s cut to its first %d blocks (--model.num_layers): load it on a base "
+                       "cut the same way (config num_hidden_layers=%d), not on the full model", cfg.model.name,
+                       cfg.model.num_layers, cfg.model.num_layers)
     for name in ("reload_max_abs_diff", "merged_max_abs_diff"):
         if checks.get(name, 0.0) > RELOAD_TOLERANCE:
             logger.warning("%s: the saved model's logits differ from the trained model's by %.2g (more than %g); "

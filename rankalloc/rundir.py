@@ -44,6 +44,21 @@ def read_status(out: Path) -> dict[str, Any] | None:
         return {"state": "unknown"}
 
 
+def check_out_path(out: str | Path) -> None:
+    """Refuse an ``--out`` that is a file or lies under one, before any work (a folder cannot be made there).
+
+    Raises:
+        RunDirError: naming the file in the way.
+    """
+    out = Path(out)
+    for folder in (out, *out.parents):
+        if folder.exists() or folder.is_symlink():
+            if not folder.is_dir():
+                raise RunDirError(f"--out {out}: {folder} is a file, not a folder" if folder != out
+                                  else f"--out {out} is a file, not a folder")
+            return
+
+
 def open_run(out: str | Path, *, overwrite: bool, resume: bool) -> tuple[Path, bool]:
     """Prepare ``out``; return (folder, whether to resume from its checkpoint).
 
@@ -59,8 +74,7 @@ def open_run(out: str | Path, *, overwrite: bool, resume: bool) -> tuple[Path, b
         RunDirError: as above, or ``out`` is a file.
     """
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise RunDirError(f"--out {out} is a file, not a folder")
+    check_out_path(out)
     has_content = out.is_dir() and any(out.iterdir())
     status = read_status(out) if has_content else None
     has_ckpt = (out / CHECKPOINT).is_file()

@@ -299,6 +299,7 @@ def run_search(cfg: SearchConfig, command: str | None = None,
     spec = parse_budget(cfg.budget)  # a malformed budget is refused before any model work
     command = command or stage_command("search", cfg)
     out = Path(cfg.out) if cfg.out else rundir.default_out("search", spec.text, cfg.seed)
+    rundir.check_out_path(out)  # before any model work
     dist_info = distributed.init(cfg.device)
     set_seed(cfg.seed)  # the same seed on every rank: sampled gates agree across ranks
     tokenizer = load_tokenizer(cfg.model)

@@ -35,7 +35,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import shutil
 import socket
 import sys
 import time
@@ -43,12 +42,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import rundir
 from .budget import MAX_ABSOLUTE
 from .config import ExportConfig, RetrainConfig, SearchConfig, SweepConfig
 from .errors import BudgetError, ConfigError, RunDirError
 from .flags import checked_copy, stage_command
 from .sweep_report import sweep_summary, write_reports
-from .sweep_shared import SHARED_SEARCH_FILE, SharedSearch, parse_budgets, run_shared_search
+from .sweep_shared import SHARED_SEARCH_FILE, SharedSearch, parse_budgets, run_shared_search, shared_budget
 from .sweep_study import (METHODS, RANKALLOC, delete_study, duplicate_of, make_grid_sampler, open_storage,
                           open_study, point_of, quiet_optuna, recover_crashed, storage_name)
 
@@ -238,20 +238,20 @@ def run_sweep(cfg: SweepConfig, command: str | None = None) -> SweepResult:
     command = command or stage_command("sweep", cfg)
     budgets = parse_budgets(cfg.budgets or [])
     out = Path(cfg.out) if cfg.out else Path("runs") / f"sweep-{_safe(cfg.study_name)}"
-    if out.exists() and not out.is_dir():
-        raise RunDirError(f"--out {out} is a file, not a folder")
+    rundir.check_out_path(out)
+    _check_baseline_points(cfg, budgets)  # every check that needs no study comes before --overwrite acts
+    if cfg.shared_search and not cfg.tune:
+        shared_budget(cfg, budgets)
     if cfg.overwrite:
-        _check_is_sweep_folder(out)  # before the study goes: a mistyped --out refuses the whole --overwrite
-        delete_study(cfg, out)
-        shutil.rmtree(out, ignore_errors=True)
+        _overwrite(cfg, out)
     if cfg.storage is None:
         out.mkdir(parents=True, exist_ok=True)  # the default SQLite file lives in it
     storage = open_storage(cfg, out)  # a storage that cannot be opened is refused before anything is made
     out.mkdir(parents=True, exist_ok=True)
+    (out / SWEEP_MARKER).touch()
     study = open_study(cfg, storage, out)
     methods = ([] if cfg.tune else [RANKALLOC]) + list(cfg.baseline or [])
     points = [(m, b) for m in methods for b in budgets]
-    _check_baseline_points(cfg, budgets)
     _check_budget_distribution(study, cfg, budgets)
     shared = None
     if cfg.tune:
@@ -273,19 +273,27 @@ def run_sweep(cfg: SweepConfig, command: str | None = None) -> SweepResult:
     run_worker(study, sweep)
     summary = sweep_summary(study, sweep, cfg, out, t0, command)
     rows = write_reports(study, sweep, summary)
+    rundir.drop_replaced(out)  # the sweep --overwrite replaced, kept until now
     logger.info("pareto front: %s (plot %s)", out / "pareto.md", out / "pareto.png")
     return SweepResult(out, rows, summary)
 
 
-SWEEP_MARKS = ("sweep.db", "sweep.json", "trials", "pareto.md", SHARED_SEARCH_FILE, ".shared_search.lock")
+SWEEP_MARKER = ".rankalloc_sweep"  # written into every sweep folder when the sweep starts
+SWEEP_MARKS = (SWEEP_MARKER, "sweep.db", "sweep.json", SHARED_SEARCH_FILE)
 
 
-def _check_is_sweep_folder(out: Path) -> None:
-    """``--overwrite`` empties ``out``: refuse unless it is empty or holds something only a sweep writes."""
-    if out.is_dir() and any(out.iterdir()) and not any((out / mark).exists() for mark in SWEEP_MARKS):
-        raise RunDirError(f"--overwrite: {out} is not empty and holds no {', '.join(SWEEP_MARKS)}, so it is not a "
-                          "rankalloc sweep folder; it is left as it is (and so is the study): choose a new or empty "
-                          "--out")
+def _overwrite(cfg: SweepConfig, out: Path) -> None:
+    """``--overwrite``: the old sweep folder (its SQLite study with it) waits in ``OUT.replaced`` until this
+    sweep finishes; a study in a storage of its own (--storage) is deleted, as it cannot be set aside."""
+    if out.is_dir() and any(out.iterdir()):
+        if not any((out / mark).exists() for mark in SWEEP_MARKS):
+            raise RunDirError(f"--overwrite: {out} is not empty and holds no {', '.join(SWEEP_MARKS)}, so it is "
+                              "not a rankalloc sweep folder; it is left as it is (and so is the study): choose a "
+                              "new or empty --out")
+        rundir.set_aside(out, marks=SWEEP_MARKS)
+    if cfg.storage is not None:
+        out.mkdir(parents=True, exist_ok=True)  # the storage may live in it
+        delete_study(cfg, out)
 
 
 def _check_baseline_points(cfg: SweepConfig, budgets: list[int]) -> None:

@@ -166,6 +166,13 @@ def select_columns(df: pd.DataFrame, cfg: DataConfig, family: str, where: str) -
     Raises:
         DataError: a named column is missing (the message lists the available ones), options are malformed.
     """
+    unused = {"classification": ("choice_columns", "answer_column"), "regression": ("choice_columns", "answer_column"),
+              "multiple_choice": ("text_pair_column", "answer_column"),
+              "causal_lm": ("text_pair_column", "choice_columns")}.get(family, ())
+    for name in unused:  # a flag that does nothing here is a mistake about the family or the flag
+        if getattr(cfg, name):
+            raise DataError(f"{where}: --data.{name} does not apply to a {family} task; drop it, or set "
+                            "--data.family to the family it belongs to")
     wanted = [("--data.text_column", cfg.text_column)]
     if family in ("classification", "regression"):
         if cfg.text_pair_column is not None:

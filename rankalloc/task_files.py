@@ -60,6 +60,8 @@ def _frame(texts: Iterable[str], labels: Iterable[int], pairs: Iterable[str] | N
 # Local files
 # --------------------------------------------------------------------------------------------------
 def _load_local(cfg: DataConfig, path: Path) -> RawTask:
+    if cfg.hub_config is not None:
+        raise DataError(f"--task {cfg.task} is a local file, so --data.hub_config does not apply; drop it")
     table = read_table(path)
     family = resolve_family(cfg, table)
     train = select_columns(table, cfg, family, str(path))

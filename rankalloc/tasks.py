@@ -75,6 +75,8 @@ def load_raw_task(cfg: DataConfig) -> RawTask:
     task = cfg.task
     if task in BUILTIN_TASKS:
         _reject_eval_file(cfg, "built-in")
+        if cfg.hub_config is not None:
+            raise DataError(f"--task {task} is a built-in task, so --data.hub_config does not apply; drop it")
         raw = BUILTIN_TASKS[task].load()
         if cfg.family not in ("auto", raw.family):
             train, evaluation = convert_family(raw.train, raw.eval, raw.family, cfg.family, task)

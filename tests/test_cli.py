@@ -50,6 +50,10 @@ def assert_one_line_refusal(code, err, fragment):
     (["--budget", "1k", "--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N"),
     (["--budget", "1k", "--overwrite", "--resume"], "exclude each other"),
     (["--budget", "1k", "--config", "/nonexistent/x.yaml"], "no such file"),
+    (["--budget", "1k", "--search.penalty", "nan"], "--search.penalty must be a finite number, got 'nan'"),
+    (["--budget", "1k", "--search.scale", "inf"], "--search.scale must be a finite number"),
+    (["--budget", "1k", "--max-steps", "3", "--search.gate_every", "4"],
+     "--search.gate_every 4 leaves no gate step in this run"),
 ])
 def test_refusals_before_any_model_work(capsys, argv, fragment):
     assert_one_line_refusal(*run_main(capsys, argv), fragment)
@@ -62,11 +66,19 @@ def test_refusals_before_any_model_work(capsys, argv, fragment):
     (["--budget", "5k", "--model.target_regex", "zzz"], "no adapter targets match"),
     (["--budget", "5k", "--model", "/nonexistent/model"], "no such folder"),
     (["--budget", "5k", "--data.gate_fraction", "0.05"], "--data.gate_fraction"),
+    (["--budget", "5k", "--data.max_length", "1024"], "--data.max_length 1024 exceeds the 512 positions"),
 ])
 def test_refusals_that_need_the_model(capsys, tmp_path, extra, fragment):
     code, err = run_main(capsys, SMALL + extra + ["--out", str(tmp_path / "run")])
     assert_one_line_refusal(code, err, fragment)
     assert not (tmp_path / "run").exists()  # refused before the run folder was made
+
+
+def test_an_out_folder_under_a_file_is_refused_before_any_model_work(capsys, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    code, err = run_main(capsys, ["--budget", "5k", "--out", str(tmp_path / "notes.txt" / "run")])
+    assert_one_line_refusal(code, err, "notes.txt is a file, not a folder")
+    assert len(err.splitlines()) == 1  # refused before the model loaded (nothing logged)
 
 
 def _table(tmp_path, name, text):
@@ -118,6 +130,12 @@ def test_unknown_yaml_key_is_named(tmp_path):
         load_yaml(SearchConfig, cfg)
     cfg.write_text("search: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
+        load_yaml(SearchConfig, cfg)
+    cfg.write_bytes(b"search:\n  gate_lr: 0.1 # \xe9t\xe9\n")  # Latin-1, not UTF-8
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_yaml(SearchConfig, cfg)
+    cfg.write_text("search:\n  penalty: .nan\n")
+    with pytest.raises(ConfigError, match="search.penalty .* must be a finite number"):
         load_yaml(SearchConfig, cfg)
 
 

@@ -129,6 +129,22 @@ def test_custom_column_names(tmp_path):
     assert len(raw.train) == 20 and raw.label_names == ["neg", "pos"]
 
 
+@pytest.mark.parametrize("options, flag, family", [
+    (dict(family="classification", choice_columns=["text"]), "choice_columns", "classification"),
+    (dict(family="classification", answer_column="label"), "answer_column", "classification"),
+    (dict(family="multiple_choice", choice_columns=["text"], text_pair_column="nonexistent"), "text_pair_column",
+     "multiple_choice"),
+])
+def test_a_column_flag_that_does_not_apply_to_the_family_is_refused(tmp_path, options, flag, family):
+    path = write(sentiment_frame(20), tmp_path / "d.csv")
+    with pytest.raises(DataError, match=rf"--data.{flag} does not apply to a {family} task"):
+        load_raw_task(small_cfg(path, **options))
+    with pytest.raises(DataError, match=r"is a local file, so --data.hub_config does not apply"):
+        load_raw_task(small_cfg(path, hub_config="sst2"))
+    with pytest.raises(DataError, match=r"is a built-in task, so --data.hub_config does not apply"):
+        load_raw_task(small_cfg("tweets", hub_config="sst2"))
+
+
 def _frame(**cols) -> pd.DataFrame:
     n = max(len(v) for v in cols.values())
     return pd.DataFrame({"text": [f"text {i}" for i in range(n)], **cols})

@@ -69,6 +69,28 @@ def test_patterns_matching_nothing_list_module_names(minilm_1layer, field, value
         find_targets(model, ModelConfig(num_layers=1, **{field: value}))
 
 
+def test_a_target_suffix_that_matches_nothing_is_refused_even_beside_one_that_matches(minilm_1layer):
+    _, model = minilm_1layer
+    with pytest.raises(ModelError, match=r"target_modules: valeu match\(es\) no Linear-like module .*attention"):
+        find_targets(model, ModelConfig(num_layers=1, target_modules=["query", "valeu"]))
+
+
+def test_more_layers_than_the_model_has_is_refused():
+    """transformers would add randomly initialised blocks without a word."""
+    from rankalloc.models import skeleton_targets
+
+    with pytest.raises(ModelError, match=r"--model.num_layers 8: minilm-l6 has only 6 blocks; allowed: 1 to 6"):
+        skeleton_targets(ModelConfig(num_layers=8))
+    assert len(skeleton_targets(ModelConfig(num_layers=6))) == 36
+
+
+def test_a_missing_relative_folder_read_as_a_hub_id_says_so():
+    from rankalloc.models import load_tokenizer
+
+    with pytest.raises(ModelError, match=r"models/my-bert was read as a hub id, as there is no such local folder"):
+        load_tokenizer(ModelConfig(name="models/my-bert"))
+
+
 def test_missing_model_path_is_a_one_line_error(tmp_path):
     with pytest.raises(ModelError, match="no such folder"):
         resolve_model_path(str(tmp_path / "nope"))
@@ -162,3 +184,23 @@ def test_an_fp16_checkpoint_loads_in_float32(tiny_gpt2, tmp_path):
     AutoModelForSequenceClassification.from_pretrained(tiny_gpt2).half().save_pretrained(tmp_path / "fp16")
     model = load_model(ModelConfig(name=str(tmp_path / "fp16")), num_labels=3)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_linear_layers_inside_multihead_attention_are_not_targets():
+    """nn.MultiheadAttention uses out_proj.weight directly: a LoRA there would change nothing."""
+    from torch import nn
+
+    class Classifier(nn.Module):
+        base_model_prefix = "encoder"
+
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2,
+                                                 enable_nested_tensor=False)
+            self.classifier = nn.Linear(16, 3)
+
+    model = Classifier()
+    names = [t.name for t in find_targets(model, ModelConfig())]
+    assert names == [f"encoder.layers.{i}.{k}" for i in range(2) for k in ("linear1", "linear2")]
+    with pytest.raises(ModelError, match=r"inside nn.MultiheadAttention, e.g. encoder.layers.0.self_attn.out_proj"):
+        find_targets(model, ModelConfig(target_modules=["out_proj"]))

@@ -3,6 +3,7 @@ recorded command that rebuilds the config."""
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import sys
 
@@ -87,4 +88,5 @@ def test_search_then_retrain_from_python(tmp_path, monkeypatch):
     assert trained.metrics["adapter_params"] == result.rank_map.total_params
     assert trained.metrics["command"].startswith("python -m rankalloc.retrain --rank-map ")
     loaded = peft.PeftConfig.from_pretrained(str(trained.out / "adapter"))
-    assert {k.strip("^$") for k in loaded.rank_pattern} == {n for n, r in result.rank_map.ranks.items() if r > 0}
+    mapped = {n for n, r in result.rank_map.ranks.items() if r > 0}
+    assert set(loaded.rank_pattern) == {f"^{re.escape(n)}$" for n in mapped}

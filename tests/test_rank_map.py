@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -61,8 +62,23 @@ def test_check_built_catches_a_peft_that_ignores_the_rank_pattern(minilm_1layer,
     cfg = rm.lora_config(2.0, modules_to_save=["classifier"])
     rm.check_built(get_peft_model(copy.deepcopy(model), LoraConfig(**cfg)))  # this peft matches them
     ignored = dict(cfg, rank_pattern={}, alpha_pattern={})  # what an unmatched pattern amounts to
-    with pytest.raises(RankMapError, match=r"built rank \d+ for .*the rank map says \d+; .*peft >= 0\.15"):
+    with pytest.raises(RankMapError, match=r"built rank \d+ for .*the rank map says \d+: peft did not apply"):
         rm.check_built(get_peft_model(copy.deepcopy(model), LoraConfig(**ignored)))
+
+
+def test_module_names_are_literal_in_the_rank_pattern():
+    """peft reads rank_pattern keys as regexes: unescaped, `attn.out` would also give its rank to `attn_out`."""
+    from peft import LoraConfig, get_peft_model
+
+    from rankalloc.models import Target
+
+    block = torch.nn.ModuleDict({"attn": torch.nn.ModuleDict({"out": torch.nn.Linear(8, 8)}),
+                                 "attn_out": torch.nn.Linear(8, 8)})
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([block])
+    targets = [Target("layers.0.attn.out", 8, 8, 0, "attn.out"), Target("layers.0.attn_out", 8, 8, 0, "attn_out")]
+    rm = RankMap.from_ranks(targets, {"layers.0.attn.out": 2, "layers.0.attn_out": 5}, base_model="m", budget=112)
+    rm.check_built(get_peft_model(model, LoraConfig(**rm.lora_config(2.0, task_type=None))))
 
 
 def test_adapter_config_file_loads_into_peft(tmp_path, targets):
@@ -71,7 +87,8 @@ def test_adapter_config_file_loads_into_peft(tmp_path, targets):
     rm = RankMap.from_ranks(targets, _ranks(targets), base_model="minilm-l6", budget=30000)
     cfg = rm.write_adapter_config(tmp_path / "adapter_config.json", 2.0, modules_to_save=["classifier"])
     on_disk = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert on_disk["rank_pattern"] == {f"^{n}$": r for n, r in _ranks(targets).items() if r > 0}
+    assert on_disk["rank_pattern"] == {f"^{re.escape(n)}$": r for n, r in _ranks(targets).items() if r > 0}
+    assert on_disk["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"  # not the alias
     assert all(k.startswith("^") and k.endswith("$") for k in on_disk["rank_pattern"])
     assert targets[1].name not in on_disk["target_modules"]  # rank 0: no adapter
     assert cfg["peft_type"] == "LORA"
@@ -104,6 +121,9 @@ def _valid(targets):
      "rank must be an integer"),
     (lambda d: {**d, "total_params": 1}, "disagrees with the ranks"),
     (lambda d: [1, 2], "format must be"),
+    (lambda d: {**d, "budget": True}, "budget must be a positive integer, got True"),
+    (lambda d: {**d, "search": "abc"}, "'search' must be a mapping"),
+    (lambda d: {**d, "base_model": 3}, "base_model must be a model name or folder"),
 ])
 def test_malformed_files_are_refused(tmp_path, targets, mutate, fragment):
     with pytest.raises(RankMapError, match=fragment):

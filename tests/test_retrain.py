@@ -127,6 +127,12 @@ def _edit(data: dict, case: str) -> dict:
     elif case == "too_big":
         data["modules"][first]["rank"] = 385  # q is 384x384
         data.pop("total_params")
+    elif case == "search_not_mapping":
+        data["search"] = "abc"
+    elif case == "recorded_columns":
+        data["search"]["data"] = {"task": "tweets", "choice_columns": 5}
+    elif case == "recorded_layers":
+        data["search"]["num_layers"] = "two"
     return data
 
 
@@ -135,6 +141,9 @@ def _edit(data: dict, case: str) -> dict:
     ("version", "version 2"),
     ("negative", "negative"),
     ("too_big", "exceeds min(d_in, d_out) = 384"),
+    ("search_not_mapping", "'search' must be a mapping"),
+    ("recorded_columns", "rank map search.data.choice_columns must be a comma-separated list"),
+    ("recorded_layers", "rank map search.num_layers must be an integer or null, got 'two'"),
 ])
 def test_bad_rank_map_files_are_refused_in_one_line(case, needle, rank_map_file, tmp_path, capsys):
     from rankalloc.retrain import main
@@ -145,7 +154,8 @@ def test_bad_rank_map_files_are_refused_in_one_line(case, needle, rank_map_file,
     else:
         bad.write_text(json.dumps(_edit(json.loads(rank_map_file.read_text()), case)))
     out = tmp_path / "run"
-    assert main(["--rank-map", str(bad), "--out", str(out), *SMALL]) == 2
+    small = [a for a in SMALL if a not in ("--model.num_layers", "1")] if case == "recorded_layers" else SMALL
+    assert main(["--rank-map", str(bad), "--out", str(out), *small]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0] and err[0].startswith("rankalloc retrain: error:")
     assert not out.exists()

@@ -196,6 +196,28 @@ def test_overwrite_keeps_the_previous_run_until_its_replacement_finishes(tmp_pat
     assert not (tmp_path / "export.replaced").exists()
 
 
+def test_damaged_scores_and_an_out_under_a_file_are_one_line_errors(tmp_path):
+    from rankalloc.config import ExportConfig
+    from rankalloc.errors import RunDirError
+    from rankalloc.export import run_export
+    from rankalloc.rundir import open_run
+
+    run = tmp_path / "search"
+    run.mkdir()
+    for damaged, fragment in [("[1, 2]", "has format None"), ('{"format": "rankalloc.scores", "version": 1}',
+                                                                 "damaged \\(no modules, base_params"),
+                              ('{"format": "rankalloc.scores", "version": 1, "modules": [{"name": "a"}], '
+                               '"base_params": 1, "searched_budget": 1, "scale": 2, "base_model": "m"}',
+                               "damaged \\(KeyError")]:
+        (run / "scores.json").write_text(damaged)
+        with pytest.raises(RunDirError, match=fragment):
+            run_export(ExportConfig(run=str(run), budget="1k"))
+    a_file = tmp_path / "data.csv"
+    a_file.write_text("text,label\n")
+    with pytest.raises(RunDirError, match=r"data.csv is a file, not a folder"):
+        open_run(a_file / "run", overwrite=False, resume=False)
+
+
 def test_resume_refuses_another_run_length(tmp_path):
     """The budget ramp and the temperature schedule are fractions of the run's length: resuming a
     --max-steps 4 run as an 8-step one would make the cost target jump back above the budget."""

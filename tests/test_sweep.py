@@ -178,6 +178,22 @@ def test_overwrite_refuses_a_folder_that_is_not_a_sweep_and_keeps_the_study(sqli
     assert code == 2 and "Traceback" not in "\n".join(err)
     assert "is not a rankalloc sweep folder; it is left as it is (and so is the study)" in err[-1]
     assert (mine / "notes.txt").read_text() == "precious" and len(_study(storage, "t3").trials) >= 3
+    before = sorted(p.name for p in out.iterdir())  # a sweep folder, refused for a bad baseline budget
+    code = sweep.main(SMALL + ["--budgets", "5k", "--baseline", "uniform", "--out", str(out), "--study-name", "t3",
+                               "--overwrite"])
+    assert code == 2 and "cannot run at the sweep's budget 5,000" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == before and len(_study(storage, "t3").trials) >= 3
+
+
+def test_overwrite_replaces_a_sweep_once_the_new_one_finishes(tmp_path):
+    out = tmp_path / "s"
+    argv = SMALL + ["--budgets", "7k", "--out", str(out), "--study-name", "o"]
+    assert sweep.main(argv) == 0
+    first = _study(f"sqlite:///{out / 'sweep.db'}", "o").trials[0].datetime_complete
+    assert sweep.main(argv + ["--overwrite"]) == 0
+    again = _study(f"sqlite:///{out / 'sweep.db'}", "o").trials
+    assert len(again) == 1 and again[0].datetime_complete > first  # run afresh, not resumed
+    assert (out / ".rankalloc_sweep").is_file() and not (tmp_path / "s.replaced").exists()
 
 
 def test_changed_settings_are_refused_on_resume(sqlite_sweep, capsys):
