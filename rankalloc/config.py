@@ -200,11 +200,7 @@ class SearchConfig:
         self.model.validate()
         self.data.validate()
         self.search.validate()
-        first, last, k = self.warmup_steps(), self.steps(), self.search.gate_every
-        if not any((step + 1) % k == 0 for step in range(first, last)):  # the gates would never train
-            raise ConfigError(f"--search.gate_every {k} leaves no gate step in this run: gate steps follow weight "
-                              f"steps {first + 1} to {last} whose number is a multiple of it; allowed: 1 to "
-                              f"{last - first}")
+        check_gate_steps(self.search, self.max_steps, [self.search.gate_every], "--search.gate_every")
 
     def steps(self) -> int:
         """Weight steps this run will take (``--max-steps`` caps ``search.steps``)."""
@@ -411,6 +407,26 @@ class SweepConfig:
         self.data.validate()
         self.search.validate()
         self.train.validate()
+        check_gate_steps(self.search, self.max_steps, [self.search.gate_every], "--search.gate_every")
+        if "gate_every" in (self.tune or []):
+            check_gate_steps(self.search, self.max_steps, list(range(1, GATE_EVERY_TUNE_MAX + 1)),
+                             f"--tune gate_every (which tries 1 to {GATE_EVERY_TUNE_MAX}):")
+
+
+GATE_EVERY_TUNE_MAX = 4  # the largest gate_every a tuned sweep tries
+
+
+def check_gate_steps(search: SearchParams, max_steps: int | None, gate_every: list[int], flag: str) -> None:
+    """Refuse a ``gate_every`` that leaves a run with no gate step: its gates would never train.  A gate step
+    follows weight step ``n`` (counted from 1) when ``n`` is a multiple of ``gate_every`` and lies after
+    the warm-up (which ``--max-steps`` shrinks in proportion)."""
+    last = search.steps if max_steps is None else min(search.steps, max_steps)
+    first = search.warmup_steps * last // search.steps
+    for k in gate_every:
+        if last // k <= first // k:  # no multiple of k in first+1 .. last
+            raise ConfigError(f"{flag} {k} leaves no gate step in this run: gate steps follow weight steps "
+                              f"{first + 1} to {last} whose number is a multiple of it; allowed: any value with a "
+                              f"multiple in that range (every value up to {last - first})")
 
 
 def _validate_common(cfg: Any) -> None:

@@ -139,6 +139,29 @@ class TaskData:
 # --------------------------------------------------------------------------------------------------
 # Building a TaskData
 # --------------------------------------------------------------------------------------------------
+# Models whose position ids start after the padding index (create_position_ids_from_input_ids): their
+# max_position_embeddings counts pad_token_id + 1 positions that a sequence cannot use
+_PADDING_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer", "data2vec-text",
+                             "roberta-prelayernorm", "xmod", "ibert", "markuplm", "luke", "esm", "mpnet"}
+
+
+def absolute_positions(model_config: Any) -> int | None:
+    """How many tokens a model with a learned table of absolute positions can read; None when its
+    positions are rotary, ALiBi or relative only (no hard limit), or unknown."""
+    positions = getattr(model_config, "max_position_embeddings", None)
+    if not isinstance(positions, int) or not hasattr(model_config, "to_dict"):
+        return None
+    settings = model_config.to_dict()
+    rotary = any(value for key, value in settings.items() if "rope" in key or "rotary" in key)
+    relative = (settings.get("alibi") or settings.get("position_biased_input") is False
+                or settings.get("position_embedding_type", "absolute") != "absolute")
+    if rotary or relative:
+        return None
+    if settings.get("model_type") in _PADDING_OFFSET_POSITIONS:
+        positions -= (settings.get("pad_token_id") or 0) + 1
+    return positions
+
+
 def prepare_task(cfg: DataConfig, tokenizer: Any, seed: int, model_config: Any = None,
                  gate_split: bool = True) -> TaskData:
     """Load, split, cap and tokenise ``cfg.task``; partition train into weight/gate with ``seed``.
@@ -152,8 +175,8 @@ def prepare_task(cfg: DataConfig, tokenizer: Any, seed: int, model_config: Any =
     """
     _check_seed(seed, "--seed")
     _check_seed(cfg.split_seed, "--data.split_seed")
-    positions = getattr(model_config, "max_position_embeddings", None)  # absent where positions are relative
-    if isinstance(positions, int) and cfg.max_length > positions:
+    positions = absolute_positions(model_config)
+    if positions is not None and cfg.max_length > positions:
         raise DataError(f"--data.max_length {cfg.max_length} exceeds the {positions} positions the model has "
                         f"(max_position_embeddings); allowed: 1 to {positions}")
     raw = load_raw_task(cfg)

@@ -128,7 +128,7 @@ def run_export(cfg: ExportConfig) -> tuple[Path, RankMap]:
     if replacing:
         if not cfg.overwrite:
             raise RunDirError(f"--out {out} exists; pass --overwrite to replace it")
-        rundir.set_aside(out, marks=EXPORT_MARKS)
+        rundir.set_aside(out, marks=EXPORT_MARKS, finished=lambda f: (f / "rank_map.json").is_file())
     try:
         write_export(out, cfg.run, scores, rm, cfg.max_rank)
     except BaseException:

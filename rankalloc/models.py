@@ -292,8 +292,9 @@ def find_targets(model: nn.Module, cfg: ModelConfig) -> list[Target]:
         unmatched = [s for s in suffixes if not any(n == s or n.endswith("." + s) for n, _ in chosen)]
         if chosen and unmatched:  # a typo would silently narrow the targets (and so the budget's meaning)
             kinds = sorted({_layer_and_kind(n, stack_names)[1] for n, _ in candidates})
-            raise ModelError(f"--model.target_modules: {', '.join(unmatched)} match(es) no Linear-like module of "
-                             f"{cfg.name}; module names end in: {', '.join(kinds[:12])}")
+            raise ModelError(f"--model.target_modules: {', '.join(unmatched)} match(es) no module of {cfg.name} that "
+                             f"can take an adapter (Linear-like, outside the task head and nn.MultiheadAttention); "
+                             f"such module names end in: {', '.join(kinds[:12])}")
     else:
         chosen = [(n, m) for n, m in candidates if any(n.startswith(stack + ".") for stack in stack_names)]
         asked = "the default (Linear-like modules inside the transformer blocks)"

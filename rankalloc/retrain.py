@@ -113,6 +113,9 @@ def build_adapter(cfg: RetrainConfig, model: nn.Module, targets: list[Target], r
     return peft_model, rank_map
 
 
+FAMILY_COLUMNS = ("family", "text_pair_column", "choice_columns", "answer_column")  # what one family's data needs
+
+
 def _task_from(rank_map: RankMap | None, data: DataConfig) -> None:
     """``--task`` not given: the task the rank map was searched on, with its columns (those fields still at
     their defaults); without a rank map, or with one that records no task, the built-in default."""
@@ -123,7 +126,10 @@ def _task_from(rank_map: RankMap | None, data: DataConfig) -> None:
     if not isinstance(recorded, dict):
         raise RankMapError(f"rank map: search.data must be a mapping of data settings, got {recorded!r}")
     default, hints = DataConfig(), typing.get_type_hints(DataConfig)
+    other_family = data.family != default.family and recorded.get("family") not in (None, data.family)
     for key in DATASET_FIELDS:
+        if other_family and key in FAMILY_COLUMNS:  # the map's columns of another family would not apply
+            continue
         if key in recorded and (key == "task" or getattr(data, key) == getattr(default, key)):
             setattr(data, key, coerce(recorded[key], hints[key], f"rank map search.data.{key}"))
     data.validate()

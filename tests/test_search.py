@@ -185,6 +185,9 @@ def test_overwrite_keeps_the_previous_run_until_its_replacement_finishes(tmp_pat
     export = tmp_path / "export"
     run_export(ExportConfig(run=str(run), budget="1500", out=str(export)))
     before = {p.name: p.read_bytes() for p in export.iterdir()}
+    export.rename(tmp_path / "export.replaced")  # a re-export killed half-way: the whole one set aside ...
+    export.mkdir()
+    (export / "export.md").write_text("partial")  # ... and a partial one in its place
 
     def broken_save(self, path):
         raise OSError("disk full")
@@ -194,6 +197,25 @@ def test_overwrite_keeps_the_previous_run_until_its_replacement_finishes(tmp_pat
         run_export(ExportConfig(run=str(run), budget="1800", out=str(export), overwrite=True))
     assert {p.name: p.read_bytes() for p in export.iterdir()} == before  # the previous export, whole
     assert not (tmp_path / "export.replaced").exists()
+
+
+def test_overwrite_refuses_a_symlink_and_keeps_a_backup_it_did_not_make(tmp_path):
+    from rankalloc.errors import RunDirError
+    from rankalloc.rundir import finish_run, open_run, set_status
+
+    run = tmp_path / "run"
+    run.mkdir()
+    set_status(run, "done")
+    link = tmp_path / "link"
+    link.symlink_to(run)
+    with pytest.raises(RunDirError, match="is a symbolic link; give the folder it points to"):
+        open_run(link, overwrite=True, resume=False)
+    assert (run / "status.json").is_file()
+    earlier = tmp_path / "run.replaced"  # set aside by an earlier process whose replacement was then resumed
+    earlier.mkdir()
+    set_status(earlier, "done")
+    finish_run(run)
+    assert (earlier / "status.json").is_file()
 
 
 def test_damaged_scores_and_an_out_under_a_file_are_one_line_errors(tmp_path):

@@ -98,6 +98,14 @@ def test_the_sweep_refuses_a_baseline_its_studies_cannot_hold():
         parse_args(SweepConfig, ["--budgets", "41k", "--baseline", "random"], "t", "")
 
 
+def test_a_tuned_gate_every_that_a_short_run_cannot_hold_is_refused_before_any_trial():
+    from rankalloc.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--tune gate_every \(which tries 1 to 4\): 3 leaves no gate step"):
+        parse_args(SweepConfig, ["--budgets", "7k", "--tune", "gate_every", "--max-steps", "2"], "t", "")
+    parse_args(SweepConfig, ["--budgets", "7k", "--tune", "gate_every", "--max-steps", "12"], "t", "")
+
+
 def test_a_baseline_that_cannot_fit_a_budget_is_refused_before_any_trial(tmp_path, capsys):
     """Uniform rank 1 on MiniLM-L6's 36 matrices costs 41,472: at 41k it cannot run, so the sweep says so
     at once, instead of stopping at that point after the others ran (and again on every rerun)."""
@@ -185,11 +193,20 @@ def test_overwrite_refuses_a_folder_that_is_not_a_sweep_and_keeps_the_study(sqli
     assert sorted(p.name for p in out.iterdir()) == before and len(_study(storage, "t3").trials) >= 3
 
 
-def test_overwrite_replaces_a_sweep_once_the_new_one_finishes(tmp_path):
+def test_overwrite_replaces_a_sweep_once_the_new_one_finishes(tmp_path, capsys):
+    from optuna.trial import TrialState
+
     out = tmp_path / "s"
     argv = SMALL + ["--budgets", "7k", "--out", str(out), "--study-name", "o"]
     assert sweep.main(argv) == 0
-    first = _study(f"sqlite:///{out / 'sweep.db'}", "o").trials[0].datetime_complete
+    study = _study(f"sqlite:///{out / 'sweep.db'}", "o")
+    first = study.trials[0].datetime_complete
+    live = study.ask()  # a trial another live worker is running: a second --overwrite must not pull the rug
+    live.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    assert sweep.main(argv + ["--overwrite"]) == 2
+    assert "has 1 trial(s) running in other workers; start further workers without --overwrite" in \
+        capsys.readouterr().err
+    study.tell(live, state=TrialState.FAIL)
     assert sweep.main(argv + ["--overwrite"]) == 0
     again = _study(f"sqlite:///{out / 'sweep.db'}", "o").trials
     assert len(again) == 1 and again[0].datetime_complete > first  # run afresh, not resumed
@@ -261,7 +278,7 @@ def test_journal_trial_of_a_dead_worker_is_failed_and_retried(tmp_path):
     assert retry[0].params == {"budget": trial.params["budget"]}
 
 
-def test_a_trial_killed_before_its_first_heartbeat_is_failed_and_retried(tmp_path):
+def test_a_trial_killed_before_its_first_heartbeat_is_failed_and_retried(tmp_path, monkeypatch):
     """optuna's stale-trial check skips a trial that never sent a heartbeat: a worker killed right after
     creating one would hold its point forever.  No worker recorded and older than --grace_period: dead."""
     import optuna
@@ -272,11 +289,17 @@ def test_a_trial_killed_before_its_first_heartbeat_is_failed_and_retried(tmp_pat
     orphan = study.ask({"budget": optuna.distributions.IntDistribution(1, 10**13, log=True)})
     time.sleep(2.5)
     fresh = study.ask()  # just created by a live worker: not yet its first line
+    seen_by_another_worker = study.get_trials(deepcopy=True, states=(TrialState.RUNNING,))
     sweep_study.recover_crashed(study, cfg)
     states = {t.number: t.state for t in study.trials}
     assert states[orphan.number] == TrialState.FAIL and states[fresh.number] == TrialState.RUNNING
     retry = [t for t in study.trials if t.state == TrialState.WAITING]
     assert len(retry) == 1 and retry[0].system_attrs["failed_trial"] == orphan.number
+    # a second waiting worker that listed the trial as running before the first one failed it
+    monkeypatch.setattr(study, "get_trials", lambda deepcopy=False, states=None: seen_by_another_worker)
+    sweep_study.recover_crashed(study, cfg)  # does not crash on the already-failed trial
+    monkeypatch.undo()
+    assert len([t for t in study.trials if t.state == TrialState.WAITING]) == 1
 
 
 # --------------------------------------------------------------------------------------------------
