@@ -106,7 +106,8 @@ def write_export(out: Path, run: str, scores: Scores, rm: RankMap, max_rank: int
         markdown_rank_table(scores.targets, rm.ranks), "", "![ranks](ranks.png)", ""]))
     rm.write_adapter_config(out / "adapter_config.json", scores.data["scale"],
                             modules_to_save=scores.data.get("modules_to_save"),
-                            task_type=scores.data.get("peft_task_type", "SEQ_CLS"))
+                            task_type=scores.data.get("peft_task_type", "SEQ_CLS"),
+                            fan_in_fan_out=bool(scores.data.get("fan_in_fan_out", False)))
     rm.save(out / "rank_map.json")
 
 

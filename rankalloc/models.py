@@ -186,6 +186,13 @@ def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
+def stores_fan_in_fan_out(model: nn.Module, targets: list[Target]) -> bool:
+    """Whether the targets keep their weight as (in, out) (GPT-2's ``Conv1D``): peft's ``fan_in_fan_out``."""
+    names = {t.name for t in targets}
+    return any(type(getattr(m, "base_layer", m)).__name__ == "Conv1D"  # a wrapped target: its base layer
+               for n, m in model.named_modules() if n in names)
+
+
 def linear_shape(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a Linear-like module."""
     if isinstance(module, nn.Linear):

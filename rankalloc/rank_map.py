@@ -140,11 +140,13 @@ class RankMap:
 
     # ---- export ------------------------------------------------------------------------------------
     def lora_config(self, scale: float = 2.0, *, task_type: str | None = "SEQ_CLS",
-                    modules_to_save: list[str] | None = None, dropout: float = 0.0) -> dict[str, Any]:
+                    modules_to_save: list[str] | None = None, dropout: float = 0.0,
+                    fan_in_fan_out: bool = False) -> dict[str, Any]:
         """Keyword arguments of ``peft.LoraConfig`` that build exactly these ranks.
 
         ``lora_alpha = scale * r`` for every module, so the LoRA scale ``alpha / r`` is the same
         constant for every rank.  Rank-0 modules are left out of ``target_modules`` (no adapter).
+        ``fan_in_fan_out``: the targets store their weight as (in, out), as GPT-2's ``Conv1D`` does.
         """
         kept = {name: m["rank"] for name, m in self.modules.items() if m["rank"] > 0}
         if not kept:
@@ -160,6 +162,8 @@ class RankMap:
             "alpha_pattern": {_anchored(name): _alpha(scale, rank) for name, rank in kept.items()},
             "bias": "none",
         }
+        if fan_in_fan_out:
+            cfg["fan_in_fan_out"] = True
         if task_type is not None:
             cfg["task_type"] = task_type
         if modules_to_save:

@@ -42,7 +42,7 @@ from .data import Split, TaskData, prepare_task
 from .errors import ModelError, RankMapError
 from .families import Classification, Family
 from .models import (Target, count_parameters, find_targets, head_modules, load_model, load_model_config,
-                     load_tokenizer, resolve_device)
+                     load_tokenizer, resolve_device, stores_fan_in_fan_out)
 from .rank_map import RankMap
 from .retrain_loop import predict, train
 from .sensitivity import gradient_spectra
@@ -107,7 +107,8 @@ def build_adapter(cfg: RetrainConfig, model: nn.Module, targets: list[Target], r
                                               "gradient_batches": p.gradient_batches,
                                               "num_layers": cfg.model.num_layers})
     lora = LoraConfig(**rank_map.lora_config(p.scale, task_type=family.peft_task_type, modules_to_save=heads,
-                                             dropout=p.lora_dropout))
+                                             dropout=p.lora_dropout,
+                                             fan_in_fan_out=stores_fan_in_fan_out(model, targets)))
     peft_model = get_peft_model(model, lora)
     rank_map.check_built(peft_model)
     return peft_model, rank_map

@@ -42,7 +42,7 @@ from .gate_optimizer import make_gate_optimizer
 from .gates import GATE_KINDS
 from .lagrangian import Lagrangian
 from .models import (Target, count_parameters, find_targets, head_modules, load_model, load_model_config,
-                     load_tokenizer, resolve_device)
+                     load_tokenizer, resolve_device, stores_fan_in_fan_out)
 from .rank_map import RankMap
 from .training import (check_finite, evaluate, grads_finite, peak_memory, rng_state, set_rng_state, set_seed,
                        to_device)
@@ -364,6 +364,7 @@ def finish(cfg: SearchConfig, gated: GatedModel, task: TaskData, targets: list[T
         "format": "rankalloc.scores", "version": 1, "base_model": cfg.model.name,
         "model_fingerprint": rm.model_fingerprint, "searched_budget": budget, "base_params": base_params, "scale": cfg.search.scale,
         "modules_to_save": heads, "peft_task_type": task.family.peft_task_type, "search": rm.search,
+        "fan_in_fan_out": stores_fan_in_fan_out(gated.model, targets),
         "config": to_dict(cfg),
         "modules": [{"name": t.name, "in_features": t.in_features, "out_features": t.out_features,
                      "layer": t.layer, "kind": t.kind, "r_max": r_max[t.name], "scores": s}
@@ -379,7 +380,8 @@ def finish(cfg: SearchConfig, gated: GatedModel, task: TaskData, targets: list[T
                "gates": GATE_KINDS[cfg.search.gates].description, "peak_memory_mb": peak_memory(device)}
     write_search_report(out, targets=targets, ranks=ranks, r_max=r_max, history=state.history, summary=summary)
     rm.write_adapter_config(out / "adapter_config.json", cfg.search.scale, modules_to_save=heads,
-                            task_type=task.family.peft_task_type)
+                            task_type=task.family.peft_task_type,
+                            fan_in_fan_out=stores_fan_in_fan_out(gated.model, targets))
     io.write_json(out / "summary.json", summary)
     rm.save(out / "rank_map.json")  # last: its presence means every other output is there
     logger.info("rank map: %d / %d parameters (%.2f%% of the budget), gap %.4f -> %s",

@@ -91,13 +91,23 @@ def test_tiny_search_on_a_minilm_slice(tmp_path):
 
 def test_tiny_search_on_random_gpt2(tmp_path, tiny_gpt2):
     cfg = tiny_config(tmp_path, ModelConfig(name=tiny_gpt2), budget="2000", r_max=4)
-    rm = _check_run(run_search(cfg, command="test").out, 2000)
+    out = run_search(cfg, command="test").out
+    rm = _check_run(out, 2000)
     assert any(name.endswith("attn.c_attn") for name in rm.modules)
+    # GPT-2's Conv1D keeps its weight as (in, out): the peft config says so, so peft need not correct it
+    assert json.loads((out / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    from rankalloc.config import ExportConfig
+    from rankalloc.export import run_export
+
+    exported, _ = run_export(ExportConfig(run=str(out), budget="1500"))
+    assert json.loads((exported / "adapter_config.json").read_text())["fan_in_fan_out"] is True
 
 
 def test_tiny_search_on_random_llama(tmp_path, tiny_llama):
     cfg = tiny_config(tmp_path, ModelConfig(name=tiny_llama), budget="1500", r_max=4)
-    rm = _check_run(run_search(cfg, command="test").out, 1500)
+    out = run_search(cfg, command="test").out
+    rm = _check_run(out, 1500)
+    assert json.loads((out / "adapter_config.json").read_text())["fan_in_fan_out"] is False
     assert any(name.endswith("mlp.gate_proj") for name in rm.modules)
 
 
