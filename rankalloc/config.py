@@ -244,6 +244,8 @@ class TrainParams:
                       "AdaLoRA: alpha = scale * init_r, as it divides by its initial rank).")
     lora_dropout: float = _f(0.0, "Dropout on the adapter input.")
     log_every: int = _f(25, "Steps between log lines.")
+    checkpoint_every: int = _f(100, "Steps between checkpoints (0: none); rerunning a killed retrain resumes from "
+                               "its last one (AdaLoRA keeps none: its allocator state is not saved).")
     gradient_batches: int = _f(32, "Training batches whose mean loss gradient scores the components of "
                                "--baseline gradient.")
     adalora_lr: float = _f(5e-3, "AdamW learning rate of AdaLoRA (its authors tune a larger one than LoRA's; "
@@ -265,6 +267,8 @@ class TrainParams:
         for name in ("lr", "adalora_lr", "scale"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--train.{name} must be > 0, got {getattr(self, name)}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"--train.checkpoint_every must be >= 0 (0: no checkpoints), got {self.checkpoint_every}")
         for name in ("weight_decay", "adalora_orth_reg_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--train.{name} must be >= 0, got {getattr(self, name)}")
@@ -306,7 +310,7 @@ class RetrainConfig:
     out: str | None = _f(None, "Run folder (default: a new folder under runs/).")
     max_steps: int | None = _f(None, "Cap on optimisation steps, for quick runs (schedules shrink to fit).")
     overwrite: bool = _f(False, "Replace an existing run folder (kept in OUT.replaced until the new run finishes).")
-    resume: bool = _f(False, "Not supported: retrain keeps no checkpoints (rerun with --overwrite).")
+    resume: bool = _f(False, "Continue the run in --out from its last checkpoint (rerunning does so too).")
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name="auto"))
     data: DataConfig = field(default_factory=lambda: DataConfig(task="auto"))
     train: TrainParams = field(default_factory=TrainParams)
@@ -325,8 +329,9 @@ class RetrainConfig:
         if self.init_from is not None and self.rank_map is None:
             raise ConfigError("--init-from starts a rank map's adapters from its search; it needs --rank-map "
                               "(baselines always start fresh)")
-        if self.resume:
-            raise ConfigError("--resume: retrain keeps no checkpoints (a run takes minutes); rerun with --overwrite")
+        if self.resume and self.baseline == "adalora":
+            raise ConfigError("--resume: an AdaLoRA retrain keeps no checkpoints (its allocator state is not "
+                              "saved); rerun with --overwrite")
         _validate_common(self)
         self.model.validate()
         self.data.validate()

@@ -39,7 +39,7 @@ from .budget import parse_budget
 from .config import DATASET_FIELDS, DataConfig, RetrainConfig
 from .flags import checked_copy, coerce, stage_command, to_dict
 from .data import Split, TaskData, prepare_task
-from .errors import ModelError, RankMapError
+from .errors import ModelError, RankMapError, RunDirError
 from .families import Classification, Family
 from .models import (Target, count_parameters, find_targets, head_modules, load_model, load_model_config,
                      load_tokenizer, resolve_device, stores_fan_in_fan_out)
@@ -213,11 +213,15 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
 
     out = Path(cfg.out) if cfg.out else rundir.default_out("retrain", f"{method}-{budget}", cfg.seed)
     def open_out() -> Path:  # rank 0 alone owns the run folder
-        folder, _ = rundir.open_run(out, overwrite=cfg.overwrite, resume=False)
+        folder, _ = rundir.open_run(out, overwrite=cfg.overwrite, resume=cfg.resume)
         rundir.set_status(folder, "running", command=command)
         return folder
 
     out = distributed.on_main(dist_info, open_out) or out
+    meta = {"method": method, "budget": int(budget), "seed": cfg.seed, "steps": steps,
+            "ranks": rank_map.ranks if rank_map else None,
+            **{section: to_dict(getattr(cfg, section)) for section in ("model", "data", "train")}}
+    resume = _resumable(out / rundir.CHECKPOINT, meta, method)
     wall = {"load": time.time() - t0 - build_s, "build": build_s}
     lr = cfg.train.adalora_lr if method == "adalora" else cfg.train.lr
     logger.info("retrain %s: %d targets, budget %d, %d steps (%d epochs of %d examples), lr %g, device %s, out %s",
@@ -225,7 +229,7 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
     try:
         t = time.time()
         history = train(peft_model, task.train, steps, lr, cfg, device, method == "adalora", on_step, dist_info,
-                        task.family)
+                        task.family, checkpoint=out / rundir.CHECKPOINT, resume=resume, meta=meta)
         wall["train"] = time.time() - t
         if not dist_info.is_main:  # identical weights on every rank: rank 0 evaluates and writes
             return None
@@ -251,7 +255,8 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
             "eval_examples": int(len(labels)), "train_examples": len(task.train), "steps": steps,
             "final_train_loss": float(np.mean([r["train_loss"] for r in history[-cfg.train.log_every:]])),
             **adapter, "budget": int(budget), "budget_used": adapter["adapter_params"] / budget,
-            "ranks": rank_map.ranks, "warm_start": warm, "checks": checks, "wall_time_s": wall, "peak_memory_mb": peak_memory(device),
+            "ranks": rank_map.ranks, "warm_start": warm, "resumed_from_step": resume["step"] if resume else None,
+            "checks": checks, "wall_time_s": wall, "peak_memory_mb": peak_memory(device),
             "device": str(device), "seed": cfg.seed,
             "recipe": to_dict(cfg.train) | {"lr_used": lr, "batch_size": cfg.data.batch_size,
                                             "max_length": cfg.data.max_length, "optimizer": "AdamW",
@@ -260,6 +265,7 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
         }
         io.write_json(out / "history.json", history)
         io.write_json(out / "metrics.json", metrics)
+        (out / rundir.CHECKPOINT).unlink(missing_ok=True)  # the adapter holds the result now
     except BaseException as e:
         if dist_info.is_main:
             rundir.fail_run(out, e, command=command)
@@ -268,6 +274,26 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
         distributed.shutdown(dist_info)
     rundir.finish_run(out, command=command)
     return RetrainResult(out, metrics, logits, labels)
+
+
+def _resumable(path: Path, meta: dict[str, Any], method: str) -> dict[str, Any] | None:
+    """The checkpoint in the run folder, checked to belong to this very run; None when there is none.
+
+    Raises:
+        RunDirError: the checkpoint was written by a run with other settings.
+    """
+    if not path.is_file():
+        return None
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    saved = ckpt.get("meta", {})
+    for key in meta:
+        if saved.get(key) != meta[key]:
+            what = {"ranks": "another rank map", "model": "other model settings", "data": "other data settings",
+                    "train": "other training settings", "steps": "another run length"}.get(key, f"another --{key}")
+            raise RunDirError(f"--resume: the run in {path.parent} was started with {what}; use the same "
+                              "settings, another --out, or --overwrite")
+    logger.info("resuming %s (%s) from step %d of %d", path.parent, method, ckpt["step"], meta["steps"])
+    return ckpt
 
 
 def describe_adapter(peft_model: nn.Module, method: str, targets: list[Target], rank_map: RankMap | None,
@@ -369,7 +395,8 @@ DESCRIPTION = """Train a fixed-rank peft adapter from a rank map (or a baseline 
 
 --model defaults to the rank map's base_model (minilm-l6 for baselines); --model.num_layers to the
 searched one; --task (with its --data columns) to the task the rank map was searched on (tweets for
-baselines).  --resume is not supported: retrain keeps no checkpoints; rerun with --overwrite.
+baselines).  A killed retrain resumes from its last checkpoint when rerun (--train.checkpoint_every; not
+AdaLoRA, whose allocator state is not saved).
 
 examples:
   python -m rankalloc.retrain --rank-map runs/my-search/rank_map.json --merge

@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from . import distributed
+from . import distributed, io
 from .baselines import orthogonality_penalty
 from .config import RetrainConfig
 from .data import EpochSampler, Split
 from .families import Classification, Family
-from .training import check_finite, to_device
+from .training import check_finite, rng_state, set_rng_state, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +33,16 @@ def linear_schedule(total: int, warmup: int) -> Callable[[int], float]:
 
 def train(model: nn.Module, train_split: Split, steps: int, lr: float, cfg: RetrainConfig, device: torch.device,
           adalora: bool = False, on_step: Callable[[dict[str, Any]], None] | None = None,
-          dist_info: distributed.DistInfo = distributed.DistInfo(), family: Family | None = None) -> list[dict[str, Any]]:
+          dist_info: distributed.DistInfo = distributed.DistInfo(), family: Family | None = None,
+          checkpoint: Path | None = None, resume: dict[str, Any] | None = None,
+          meta: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """``steps`` AdamW steps on batches of ``train_split``; AdaLoRA adds its orthogonality regulariser to
-    the loss and re-allocates its ranks after each step."""
+    the loss and re-allocates its ranks after each step.
+
+    Every ``--train.checkpoint_every`` steps rank 0 writes ``checkpoint`` (trainable weights, optimiser,
+    schedule, data order, RNGs: what it takes to continue the same run; ``meta`` says which run it is);
+    ``resume``, such a checkpoint loaded, continues from its step.
+    """
     family = family or Classification()
     p = cfg.train
     params = [q for q in model.parameters() if q.requires_grad]
@@ -42,9 +50,11 @@ def train(model: nn.Module, train_split: Split, steps: int, lr: float, cfg: Retr
     sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(steps, math.ceil(p.warmup_ratio * steps)))
     # every rank draws the same global batch and keeps its slice (see rankalloc.distributed)
     sampler = EpochSampler(len(train_split), cfg.data.batch_size * dist_info.world_size, cfg.seed)
-    history = []
+    history, first = [], 0
+    if resume is not None:
+        first, history = _restore(model, opt, sched, sampler, resume)
     model.train()
-    for step in range(steps):
+    for step in range(first, steps):
         batch = to_device(train_split.batch(distributed.shard(sampler.next(), dist_info)), device)
         opt.zero_grad(set_to_none=True)
         loss = family.forward(model, batch).loss
@@ -63,9 +73,37 @@ def train(model: nn.Module, train_split: Split, steps: int, lr: float, cfg: Retr
         if (step + 1) % p.log_every == 0 or step + 1 == steps:
             recent = [r["train_loss"] for r in history[-p.log_every:]]
             logger.info("step %d/%d  loss %.4f  lr %.2e", step + 1, steps, float(np.mean(recent)), row["lr"])
+        if (checkpoint is not None and not adalora and p.checkpoint_every and (step + 1) % p.checkpoint_every == 0
+                and step + 1 < steps and dist_info.is_main):
+            _save(checkpoint, step + 1, model, opt, sched, sampler, history, meta or {})
         if on_step is not None:
             on_step(row)
     return history
+
+
+def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: q.detach().cpu().clone() for name, q in model.named_parameters() if q.requires_grad}
+
+
+def _save(path: Path, step: int, model: nn.Module, opt: Any, sched: Any, sampler: EpochSampler,
+          history: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    io.save_torch(path, {"meta": meta, "step": step, "params": _trainable(model), "opt": opt.state_dict(),
+                         "sched": sched.state_dict(), "sampler": sampler.state_dict(), "history": list(history),
+                         "rng": rng_state()})
+
+
+def _restore(model: nn.Module, opt: Any, sched: Any, sampler: EpochSampler,
+             ckpt: dict[str, Any]) -> tuple[int, list[dict[str, Any]]]:
+    with torch.no_grad():
+        for name, q in model.named_parameters():
+            if q.requires_grad:
+                q.copy_(ckpt["params"][name])
+    opt.load_state_dict(ckpt["opt"])
+    sched.load_state_dict(ckpt["sched"])
+    sampler.load_state_dict(ckpt["sampler"])
+    set_rng_state(ckpt["rng"])
+    logger.info("resumed at step %d", ckpt["step"])
+    return int(ckpt["step"]), list(ckpt["history"])
 
 
 @torch.no_grad()

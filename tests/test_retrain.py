@@ -235,7 +235,7 @@ def test_uniform_rank_is_the_largest_that_fits(targets):
     (["--baseline", "lora"], "--baseline"),
     (["--baseline", "uniform"], "--budget"),
     (["--rank-map", "x.json", "--budget", "1k"], "--budget"),
-    (["--rank-map", "x.json", "--resume"], "--resume"),
+    (["--baseline", "adalora", "--budget", "80k", "--resume"], "--resume"),  # AdaLoRA keeps no checkpoints
     (["--rank-map", "x.json", "--train.lr", "0"], "--train.lr"),
     (["--rank-map", "x.json", "--train.adalora_tinit", "0.7"], "--train.adalora_tinit"),
     (["--rank-map", "x.json", "--train.epochs", "two"], "--train.epochs"),
@@ -351,3 +351,34 @@ def test_without_task_the_retrain_takes_the_rank_maps_task_and_columns(rank_map_
     assert result.metrics["task"] == "reviews" and result.metrics["config"]["data"]["text_column"] == "sentence"
     assert result.metrics["train_examples"] == 64  # --data.max_train_examples of SMALL, from the 80 rows
     assert sorted(set(result.labels.tolist())) == [0, 1]
+
+
+def test_a_killed_retrain_resumes_from_its_checkpoint_to_the_same_result(rank_map_file, tmp_path):
+    """Killed after step 5 of 8 (checkpoint at 4), a rerun continues from step 4 and ends where an
+    uninterrupted run ends: same logits, same history."""
+    from rankalloc.errors import RunDirError
+    from rankalloc.retrain import run_retrain
+
+    argv = ["--rank-map", str(rank_map_file), *SMALL, "--max-steps", "8", "--train.checkpoint_every", "4",
+            "--train.lora_dropout", "0.1"]  # dropout: the RNG state must travel with the checkpoint too
+    whole = _run(argv + ["--out", str(tmp_path / "whole")])
+
+    class Killed(Exception):
+        pass
+
+    def die_after_step_5(row):
+        if row["step"] == 5:
+            raise Killed
+
+    cfg, _ = parse_args(RetrainConfig, argv + ["--out", str(tmp_path / "killed")], "rankalloc retrain", "")
+    with pytest.raises(Killed):
+        run_retrain(cfg, command="test", on_step=die_after_step_5)
+    assert (tmp_path / "killed" / "checkpoint.pt").is_file()
+    with pytest.raises(RunDirError, match="started with other training settings"):
+        _run(argv + ["--out", str(tmp_path / "killed"), "--train.lr", "0.01"])
+    resumed = _run(argv + ["--out", str(tmp_path / "killed")])
+    assert resumed.metrics["resumed_from_step"] == 4 and whole.metrics["resumed_from_step"] is None
+    assert np.array_equal(resumed.logits, whole.logits)
+    assert [r["train_loss"] for r in json.loads((resumed.out / "history.json").read_text())] == \
+        [r["train_loss"] for r in json.loads((whole.out / "history.json").read_text())]
+    assert not (resumed.out / "checkpoint.pt").exists()  # the adapter holds the result
