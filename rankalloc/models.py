@@ -294,9 +294,9 @@ def find_targets(model: nn.Module, cfg: ModelConfig) -> list[Target]:
         asked = f"--model.target_regex {cfg.target_regex!r}"
     elif cfg.target_modules is not None:
         suffixes = list(cfg.target_modules)
-        chosen = [(n, m) for n, m in candidates if any(n == s or n.endswith("." + s) for s in suffixes)]
+        chosen = [(n, m) for n, m in candidates if any(_has_suffix(n, s) for s in suffixes)]
         asked = f"--model.target_modules {','.join(suffixes)}"
-        unmatched = [s for s in suffixes if not any(n == s or n.endswith("." + s) for n, _ in chosen)]
+        unmatched = [s for s in suffixes if not any(_has_suffix(n, s) for n, _ in chosen)]
         if chosen and unmatched:  # a typo would silently narrow the targets (and so the budget's meaning)
             kinds = sorted({_layer_and_kind(n, stack_names)[1] for n, _ in candidates})
             raise ModelError(f"--model.target_modules: {', '.join(unmatched)} match(es) no module of {cfg.name} that "
@@ -318,6 +318,11 @@ def find_targets(model: nn.Module, cfg: ModelConfig) -> list[Target]:
         layer, kind = _layer_and_kind(name, stack_names)
         targets.append(Target(name, d_in, d_out, layer, kind))
     return targets
+
+
+def _has_suffix(name: str, suffix: str) -> bool:
+    """``--model.target_modules`` matching: the whole name or its last dotted parts (as peft matches)."""
+    return name == suffix or name.endswith("." + suffix)
 
 
 def _layer_and_kind(name: str, stack_names: list[str]) -> tuple[int | None, str]:

@@ -102,7 +102,6 @@ def _restore(model: nn.Module, opt: Any, sched: Any, sampler: EpochSampler,
     sched.load_state_dict(ckpt["sched"])
     sampler.load_state_dict(ckpt["sampler"])
     set_rng_state(ckpt["rng"])
-    logger.info("resumed at step %d", ckpt["step"])
     return int(ckpt["step"]), list(ckpt["history"])
 
 

@@ -99,7 +99,8 @@ def replaced_folder(out: str | Path) -> Path:
     return here.with_name(here.name + REPLACED_SUFFIX)
 
 
-def _is_run(folder: Path, marks: tuple[str, ...]) -> bool:
+def is_run_folder(folder: Path, marks: tuple[str, ...]) -> bool:
+    """Whether ``folder`` holds one of ``marks``, files only rankalloc writes there."""
     return any((folder / mark).exists() for mark in marks)
 
 
@@ -128,7 +129,7 @@ def set_aside(out: str | Path, marks: tuple[str, ...] = (STATUS,),
     if out.is_symlink():
         raise RunDirError(f"--overwrite: --out {out} is a symbolic link; give the folder it points to "
                           f"({out.resolve()})")
-    if not _is_run(out, marks):
+    if not is_run_folder(out, marks):
         raise RunDirError(f"--overwrite: {out} is not empty and holds no {' or '.join(marks)}, so it is not a "
                           "rankalloc run folder; it is left as it is: choose a new or empty --out")
     here, cwd = Path(os.path.abspath(out)), Path.cwd()
@@ -136,7 +137,7 @@ def set_aside(out: str | Path, marks: tuple[str, ...] = (STATUS,),
         raise RunDirError(f"--overwrite: --out {out} is the working folder or holds it; run from outside it")
     aside = replaced_folder(out)
     if aside.exists() or aside.is_symlink():
-        if not aside.is_dir() or aside.is_symlink() or not _is_run(aside, marks):
+        if not aside.is_dir() or aside.is_symlink() or not is_run_folder(aside, marks):
             raise RunDirError(f"--overwrite: {aside} (where the replaced run is kept) is in the way and is not a "
                               "rankalloc run folder; move it away")
         if not finished(out):  # a replacement that never finished: the run it was replacing stays

@@ -360,11 +360,12 @@ def finish(cfg: SearchConfig, gated: GatedModel, task: TaskData, targets: list[T
         "num_layers": cfg.model.num_layers, "rankalloc_version": __version__,
         "data": {k: getattr(cfg.data, k) for k in DATASET_FIELDS}})
     heads = sorted(head_modules(gated.model))
+    fan_in_fan_out = stores_fan_in_fan_out(gated.model, targets)
     io.write_json(out / SCORES, {
         "format": "rankalloc.scores", "version": 1, "base_model": cfg.model.name,
         "model_fingerprint": rm.model_fingerprint, "searched_budget": budget, "base_params": base_params, "scale": cfg.search.scale,
         "modules_to_save": heads, "peft_task_type": task.family.peft_task_type, "search": rm.search,
-        "fan_in_fan_out": stores_fan_in_fan_out(gated.model, targets),
+        "fan_in_fan_out": fan_in_fan_out,
         "config": to_dict(cfg),
         "modules": [{"name": t.name, "in_features": t.in_features, "out_features": t.out_features,
                      "layer": t.layer, "kind": t.kind, "r_max": r_max[t.name], "scores": s}
@@ -381,7 +382,7 @@ def finish(cfg: SearchConfig, gated: GatedModel, task: TaskData, targets: list[T
     write_search_report(out, targets=targets, ranks=ranks, r_max=r_max, history=state.history, summary=summary)
     rm.write_adapter_config(out / "adapter_config.json", cfg.search.scale, modules_to_save=heads,
                             task_type=task.family.peft_task_type,
-                            fan_in_fan_out=stores_fan_in_fan_out(gated.model, targets))
+                            fan_in_fan_out=fan_in_fan_out)
     io.write_json(out / "summary.json", summary)
     rm.save(out / "rank_map.json")  # last: its presence means every other output is there
     logger.info("rank map: %d / %d parameters (%.2f%% of the budget), gap %.4f -> %s",

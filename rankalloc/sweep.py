@@ -285,13 +285,13 @@ SWEEP_MARKS = (SWEEP_MARKER, "sweep.db", "sweep.json", SHARED_SEARCH_FILE)
 def _overwrite(cfg: SweepConfig, out: Path) -> None:
     """``--overwrite``: the old sweep folder (its SQLite study with it) waits in ``OUT.replaced`` until this
     sweep finishes; a study in a storage of its own (--storage) is deleted, as it cannot be set aside."""
-    if out.is_dir() and any(out.iterdir()):
-        if not any((out / mark).exists() for mark in SWEEP_MARKS):
-            raise RunDirError(f"--overwrite: {out} is not empty and holds no {', '.join(SWEEP_MARKS)}, so it is "
-                              "not a rankalloc sweep folder; it is left as it is (and so is the study): choose a "
-                              "new or empty --out")
+    has_content = out.is_dir() and any(out.iterdir())
+    if has_content and not rundir.is_run_folder(out, SWEEP_MARKS):
+        raise RunDirError(f"--overwrite: {out} is not empty and holds no {', '.join(SWEEP_MARKS)}, so it is "
+                          "not a rankalloc sweep folder; it is left as it is (and so is the study): choose a "
+                          "new or empty --out")
     _refuse_overwrite_while_running(cfg, out)
-    if out.is_dir() and any(out.iterdir()):
+    if has_content:
         rundir.set_aside(out, marks=SWEEP_MARKS, finished=lambda f: (f / "sweep.json").is_file())
     if cfg.storage is not None:
         out.mkdir(parents=True, exist_ok=True)  # the storage may live in it

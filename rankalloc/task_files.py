@@ -59,9 +59,14 @@ def _frame(texts: Iterable[str], labels: Iterable[int], pairs: Iterable[str] | N
 # --------------------------------------------------------------------------------------------------
 # Local files
 # --------------------------------------------------------------------------------------------------
-def _load_local(cfg: DataConfig, path: Path) -> RawTask:
+def reject_hub_config(cfg: DataConfig, kind: str) -> None:
+    """``--data.hub_config`` names a configuration of a hub dataset: refuse it for any other ``kind`` of task."""
     if cfg.hub_config is not None:
-        raise DataError(f"--task {cfg.task} is a local file, so --data.hub_config does not apply; drop it")
+        raise DataError(f"--task {cfg.task} is a {kind}, so --data.hub_config does not apply; drop it")
+
+
+def _load_local(cfg: DataConfig, path: Path) -> RawTask:
+    reject_hub_config(cfg, "local file")
     table = read_table(path)
     family = resolve_family(cfg, table)
     train = select_columns(table, cfg, family, str(path))

