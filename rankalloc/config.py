@@ -245,7 +245,7 @@ class TrainParams:
     lora_dropout: float = _f(0.0, "Dropout on the adapter input.")
     log_every: int = _f(25, "Steps between log lines.")
     checkpoint_every: int = _f(100, "Steps between checkpoints (0: none); rerunning a killed retrain resumes from "
-                               "its last one (AdaLoRA keeps none: its allocator state is not saved).")
+                               "its last one (AdaLoRA's with its allocator's running scores).")
     gradient_batches: int = _f(32, "Training batches whose mean loss gradient scores the components of "
                                "--baseline gradient.")
     adalora_lr: float = _f(5e-3, "AdamW learning rate of AdaLoRA (its authors tune a larger one than LoRA's; "
@@ -329,9 +329,6 @@ class RetrainConfig:
         if self.init_from is not None and self.rank_map is None:
             raise ConfigError("--init-from starts a rank map's adapters from its search; it needs --rank-map "
                               "(baselines always start fresh)")
-        if self.resume and self.baseline == "adalora":
-            raise ConfigError("--resume: an AdaLoRA retrain keeps no checkpoints (its allocator state is not "
-                              "saved); rerun with --overwrite")
         _validate_common(self)
         self.model.validate()
         self.data.validate()

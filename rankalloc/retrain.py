@@ -395,8 +395,7 @@ DESCRIPTION = """Train a fixed-rank peft adapter from a rank map (or a baseline 
 
 --model defaults to the rank map's base_model (minilm-l6 for baselines); --model.num_layers to the
 searched one; --task (with its --data columns) to the task the rank map was searched on (tweets for
-baselines).  A killed retrain resumes from its last checkpoint when rerun (--train.checkpoint_every; not
-AdaLoRA, whose allocator state is not saved).
+baselines).  A killed retrain resumes from its last checkpoint when rerun (--train.checkpoint_every).
 
 examples:
   python -m rankalloc.retrain --rank-map runs/my-search/rank_map.json --merge

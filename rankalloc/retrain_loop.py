@@ -52,7 +52,7 @@ def train(model: nn.Module, train_split: Split, steps: int, lr: float, cfg: Retr
     sampler = EpochSampler(len(train_split), cfg.data.batch_size * dist_info.world_size, cfg.seed)
     history, first = [], 0
     if resume is not None:
-        first, history = _restore(model, opt, sched, sampler, resume)
+        first, history = _restore(model, opt, sched, sampler, resume, adalora)
     model.train()
     for step in range(first, steps):
         batch = to_device(train_split.batch(distributed.shard(sampler.next(), dist_info)), device)
@@ -73,9 +73,9 @@ def train(model: nn.Module, train_split: Split, steps: int, lr: float, cfg: Retr
         if (step + 1) % p.log_every == 0 or step + 1 == steps:
             recent = [r["train_loss"] for r in history[-p.log_every:]]
             logger.info("step %d/%d  loss %.4f  lr %.2e", step + 1, steps, float(np.mean(recent)), row["lr"])
-        if (checkpoint is not None and not adalora and p.checkpoint_every and (step + 1) % p.checkpoint_every == 0
+        if (checkpoint is not None and p.checkpoint_every and (step + 1) % p.checkpoint_every == 0
                 and step + 1 < steps and dist_info.is_main):
-            _save(checkpoint, step + 1, model, opt, sched, sampler, history, meta or {})
+            _save(checkpoint, step + 1, model, opt, sched, sampler, history, meta or {}, adalora)
         if on_step is not None:
             on_step(row)
     return history
@@ -85,19 +85,43 @@ def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: q.detach().cpu().clone() for name, q in model.named_parameters() if q.requires_grad}
 
 
+# AdaLoRA's allocator: the smoothed sensitivities and uncertainties it scores triplets by
+_ALLOCATOR_STATE = ("ipt", "exp_avg_ipt", "exp_avg_unc")
+
+
+def _adalora_state(model: nn.Module) -> dict[str, Any]:
+    """What AdaLoRA needs besides the weights to continue: its allocator's running scores and the rank
+    pattern it has fixed (the masked singular values are zero in the weights already)."""
+    tuner = model.base_model
+    allocator = tuner.rankallocator
+    state = {k: {n: t.detach().cpu().clone() for n, t in getattr(allocator, k).items()} for k in _ALLOCATOR_STATE}
+    state["rank_pattern"] = tuner.peft_config[tuner.trainable_adapter_name].rank_pattern
+    return state
+
+
+def _set_adalora_state(model: nn.Module, state: dict[str, Any]) -> None:
+    tuner = model.base_model
+    device = next(p.device for p in model.parameters())
+    for k in _ALLOCATOR_STATE:
+        setattr(tuner.rankallocator, k, {n: t.to(device) for n, t in state[k].items()})
+    tuner.peft_config[tuner.trainable_adapter_name].rank_pattern = state["rank_pattern"]
+
+
 def _save(path: Path, step: int, model: nn.Module, opt: Any, sched: Any, sampler: EpochSampler,
-          history: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+          history: list[dict[str, Any]], meta: dict[str, Any], adalora: bool = False) -> None:
     io.save_torch(path, {"meta": meta, "step": step, "params": _trainable(model), "opt": opt.state_dict(),
                          "sched": sched.state_dict(), "sampler": sampler.state_dict(), "history": list(history),
-                         "rng": rng_state()})
+                         "rng": rng_state(), "adalora": _adalora_state(model) if adalora else None})
 
 
 def _restore(model: nn.Module, opt: Any, sched: Any, sampler: EpochSampler,
-             ckpt: dict[str, Any]) -> tuple[int, list[dict[str, Any]]]:
+             ckpt: dict[str, Any], adalora: bool = False) -> tuple[int, list[dict[str, Any]]]:
     with torch.no_grad():
         for name, q in model.named_parameters():
             if q.requires_grad:
                 q.copy_(ckpt["params"][name])
+    if adalora:
+        _set_adalora_state(model, ckpt["adalora"])
     opt.load_state_dict(ckpt["opt"])
     sched.load_state_dict(ckpt["sched"])
     sampler.load_state_dict(ckpt["sampler"])

@@ -235,7 +235,6 @@ def test_uniform_rank_is_the_largest_that_fits(targets):
     (["--baseline", "lora"], "--baseline"),
     (["--baseline", "uniform"], "--budget"),
     (["--rank-map", "x.json", "--budget", "1k"], "--budget"),
-    (["--baseline", "adalora", "--budget", "80k", "--resume"], "--resume"),  # AdaLoRA keeps no checkpoints
     (["--rank-map", "x.json", "--train.lr", "0"], "--train.lr"),
     (["--rank-map", "x.json", "--train.adalora_tinit", "0.7"], "--train.adalora_tinit"),
     (["--rank-map", "x.json", "--train.epochs", "two"], "--train.epochs"),
@@ -382,3 +381,30 @@ def test_a_killed_retrain_resumes_from_its_checkpoint_to_the_same_result(rank_ma
     assert [r["train_loss"] for r in json.loads((resumed.out / "history.json").read_text())] == \
         [r["train_loss"] for r in json.loads((whole.out / "history.json").read_text())]
     assert not (resumed.out / "checkpoint.pt").exists()  # the adapter holds the result
+
+
+@pytest.mark.parametrize("killed_after", [5, 8])  # 5: in the budget decrease (resumes at 3); 8: at the final ranks (6)
+def test_a_killed_adalora_retrain_resumes_with_its_allocator_state(tmp_path, killed_after):
+    """AdaLoRA's checkpoint carries its allocator's running scores and fixed rank pattern: a rerun ends
+    with the same logits, history and kept ranks as an uninterrupted run."""
+    from rankalloc.retrain import run_retrain
+
+    argv = ["--baseline", "adalora", "--budget", "10k", *SMALL, "--max-steps", "10", "--train.checkpoint_every", "3"]
+    whole = _run(argv + ["--out", str(tmp_path / "whole")])
+
+    class Killed(Exception):
+        pass
+
+    def die(row):
+        if row["step"] == killed_after:
+            raise Killed
+
+    cfg, _ = parse_args(RetrainConfig, argv + ["--out", str(tmp_path / "killed")], "rankalloc retrain", "")
+    with pytest.raises(Killed):
+        run_retrain(cfg, command="test", on_step=die)
+    resumed = _run(argv + ["--out", str(tmp_path / "killed"), "--resume"])
+    assert resumed.metrics["resumed_from_step"] == 3 * (killed_after // 3)
+    assert np.array_equal(resumed.logits, whole.logits)
+    assert resumed.metrics["ranks"] == whole.metrics["ranks"]
+    assert [r["train_loss"] for r in json.loads((resumed.out / "history.json").read_text())] == \
+        [r["train_loss"] for r in json.loads((whole.out / "history.json").read_text())]
