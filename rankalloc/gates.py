@@ -84,7 +84,9 @@ class RankGates(_Gates):
         self.log_alpha.add_(offset)
 
     def expected(self) -> torch.Tensor:
-        """Deterministic gate values (the median of the distribution, clipped to [0, 1])."""
+        """Deterministic gate values: the L0 paper's test-time estimate clip(sigmoid(log_alpha) (zeta - gamma)
+        + gamma, 0, 1) (Louizos et al., 2018, eq. 13). It ignores the temperature, so it is neither the mean
+        nor the median of the gate; near P(keep) = 0.25 it is almost 0. No report uses it."""
         return torch.clamp(torch.sigmoid(self.log_alpha) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
 
     def sample(self) -> torch.Tensor:

@@ -66,16 +66,16 @@ def _fmt_extra(value: Any) -> str:
 
 def _gap_sentence(continuous: float, hard: float, gap: float) -> str:
     if not (math.isfinite(continuous) and math.isfinite(hard) and math.isfinite(gap)):
-        return ("The gap compares held-out loss with the continuous gates against the hard rank map; "
-                "it could not be measured for this run.")
+        return ("The gap compares the gate split's loss under sampled gates (the objective the search "
+                "optimised) against the hard rank map; it could not be measured for this run.")
     rel = abs(gap) / abs(continuous) if continuous else math.inf
     if gap > 0:
         size = "small" if rel < 0.05 else "large"
-        return (f"Rounding the continuous gates to the hard rank map raises held-out loss by {gap:.4f} "
+        return (f"Fixing the sampled gates to the hard rank map raises the gate split's loss by {gap:.4f} "
                 f"({rel:.1%}); a {size} gap means the discrete ranks "
                 f"{'behave like' if size == 'small' else 'differ noticeably from'} the relaxed model "
                 f"the search optimised.")
-    return (f"The hard rank map's held-out loss is not worse than the continuous gates' "
+    return (f"The hard rank map's loss on the gate split is not worse than the sampled gates' "
             f"(gap {gap:.4f}), so discretisation lost nothing measurable.")
 
 
@@ -149,7 +149,10 @@ def write_search_report(out_dir: str | Path, *, targets: list[Target], ranks: di
         "",
         "## Discretisation gap",
         "",
-        "| held-out loss, continuous gates | held-out loss, hard rank map | gap (hard − continuous) |",
+        "Loss on the gate split (held out from the weight steps), under gates sampled as in the search "
+        "(mean of its draws) and under the hard rank map.",
+        "",
+        "| loss, sampled gates | loss, hard rank map | gap (hard − sampled) |",
         "|---:|---:|---:|",
         f"| {_fmt(cont, '.4f')} | {_fmt(hard, '.4f')} | {_fmt(g, '+.4f')} |",
         "",

@@ -294,3 +294,51 @@ def test_a_warmup_that_leaves_no_gate_step_at_the_budget_is_refused(warmup, step
     with pytest.raises(ConfigError, match=r"--search.warmup_steps \d+ plus the budget ramp .* allowed: "
                                           r"warmup_steps 0 to 17"):
         SearchParams(steps=steps, warmup_steps=warmup).validate()
+
+
+def test_discretisation_gap_compares_the_sampled_objective_with_the_hard_map(minilm_1layer):
+    """The relaxed side of the gap is the loss under sampled gates (what the search optimised): with
+    every gate open it equals the full-rank hard map; at P(keep) = 0.25 it is neither the adapter
+    switched off nor the hard map; and measuring it leaves the search's RNG stream as it was."""
+    from types import SimpleNamespace
+
+    from rankalloc.data import Split
+    from rankalloc.search import discretisation_gap
+
+    cfg, model = minilm_1layer
+    model = copy.deepcopy(model)
+    targets = find_targets(model, cfg)
+    gated = GatedModel(model, targets, {t.name: 4 for t in targets}, scale=2.0)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in gated.adapter_parameters():
+            p.normal_(0, 0.3)
+    labels = [0, 1, 2, 0, 1, 2, 1, 0]
+    task = SimpleNamespace(gate=Split(_batch(labels)))
+    full = {t.name: 4 for t in targets}
+
+    def gap(ranks):
+        return discretisation_gap(gated, task, ranks, examples=8, batch_size=4, device=torch.device("cpu"))
+
+    with torch.no_grad():
+        for p in gated.gate_parameters():
+            p.fill_(12.0)  # every gate open: samples are exactly 1
+    assert gap(full)["gap"] == pytest.approx(0.0, abs=1e-6)
+
+    with torch.no_grad():
+        for layer in gated.layers.values():
+            layer.gates.log_alpha.fill_(layer.gates._log_alpha_for(0.25))
+    state = torch.get_rng_state()
+    g = gap(full)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert g == gap(full)  # a fixed seed: the same figure every time
+    from rankalloc.training import evaluate
+    batches = [task.gate.batch(torch.arange(0, 4).numpy()), task.gate.batch(torch.arange(4, 8).numpy())]
+    with torch.no_grad():  # the adapter switched off: B = 0 in every layer
+        lora_b = [layer.lora_B.detach().clone() for layer in gated.layers.values()]
+        for layer in gated.layers.values():
+            layer.lora_B.zero_()
+        off = evaluate(gated, batches, torch.device("cpu"))["loss"]
+        for layer, b in zip(gated.layers.values(), lora_b):
+            layer.lora_B.copy_(b)
+    assert abs(g["continuous_loss"] - off) > 1e-3 and abs(g["continuous_loss"] - g["hard_loss"]) > 1e-3
