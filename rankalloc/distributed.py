@@ -6,9 +6,11 @@ and a run is a plain single process.  The scheme keeps the search loop unchanged
 * every rank draws the same *global* batch of ``world_size * b`` examples (the samplers share a seed)
   and takes its own slice of ``b``; gradients are averaged with one ``all_reduce`` per step, so a run
   with N processes and per-rank batch b takes the same steps as one process with batch N*b;
-* every rank seeds its RNG identically, so the sampled gates agree, and the weights, gates and the
-  multiplier, updated from identical averaged gradients and costs, stay identical on every rank;
-* only rank 0 writes files and shows progress.
+* the weights, gates and the multiplier, updated from identical averaged gradients and costs, stay
+  identical on every rank; every rank seeds its RNG alike, but dropout and gate samples may differ
+  between ranks (a rank's slice is padded to its own length), which only adds Monte Carlo samples;
+* only rank 0 writes files and shows progress, and decides whether to resume; a checkpoint keeps every
+  rank's RNG state, so a resumed run continues each rank's own random stream.
 
 We all-reduce gradients ourselves rather than wrap the model in ``DistributedDataParallel``: the
 search alternates two parameter groups with different batches, which DDP's single-graph bucketing
@@ -20,7 +22,7 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -119,15 +121,62 @@ def on_main(info: DistInfo, fn: Callable[[], T]) -> T | None:
             result = fn()
         except Exception as e:  # re-raised below, after the other ranks have been told
             error = e
+    stop_together(info, error, "rank 0 stopped before training (its error says why); this rank stops with it")
+    return result
+
+
+def stop_together(info: DistInfo, error: Exception | None,
+                  others: str = "another rank stopped (its error says why); this rank stops with it") -> None:
+    """Raise on every rank when any rank has ``error``: its own error where there is one, else ``others``.
+
+    A collective: every rank calls it at the same point."""
     if info.enabled:
         device = torch.device("cuda", info.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
         failed = torch.tensor([0.0 if error is None else 1.0], device=device)
         dist.all_reduce(failed)
         if failed.item() and error is None:
-            raise RunDirError("rank 0 stopped before training (its error says why); this rank stops with it")
+            raise RunDirError(others)
     if error is not None:
         raise error
-    return result
+
+
+def broadcast(info: DistInfo, value: T) -> T:
+    """Rank 0's ``value`` on every rank (decisions only rank 0 may take, such as whether to resume)."""
+    if not info.enabled:
+        return value
+    box = [value if info.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(info: DistInfo, value: T) -> list[T]:
+    """Every rank's ``value``, in rank order, on every rank (e.g. each rank's RNG state for a checkpoint)."""
+    if not info.enabled:
+        return [value]
+    values: list = [None] * info.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
+def check_world_size(info: DistInfo, saved: int, out: Any) -> None:
+    """Raises: RunDirError when a checkpoint in ``out`` was written by another number of processes."""
+    if int(saved) != info.world_size:
+        raise RunDirError(f"--resume: the run in {out} was started on {saved} process(es), this one has "
+                          f"{info.world_size}; resume with {saved} (the global batch and each process's random "
+                          "stream depend on it), another --out, or --overwrite")
+
+
+def check_same_step(info: DistInfo, step: int, out: Any) -> None:
+    """Raises on every rank: RunDirError when the ranks resumed from different steps (a collective)."""
+    steps = gather(info, int(step))
+    if len(set(steps)) > 1:
+        raise RunDirError(f"--resume: the processes found checkpoints of different steps in {out} ({steps}); "
+                          "give every process one shared --out")
+
+
+def own_rng_state(saved: Any, info: DistInfo) -> Any:
+    """This rank's RNG state from a checkpoint's ``rng``: one state per rank (a list), or one for all."""
+    return saved[info.rank] if isinstance(saved, list) else saved
 
 
 def shutdown(info: DistInfo) -> None:

@@ -212,16 +212,26 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
     peft_model.to(device)
 
     out = Path(cfg.out) if cfg.out else rundir.default_out("retrain", f"{method}-{budget}", cfg.seed)
-    def open_out() -> Path:  # rank 0 alone owns the run folder
-        folder, _ = rundir.open_run(out, overwrite=cfg.overwrite, resume=cfg.resume)
-        rundir.set_status(folder, "running", command=command)
-        return folder
-
-    out = distributed.on_main(dist_info, open_out) or out
     meta = {"method": method, "budget": int(budget), "seed": cfg.seed, "steps": steps,
-            "ranks": rank_map.ranks if rank_map else None,
+            "ranks": rank_map.ranks if rank_map else None, "world_size": dist_info.world_size,
             **{section: to_dict(getattr(cfg, section)) for section in ("model", "data", "train")}}
-    resume = _resumable(out / rundir.CHECKPOINT, meta, method)
+
+    def open_out() -> tuple[Path, dict[str, Any] | None]:  # rank 0 alone owns the run folder and decides
+        folder, _ = rundir.open_run(out, overwrite=cfg.overwrite, resume=cfg.resume)
+        checkpoint = _resumable(folder / rundir.CHECKPOINT, meta, method)  # refused: the status stays as it was
+        rundir.set_status(folder, "running", command=command)
+        return folder, checkpoint
+
+    opened = distributed.on_main(dist_info, open_out)
+    out, resume = opened if dist_info.is_main else (out, None)
+    if distributed.broadcast(dist_info, resume is not None):  # every rank loads the shared checkpoint
+        error = None
+        try:
+            resume = resume or _resumable(out / rundir.CHECKPOINT, meta, method, dist_info)
+        except RunDirError as e:
+            error = e
+        distributed.stop_together(dist_info, error)
+        distributed.check_same_step(dist_info, resume["step"], out)
     wall = {"load": time.time() - t0 - build_s, "build": build_s}
     lr = cfg.train.adalora_lr if method == "adalora" else cfg.train.lr
     logger.info("retrain %s: %d targets, budget %d, %d steps (%d epochs of %d examples), lr %g, device %s, out %s",
@@ -276,16 +286,23 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
     return RetrainResult(out, metrics, logits, labels)
 
 
-def _resumable(path: Path, meta: dict[str, Any], method: str) -> dict[str, Any] | None:
-    """The checkpoint in the run folder, checked to belong to this very run; None when there is none.
+def _resumable(path: Path, meta: dict[str, Any], method: str,
+               dist_info: distributed.DistInfo | None = None) -> dict[str, Any] | None:
+    """The checkpoint in the run folder, checked to belong to this very run; None when there is none
+    (given ``dist_info``, a rank other than 0 that rank 0 resumes: there must be one).
 
     Raises:
-        RunDirError: the checkpoint was written by a run with other settings.
+        RunDirError: the checkpoint was written by a run with other settings, or this rank cannot see it.
     """
     if not path.is_file():
+        if dist_info is not None:
+            raise RunDirError(f"--resume: process {dist_info.rank} cannot see {path}, which process 0 resumes "
+                              "from; give every process one shared --out")
         return None
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    saved = ckpt.get("meta", {})
+    saved = {"world_size": 1, **ckpt.get("meta", {})}  # checkpoints before the count was kept: one process
+    distributed.check_world_size(distributed.DistInfo(world_size=meta["world_size"]), saved["world_size"],
+                                 path.parent)  # first: the run length follows from it
     for key in meta:
         if saved.get(key) != meta[key]:
             what = {"ranks": "another rank map", "model": "other model settings", "data": "other data settings",

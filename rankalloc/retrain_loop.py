@@ -52,7 +52,7 @@ def train(model: nn.Module, train_split: Split, steps: int, lr: float, cfg: Retr
     sampler = EpochSampler(len(train_split), cfg.data.batch_size * dist_info.world_size, cfg.seed)
     history, first = [], 0
     if resume is not None:
-        first, history = _restore(model, opt, sched, sampler, resume, adalora)
+        first, history = _restore(model, opt, sched, sampler, resume, adalora, dist_info)
     model.train()
     for step in range(first, steps):
         batch = to_device(train_split.batch(distributed.shard(sampler.next(), dist_info)), device)
@@ -61,7 +61,8 @@ def train(model: nn.Module, train_split: Split, steps: int, lr: float, cfg: Retr
         if adalora:
             loss = loss + p.adalora_orth_reg_weight * orthogonality_penalty(model)
         value = float(distributed.mean(loss.detach(), dist_info))
-        check_finite(value, "training loss", step, None)
+        check_finite(value, "training loss", step,
+                     str(checkpoint) if checkpoint is not None and checkpoint.is_file() else None)
         loss.backward()
         distributed.average_gradients(params, dist_info)
         opt.step()
@@ -73,9 +74,10 @@ def train(model: nn.Module, train_split: Split, steps: int, lr: float, cfg: Retr
         if (step + 1) % p.log_every == 0 or step + 1 == steps:
             recent = [r["train_loss"] for r in history[-p.log_every:]]
             logger.info("step %d/%d  loss %.4f  lr %.2e", step + 1, steps, float(np.mean(recent)), row["lr"])
-        if (checkpoint is not None and p.checkpoint_every and (step + 1) % p.checkpoint_every == 0
-                and step + 1 < steps and dist_info.is_main):
-            _save(checkpoint, step + 1, model, opt, sched, sampler, history, meta or {}, adalora)
+        if checkpoint is not None and p.checkpoint_every and (step + 1) % p.checkpoint_every == 0 and step + 1 < steps:
+            rngs = distributed.gather(dist_info, rng_state())  # every rank's own random stream
+            if dist_info.is_main:
+                _save(checkpoint, step + 1, model, opt, sched, sampler, history, meta or {}, adalora, rngs)
         if on_step is not None:
             on_step(row)
     return history
@@ -108,14 +110,17 @@ def _set_adalora_state(model: nn.Module, state: dict[str, Any]) -> None:
 
 
 def _save(path: Path, step: int, model: nn.Module, opt: Any, sched: Any, sampler: EpochSampler,
-          history: list[dict[str, Any]], meta: dict[str, Any], adalora: bool = False) -> None:
+          history: list[dict[str, Any]], meta: dict[str, Any], adalora: bool = False,
+          rngs: list[dict[str, Any]] | None = None) -> None:
+    """``rngs``: every rank's RNG state, in rank order (default: this process's)."""
     io.save_torch(path, {"meta": meta, "step": step, "params": _trainable(model), "opt": opt.state_dict(),
                          "sched": sched.state_dict(), "sampler": sampler.state_dict(), "history": list(history),
-                         "rng": rng_state(), "adalora": _adalora_state(model) if adalora else None})
+                         "rng": rngs or [rng_state()], "adalora": _adalora_state(model) if adalora else None})
 
 
 def _restore(model: nn.Module, opt: Any, sched: Any, sampler: EpochSampler,
-             ckpt: dict[str, Any], adalora: bool = False) -> tuple[int, list[dict[str, Any]]]:
+             ckpt: dict[str, Any], adalora: bool = False,
+             dist_info: distributed.DistInfo = distributed.DistInfo()) -> tuple[int, list[dict[str, Any]]]:
     with torch.no_grad():
         for name, q in model.named_parameters():
             if q.requires_grad:
@@ -125,7 +130,7 @@ def _restore(model: nn.Module, opt: Any, sched: Any, sampler: EpochSampler,
     opt.load_state_dict(ckpt["opt"])
     sched.load_state_dict(ckpt["sched"])
     sampler.load_state_dict(ckpt["sampler"])
-    set_rng_state(ckpt["rng"])
+    set_rng_state(distributed.own_rng_state(ckpt["rng"], dist_info))
     return int(ckpt["step"]), list(ckpt["history"])
 
 

@@ -194,9 +194,10 @@ def search_loop(cfg: SearchConfig, gated: GatedModel, task: TaskData, budget: in
                         row["cost_ratio"], row["target_ratio"], row["lam"])
         if on_step is not None:
             on_step(row)
-        if dist_info.is_main and ((p.checkpoint_every and state.step % p.checkpoint_every == 0)
-                                  or state.step == steps):
-            save_checkpoint(out, cfg, gated, state, opts)
+        if (p.checkpoint_every and state.step % p.checkpoint_every == 0) or state.step == steps:
+            rngs = distributed.gather(dist_info, rng_state())  # every rank's own random stream
+            if dist_info.is_main:
+                save_checkpoint(out, cfg, gated, state, opts, rngs)
             last_ckpt = str(out / rundir.CHECKPOINT)
     gated.set_temperature(gate_temperature(steps - 1, p, steps, warmup))  # scores are read at the final temperature
     return state
@@ -221,7 +222,9 @@ def make_optimizers(cfg: SearchConfig, gated: GatedModel, budget: int, task: Tas
 
 
 def save_checkpoint(out: Path, cfg: SearchConfig, gated: GatedModel, state: SearchState,
-                    opts: dict[str, Any]) -> None:
+                    opts: dict[str, Any], rngs: list[dict[str, Any]] | None = None) -> None:
+    """``rngs``: every rank's RNG state, in rank order (default: this process's, a single-process run)."""
+    rngs = rngs or [rng_state()]
     heads = {name: m.state_dict() for name, m in head_modules(gated.model).items()}
     io.save_torch(out / rundir.CHECKPOINT, {
         "config": to_dict(cfg), "step": state.step, "history": state.history,
@@ -229,7 +232,7 @@ def save_checkpoint(out: Path, cfg: SearchConfig, gated: GatedModel, state: Sear
         "weight_opt": opts["weight_opt"].state_dict(), "gate_opt": opts["gate_opt"].state_dict(),
         "sched": opts["sched"].state_dict(), "lagrangian": opts["lagrangian"].state_dict(),
         "weight_sampler": opts["weight_sampler"].state_dict(),
-        "gate_sampler": opts["gate_sampler"].state_dict(), "rng": rng_state()})
+        "gate_sampler": opts["gate_sampler"].state_dict(), "rng": rngs, "world_size": len(rngs)})
 
 
 def _budget_key(text: Any) -> tuple[float, bool]:
@@ -237,9 +240,21 @@ def _budget_key(text: Any) -> tuple[float, bool]:
     return spec.value, spec.percent
 
 
-def load_checkpoint(out: Path, cfg: SearchConfig, gated: GatedModel, opts: dict[str, Any]) -> SearchState:
-    ckpt = torch.load(out / rundir.CHECKPOINT, map_location="cpu", weights_only=False)
+def load_checkpoint(out: Path, cfg: SearchConfig, gated: GatedModel, opts: dict[str, Any],
+                    dist_info: distributed.DistInfo = distributed.DistInfo()) -> SearchState:
+    """The checkpoint in ``out`` restored into ``gated`` and ``opts``, checked to belong to this very run.
+
+    Raises:
+        RunDirError: it was written with other settings or another number of processes, or this
+            process cannot see the checkpoint rank 0 resumes from.
+    """
+    path = out / rundir.CHECKPOINT
+    if not path.is_file():
+        raise RunDirError(f"--resume: process {dist_info.rank} cannot see {path}, which process 0 resumes from; "
+                          "give every process one shared --out")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
     saved = ckpt["config"]
+    distributed.check_world_size(dist_info, ckpt.get("world_size", 1), out)
     for key, value_of in (("budget", _budget_key), ("seed", int)):  # 0.5M and 500k are the same budget
         if value_of(saved[key]) != value_of(getattr(cfg, key)):
             raise RunDirError(f"--resume: the run in {out} was started with --{key} {saved[key]}, not "
@@ -262,7 +277,7 @@ def load_checkpoint(out: Path, cfg: SearchConfig, gated: GatedModel, opts: dict[
         module.load_state_dict(ckpt["heads"][name])
     for key in ("weight_opt", "gate_opt", "sched", "lagrangian", "weight_sampler", "gate_sampler"):
         opts[key].load_state_dict(ckpt[key])
-    set_rng_state(ckpt["rng"])
+    set_rng_state(distributed.own_rng_state(ckpt["rng"], dist_info))
     logger.info("resumed %s at step %d", out, ckpt["step"])
     return SearchState(step=ckpt["step"], history=ckpt["history"])
 
@@ -322,14 +337,21 @@ def run_search(cfg: SearchConfig, command: str | None = None,
                                                                      resume=cfg.resume))
     if dist_info.is_main:
         out, resume = opened
-    else:
-        resume = (out / rundir.CHECKPOINT).is_file()
+    resume = distributed.broadcast(dist_info, resume if dist_info.is_main else None)  # rank 0 decides
     device = distributed.device_for(dist_info, resolve_device(cfg.device))
     p = cfg.search
     gated = GatedModel(model, targets, r_max, p.scale, p.lora_dropout, p.gate_init, p.temperature,
                        task.family, p.gates).to(device)
     opts = make_optimizers(cfg, gated, budget, task, dist_info.world_size)
-    state = load_checkpoint(out, cfg, gated, opts) if resume else SearchState()
+    state = SearchState()
+    if resume:  # every rank loads the shared checkpoint; all of them stop if one cannot
+        error = None
+        try:
+            state = load_checkpoint(out, cfg, gated, opts, dist_info)
+        except RunDirError as e:
+            error = e
+        distributed.stop_together(dist_info, error)
+        distributed.check_same_step(dist_info, state.step, out)
     if dist_info.is_main:
         rundir.set_status(out, "running", command=command)
     logger.info("search: %d targets, budget %s = %d parameters, r_max %d, %d steps, device %s, out %s",
@@ -339,7 +361,7 @@ def run_search(cfg: SearchConfig, command: str | None = None,
         if not dist_info.is_main:  # rank 0 alone discretises and writes
             return None
         result = finish(cfg, gated, task, targets, r_max, budget, base_params, device, out, state, opts,
-                        command, t0)
+                        command, t0, dist_info.world_size)
     except BaseException as e:
         if dist_info.is_main:
             rundir.fail_run(out, e, command=command)
@@ -352,12 +374,13 @@ def run_search(cfg: SearchConfig, command: str | None = None,
 
 def finish(cfg: SearchConfig, gated: GatedModel, task: TaskData, targets: list[Target], r_max: dict[str, int],
            budget: int, base_params: int, device: torch.device, out: Path, state: SearchState, opts: dict[str, Any],
-           command: str, t0: float) -> SearchResult:
-    """Discretise, measure the gap, and write scores, rank map, peft config and report."""
+           command: str, t0: float, world_size: int = 1) -> SearchResult:
+    """Discretise, measure the gap (on ``gap_batches`` global batches), and write scores, rank map, peft
+    config and report."""
     scores = rank_scores(gated)
     ranks_list = discretize(scores, [t.cost_per_rank for t in targets], budget, rounding=cfg.search.rounding)
     ranks = {t.name: r for t, r in zip(targets, ranks_list)}
-    gap = discretisation_gap(gated, task, ranks, cfg.search.gap_batches * cfg.data.batch_size,
+    gap = discretisation_gap(gated, task, ranks, cfg.search.gap_batches * cfg.data.batch_size * world_size,
                              cfg.data.eval_batch_size, device)
     lam = opts["lagrangian"].lam
     final_ratio = state.history[-1]["cost_ratio"] if state.history else float("nan")

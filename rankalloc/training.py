@@ -44,8 +44,8 @@ def check_finite(value: torch.Tensor | float, what: str, step: int, last_checkpo
     v = float(value)
     if not math.isfinite(v):
         where = f"; last good checkpoint: {last_checkpoint}" if last_checkpoint else "; no checkpoint yet"
-        raise DivergenceError(f"{what} became {v} at step {step}{where} (lower the learning rates and "
-                              "resume, or rerun)")
+        raise DivergenceError(f"{what} became {v} at step {step}{where} (rerun with lower learning rates, "
+                              "with --overwrite or another --out: a resume keeps the settings)")
 
 
 def grads_finite(params: Iterable[nn.Parameter]) -> bool:

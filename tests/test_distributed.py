@@ -130,3 +130,51 @@ def test_a_refused_out_stops_every_rank_at_once(tmp_path, tiny_llama):
     assert "not a rankalloc run folder" in proc.stderr
     assert "rank 0 stopped before training" in proc.stderr
     assert (mine / "notes.txt").read_text() == "precious" and not (mine / "checkpoint.pt").exists()
+
+
+DIE_AT_STEP = """
+import os, sys
+from rankalloc.config import SearchConfig
+from rankalloc.flags import parse_args
+from rankalloc.search import run_search
+
+def die(row):  # rank 0 dies after the checkpoint of step 4; the launcher then ends rank 1
+    if row["step"] == 5 and os.environ.get("RANK") == "0":
+        os._exit(3)
+
+cfg, _ = parse_args(SearchConfig, sys.argv[1:], "rankalloc search", "")
+run_search(cfg, command="test", on_step=die)
+"""
+
+
+def test_a_killed_two_process_search_resumes_each_ranks_random_stream(tmp_path):
+    """MiniLM has dropout and the two ranks' slices pad to different lengths, so their random streams
+    part ways; a checkpoint keeps both, and a killed run resumed on two processes ends with the very
+    history of an uninterrupted one. Another process count is refused in one line."""
+    def args(out):
+        return _search_args("minilm-l6", out, batch=8, steps=6) + ["--model.num_layers", "1",
+                                                                   "--data.max_length", "64"]
+
+    whole = subprocess.run(_torchrun(2, args(tmp_path / "whole")), cwd=REPO, env=_env(), capture_output=True,
+                           text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    script = tmp_path / "die_at_step.py"
+    script.write_text(DIE_AT_STEP)
+    killed = subprocess.run(_torchrun(2, [str(script), *args(tmp_path / "killed")[2:]]), cwd=REPO, env=_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode != 0 and not (tmp_path / "killed" / "rank_map.json").exists()
+    ckpt = torch.load(tmp_path / "killed" / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert ckpt["step"] == 4 and ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+    assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])  # the streams did part ways
+
+    one = subprocess.run([sys.executable, *args(tmp_path / "killed")], cwd=REPO, env=_env(), capture_output=True,
+                         text=True, timeout=600)
+    assert one.returncode == 2 and "started on 2 process(es), this one has 1" in one.stderr
+    resumed = subprocess.run(_torchrun(2, args(tmp_path / "killed")), cwd=REPO, env=_env(), capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed" in resumed.stderr
+    _, _, history_whole = _final(tmp_path / "whole")
+    _, _, history_resumed = _final(tmp_path / "killed")
+    assert [r["train_loss"] for r in history_resumed] == [r["train_loss"] for r in history_whole]
+    assert [r["val_loss"] for r in history_resumed] == [r["val_loss"] for r in history_whole]

@@ -373,8 +373,10 @@ def test_a_killed_retrain_resumes_from_its_checkpoint_to_the_same_result(rank_ma
     with pytest.raises(Killed):
         run_retrain(cfg, command="test", on_step=die_after_step_5)
     assert (tmp_path / "killed" / "checkpoint.pt").is_file()
+    status = (tmp_path / "killed" / "status.json").read_text()
     with pytest.raises(RunDirError, match="started with other training settings"):
         _run(argv + ["--out", str(tmp_path / "killed"), "--train.lr", "0.01"])
+    assert (tmp_path / "killed" / "status.json").read_text() == status  # the refused command is not recorded
     resumed = _run(argv + ["--out", str(tmp_path / "killed")])
     assert resumed.metrics["resumed_from_step"] == 4 and whole.metrics["resumed_from_step"] is None
     assert np.array_equal(resumed.logits, whole.logits)
@@ -408,3 +410,21 @@ def test_a_killed_adalora_retrain_resumes_with_its_allocator_state(tmp_path, kil
     assert resumed.metrics["ranks"] == whole.metrics["ranks"]
     assert [r["train_loss"] for r in json.loads((resumed.out / "history.json").read_text())] == \
         [r["train_loss"] for r in json.loads((whole.out / "history.json").read_text())]
+
+
+def test_a_resume_needs_the_same_process_count_and_a_checkpoint_every_process_sees(tmp_path):
+    from rankalloc.distributed import DistInfo
+    from rankalloc.errors import RunDirError
+    from rankalloc.retrain import _resumable
+    from rankalloc.search import load_checkpoint
+
+    second = DistInfo(rank=1, world_size=2)
+    with pytest.raises(RunDirError, match="process 1 cannot see .*give every process one shared --out"):
+        _resumable(tmp_path / "checkpoint.pt", {"world_size": 2}, "uniform", second)
+    with pytest.raises(RunDirError, match="process 1 cannot see .*give every process one shared --out"):
+        load_checkpoint(tmp_path, None, None, None, second)
+    assert _resumable(tmp_path / "checkpoint.pt", {"world_size": 1}, "uniform") is None  # rank 0: a fresh run
+
+    torch.save({"meta": {"method": "uniform", "steps": 8, "world_size": 1}, "step": 4}, tmp_path / "checkpoint.pt")
+    with pytest.raises(RunDirError, match=r"started on 1 process\(es\), this one has 2; resume with 1"):
+        _resumable(tmp_path / "checkpoint.pt", {"method": "uniform", "steps": 4, "world_size": 2}, "uniform")
