@@ -28,7 +28,8 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 @dataclass
 class ModelConfig:
     name: str = _f("minilm-l6", "Base model: a local folder, a hub id, or the built-in 'minilm-l6'.")
-    num_layers: int | None = _f(None, "Keep only the first N transformer blocks (quick runs, tests).")
+    num_layers: int | None = _f(None, "Keep only the first N transformer blocks of every stack, an "
+                                "encoder-decoder's decoder too (quick runs, tests).")
     target_modules: list[str] | None = _f(
         None, "Adapter targets: module-name suffixes (e.g. query,value). Default: every Linear-like "
         "projection inside the transformer blocks.")

@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from .config import DataConfig
-from .errors import DataError
+from .errors import DataError, ModelError
 from .families import MODEL_INPUTS, Classification, Family, make_family
 from .tasks import RawTask, load_raw_task
 
@@ -147,9 +147,10 @@ _PADDING_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camemb
 
 def absolute_positions(model_config: Any) -> int | None:
     """How many tokens a model with a learned table of absolute positions can read; None when its
-    positions are rotary, ALiBi or relative only (no hard limit), or unknown."""
+    positions are rotary, ALiBi or relative only (no hard limit), unknown, or not positive (XLNet's -1
+    means no limit)."""
     positions = getattr(model_config, "max_position_embeddings", None)
-    if not isinstance(positions, int) or not hasattr(model_config, "to_dict"):
+    if not isinstance(positions, int) or positions <= 0 or not hasattr(model_config, "to_dict"):
         return None
     settings = model_config.to_dict()
     rotary = any(value for key, value in settings.items() if "rope" in key or "rotary" in key)
@@ -172,6 +173,7 @@ def prepare_task(cfg: DataConfig, tokenizer: Any, seed: int, model_config: Any =
 
     Raises:
         DataError: the task cannot be loaded, or a split is too small for ``cfg.batch_size``.
+        ModelError: the tokenizer gives token ids beyond the model's input embeddings.
     """
     _check_seed(seed, "--seed")
     _check_seed(cfg.split_seed, "--data.split_seed")
@@ -184,14 +186,12 @@ def prepare_task(cfg: DataConfig, tokenizer: Any, seed: int, model_config: Any =
     train_df, eval_df = train_eval_frames(raw, cfg, family)
     weight_idx, gate_idx = stratified_split(family.strata(train_df), cfg.gate_fraction,
                                             np.random.default_rng([seed, _GATE_SPLIT]))
-    if gate_split:
-        _check_batch_fits(len(weight_idx), len(gate_idx), len(train_df), cfg)
-    elif len(train_df) < cfg.batch_size:
-        raise DataError(f"the training split has {len(train_df)} examples, fewer than one batch of "
-                        f"--data.batch_size {cfg.batch_size}; raise --data.max_train_examples or lower "
-                        "--data.batch_size")
+    limit = cfg.max_train_examples  # capped: the cap left rows out, so that raising it gives more
+    capped = limit is not None and len(train_df) >= limit and len(raw.train) > limit
+    _check_batch_fits(len(weight_idx), len(gate_idx), len(train_df), cfg, capped, gate_split)
     train = Split(family.tokenize(train_df, tokenizer, cfg.max_length), family.sequence_keys)
     evaluation = Split(family.tokenize(eval_df, tokenizer, cfg.max_length), family.sequence_keys)
+    _check_token_ids((train, evaluation), tokenizer, model_config)
     data = TaskData(name=raw.name, num_labels=raw.num_labels, label_names=list(raw.label_names), train=train,
                     weight=train.subset(weight_idx), gate=train.subset(gate_idx), eval=evaluation,
                     family=family, has_pair=raw.has_pair, weight_index=weight_idx, gate_index=gate_idx)
@@ -264,14 +264,40 @@ def stratified_split(labels: np.ndarray, fraction: float, rng: np.random.Generat
     return np.flatnonzero(kept_mask).astype(np.int64), held_idx
 
 
-def _check_batch_fits(n_weight: int, n_gate: int, n_train: int, cfg: DataConfig) -> None:
-    """Raises: DataError when the weight or gate split holds fewer examples than one batch."""
-    for name, size in (("gate", n_gate), ("weight", n_weight)):
+def _check_batch_fits(n_weight: int, n_gate: int, n_train: int, cfg: DataConfig, capped: bool,
+                      gate_split: bool = True) -> None:
+    """Raises: DataError when a split that is trained on (weight and gate; all of train without a gate
+    split) holds fewer examples than one batch.  ``capped``: ``--data.max_train_examples`` left rows out;
+    if not, raising it cannot help, and the message says that these are all the examples there are."""
+    if not gate_split:
+        if n_train < cfg.batch_size:
+            raise DataError(f"the training split has {n_train} examples" + ("" if capped else " (all the task has)")
+                            + f", fewer than one batch of --data.batch_size {cfg.batch_size}; "
+                            + ("raise --data.max_train_examples or lower --data.batch_size" if capped else
+                               f"lower --data.batch_size to at most {n_train}"))
+        return
+    for name, size, fraction in (("gate", n_gate, "raise"), ("weight", n_weight, "lower")):
         if size < cfg.batch_size:
             raise DataError(
-                f"the {name} split has {size} examples ({n_train} training examples, --data.gate_fraction "
-                f"{cfg.gate_fraction}), fewer than one batch of --data.batch_size {cfg.batch_size}; raise "
-                f"--data.gate_fraction or --data.max_train_examples, or lower --data.batch_size")
+                f"the {name} split has {size} examples ({n_train} training examples"
+                + ("" if capped else ", all the task has") + f", --data.gate_fraction {cfg.gate_fraction}), "
+                f"fewer than one batch of --data.batch_size {cfg.batch_size}; {fraction} --data.gate_fraction"
+                + (" or raise --data.max_train_examples, or lower --data.batch_size" if capped else
+                   f", or lower --data.batch_size to at most {min(n_weight, n_gate)}"))
+
+
+def _check_token_ids(splits: Sequence[Split], tokenizer: Any, model_config: Any) -> None:
+    """Raises: ModelError when a token id lies beyond the model's input embeddings (``vocab_size``), as
+    with a tokenizer that adds tokens the model lacks; the model would fail on it with an IndexError."""
+    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    size = getattr(text_config, "vocab_size", None)
+    if not isinstance(size, int) or size <= 0:
+        return
+    largest = max(int(split.tensors["input_ids"].max()) for split in splits)
+    if largest >= size:
+        raise ModelError(f"the tokenizer gives token id {largest}, beyond the model's {size} input embeddings "
+                         f"(its vocab_size; the tokenizer has {len(tokenizer)} tokens); use a tokenizer whose ids "
+                         f"fit the model, such as the one saved with it")
 
 
 def _check_seed(seed: int, flag: str) -> None:

@@ -20,7 +20,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .errors import ModelError
-from .families import Classification, Family
+from .families import Classification, Family, is_decoder
 
 logger = logging.getLogger(__name__)
 
@@ -96,12 +96,13 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
-def load_model_config(cfg: ModelConfig) -> Any:
-    """The transformers config of ``cfg.name`` (decides, e.g., how a multiple-choice task is scored)."""
+def load_model_config(cfg: ModelConfig, **overrides: Any) -> Any:
+    """The transformers config of ``cfg.name`` (decides, e.g., how a multiple-choice task is scored),
+    with ``overrides`` of its settings."""
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(resolve_model_path(cfg.name))
+        return AutoConfig.from_pretrained(resolve_model_path(cfg.name), **overrides)
     except (OSError, ValueError) as e:
         raise ModelError(f"--model {cfg.name}: cannot load its config ({_first_line(e)}){_hub_hint(cfg.name)}") from None
 
@@ -115,8 +116,7 @@ def load_model(cfg: ModelConfig, num_labels: int = 2, family: Family | None = No
     family = family or Classification()
     path = resolve_model_path(cfg.name)
     config = _family_config(cfg, family, num_labels)
-    if pad_token_id is not None and getattr(config, "pad_token_id", None) is None:
-        config.pad_token_id = pad_token_id
+    _use_tokenizer_padding(config, family, pad_token_id, cfg.name)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialised head" notice is expected here
     hf_logging.disable_progress_bar()
@@ -153,6 +153,24 @@ def load_model(cfg: ModelConfig, num_labels: int = 2, family: Family | None = No
     for p in head_parameters(model):
         p.requires_grad_(True)
     return model
+
+
+def _use_tokenizer_padding(config: Any, family: Family, pad_token_id: int | None, name: str) -> None:
+    """Give ``config`` the tokenizer's padding id when it has none.  A decoder's task head (classifier,
+    regressor, choice head) finds each example's last real token by ``config.pad_token_id``, so there a
+    different id is replaced too: with it the head would silently pool a padding position."""
+    from transformers import AutoModelForCausalLM
+
+    current = getattr(config, "pad_token_id", None)
+    if pad_token_id is None or current == pad_token_id:
+        return
+    if current is None:
+        config.pad_token_id = pad_token_id
+    elif family.model_class() is not AutoModelForCausalLM and is_decoder(config):
+        logger.info("--model %s: its config's pad_token_id %s is not the tokenizer's padding id %s; using %s, "
+                    "by which the task head finds each example's last token", name, current, pad_token_id,
+                    pad_token_id)
+        config.pad_token_id = pad_token_id
 
 
 def _dtype_kwarg() -> str:
@@ -246,23 +264,41 @@ def skeleton_targets(cfg: ModelConfig, family: Family | None = None) -> list[Tar
     return find_targets(model, cfg)
 
 
-def _family_config(cfg: ModelConfig, family: Family, num_labels: int) -> Any:
-    """The model's transformers config with the family's head settings and ``--model.num_layers``."""
-    from transformers import AutoConfig
+# How an encoder-decoder's config names its decoder's depth (T5 and relatives; BART and relatives)
+_DECODER_DEPTHS = ("num_decoder_layers", "decoder_layers")
 
+
+def _family_config(cfg: ModelConfig, family: Family, num_labels: int) -> Any:
+    """The model's transformers config with the family's head settings and ``--model.num_layers``, which
+    keeps the first N blocks of every block stack: an encoder-decoder's encoder and decoder alike."""
     kwargs = family.config_kwargs(num_labels)
-    path = resolve_model_path(cfg.name)
-    try:
-        depth = getattr(AutoConfig.from_pretrained(path), "num_hidden_layers", None) if cfg.num_layers else None
-        if cfg.num_layers is not None:
-            kwargs["num_hidden_layers"] = cfg.num_layers
-        config = AutoConfig.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"--model {cfg.name}: cannot load its config ({_first_line(e)}){_hub_hint(cfg.name)}") from None
-    if isinstance(depth, int) and cfg.num_layers > depth:  # more would add randomly initialised blocks
-        raise ModelError(f"--model.num_layers {cfg.num_layers}: {cfg.name} has only {depth} blocks; "
-                         f"allowed: 1 to {depth}")
-    return config
+    if cfg.num_layers is not None:
+        kwargs.update({key: cfg.num_layers for key in _depths(load_model_config(cfg), cfg)})
+    return load_model_config(cfg, **kwargs)
+
+
+def _depths(config: Any, cfg: ModelConfig) -> dict[str, int | None]:
+    """The config keys that ``--model.num_layers`` sets, with their depths: the blocks, and an
+    encoder-decoder's decoder blocks.
+
+    Raises:
+        ModelError: ``--model.num_layers`` exceeds a stack's depth (more would add randomly initialised
+            blocks), or an encoder-decoder's config names no decoder depth.
+    """
+    depths = {"num_hidden_layers": getattr(config, "num_hidden_layers", None)}
+    decoder = next((key for key in _DECODER_DEPTHS if hasattr(config, key)), None)
+    if decoder is not None:
+        depths[decoder] = getattr(config, decoder)
+    elif getattr(config, "is_encoder_decoder", False):
+        raise ModelError(f"--model.num_layers: {cfg.name} is an encoder-decoder whose config names no decoder "
+                         f"depth ({' or '.join(_DECODER_DEPTHS)}), so its decoder cannot be cut; drop "
+                         "--model.num_layers")
+    known = {key: depth for key, depth in depths.items() if isinstance(depth, int)}
+    if known and cfg.num_layers > min(known.values()):
+        key = min(known, key=known.get)
+        raise ModelError(f"--model.num_layers {cfg.num_layers}: {cfg.name} has only {known[key]} blocks"
+                         f"{' in its decoder' if key in _DECODER_DEPTHS else ''}; allowed: 1 to {known[key]}")
+    return depths
 
 
 def find_targets(model: nn.Module, cfg: ModelConfig) -> list[Target]:

@@ -31,14 +31,21 @@ logger = logging.getLogger("rankalloc.tasks")  # one logger for the task modules
 def _label_kind(values: pd.Series, where: str) -> str:
     """'int' or 'name' for a column of labels.
 
+    Row numbers in messages are the frame's index: the row in the source, counted from 0.
+
     Raises:
-        DataError: a label is missing, or neither an integer nor a class name (e.g. 0.5).
+        DataError: a label is missing, a list (multi-label), or neither an integer nor a class name (e.g. 0.5).
     """
     missing = values.isna().to_numpy()
     if missing.any():
-        row = int(np.flatnonzero(missing)[0])
+        row = values.index[np.flatnonzero(missing)[0]]
         raise DataError(f"{where}: {int(missing.sum())} missing label(s) (first at row {row}); labels must be "
                         "integer ids or class names")
+    listed = np.flatnonzero(values.map(lambda v: isinstance(v, (list, tuple, set, dict, np.ndarray))).to_numpy())
+    if len(listed):
+        raise DataError(f"{where}: row {values.index[listed[0]]} holds several labels "
+                        f"({_short(values.iloc[listed[0]])}); one label per row is allowed (multi-label "
+                        "classification is not supported)")
     kinds = set()
     for v in pd.unique(values):
         if isinstance(v, (bool, np.bool_)):
@@ -60,6 +67,11 @@ def _label_kind(values: pd.Series, where: str) -> str:
     if kinds == {"int", "name"}:
         raise DataError(f"{where}: labels mix integer ids and class names; use one or the other")
     return kinds.pop()
+
+
+def _short(value: object, limit: int = 40) -> str:
+    text = repr(value.tolist() if isinstance(value, np.ndarray) else value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _normalise_labels(values: pd.Series, where: str) -> pd.Series:
@@ -124,6 +136,48 @@ def encode_labels(columns: list[tuple[pd.Series, str]],
     return encoded, names
 
 
+def drop_unlabelled(train: pd.DataFrame, evaluation: pd.DataFrame | None, train_where: str,
+                    eval_where: str, class_label: bool = False) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Set aside the unlabelled rows of a classification task.
+
+    In a ``datasets`` ``ClassLabel`` column (``class_label``) a negative id marks an unlabelled row (e.g.
+    GLUE's test splits): such rows are dropped.  In a plain column -1 can be a real class (-1/0/1
+    sentiment), so there only an evaluation split whose every label is negative, while train has no
+    negative label, counts as unlabelled.  An unlabelled evaluation split is dropped whole, so that part
+    of train is held out instead.
+
+    Raises:
+        DataError: no training row has a label, or a label is malformed (as :func:`encode_labels` says).
+    """
+    hidden = _unlabelled(train["label"], train_where)
+    if hidden.all():
+        raise DataError(f"{train_where}: no row has a label (a negative class id marks an unlabelled row)")
+    if class_label and hidden.any():
+        logger.warning("%s: dropping %d row(s) without a label (class id -1)", train_where, int(hidden.sum()))
+        train = train[~hidden].copy()
+    if evaluation is not None:
+        hidden_eval = _unlabelled(evaluation["label"], eval_where)
+        if hidden_eval.all() and (class_label or not hidden.any()):
+            logger.warning("%s: no row has a label (negative class ids only); holding out part of the training "
+                           "split instead", eval_where)
+            evaluation = None
+        elif class_label and hidden_eval.any():
+            logger.warning("%s: dropping %d row(s) without a label (class id -1)", eval_where,
+                           int(hidden_eval.sum()))
+            evaluation = evaluation[~hidden_eval].copy()
+    return train, evaluation
+
+
+def _unlabelled(values: pd.Series, where: str) -> np.ndarray:
+    """Rows whose label is a negative integer id; missing labels are left for the encoding to report."""
+    present = values.notna().to_numpy()
+    ids = _normalise_labels(values[present], where) if present.any() else values
+    hidden = np.zeros(len(values), dtype=bool)
+    if pd.api.types.is_integer_dtype(ids):
+        hidden[present] = ids.to_numpy() < 0
+    return hidden
+
+
 def _encode_in_place(train: pd.DataFrame, evaluation: pd.DataFrame | None, train_where: str,
                      eval_where: str) -> list[str]:
     """Encode the ``label`` column of train (and eval) with one shared mapping; return the class names."""
@@ -161,7 +215,8 @@ def resolve_family(cfg: DataConfig, df: pd.DataFrame) -> str:
 
 
 def select_columns(df: pd.DataFrame, cfg: DataConfig, family: str, where: str) -> pd.DataFrame:
-    """Pick the columns ``family`` needs; drop rows whose text (or options, or answer) is missing.
+    """Pick the columns ``family`` needs; drop rows whose text (or options, or answer) is missing.  The
+    rows keep their index (their row in ``df``), so that messages about them name the source's row.
 
     Raises:
         DataError: a named column is missing (the message lists the available ones), options are malformed.
@@ -209,11 +264,11 @@ def select_columns(df: pd.DataFrame, cfg: DataConfig, family: str, where: str) -
         raise DataError(f"{where}: column {source!r} holds no text (every value is missing)")
     if missing.any():
         logger.warning("%s: dropping %d row(s) with missing text", where, int(missing.sum()))
-        out = out[~missing]
+        out = out[~missing].copy()
     for c in ("text", "text_pair", "answer"):
         if c in out:
             out[c] = out[c].astype(str)
-    return out.reset_index(drop=True)
+    return out
 
 
 def _options(df: pd.DataFrame, columns: list[str], where: str) -> pd.Series:
@@ -268,9 +323,10 @@ def _float_targets(values: pd.Series, where: str, must_vary: bool = True) -> np.
     numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
     bad = ~np.isfinite(numbers)
     if bad.any():
-        row = int(np.flatnonzero(bad)[0])
+        first = int(np.flatnonzero(bad)[0])
         raise DataError(f"{where}: {int(bad.sum())} target(s) are missing or not finite numbers (first at row "
-                        f"{row}: {values.iloc[row]!r}); a regression task needs a number in every row")
+                        f"{values.index[first]}: {values.iloc[first]!r}); a regression task needs a number in "
+                        "every row")
     if must_vary and np.ptp(numbers) == 0:
         raise DataError(f"{where}: every target is {numbers[0]}; a regression task needs targets that vary")
     return numbers
@@ -279,7 +335,7 @@ def _float_targets(values: pd.Series, where: str, must_vary: bool = True) -> np.
 def _option_index(frame: pd.DataFrame, where: str) -> np.ndarray:
     """The right option's index: an integer in [0, options), or the option's own text."""
     out = np.empty(len(frame), dtype=np.int64)
-    for i, (label, options) in enumerate(zip(frame["label"], frame["choices"])):
+    for i, (row, label, options) in enumerate(zip(frame.index, frame["label"], frame["choices"])):
         text = str(label).strip()
         if isinstance(label, str) and label in options:  # the option's own text wins over a number-like text
             out[i] = options.index(label)
@@ -290,7 +346,7 @@ def _option_index(frame: pd.DataFrame, where: str) -> np.ndarray:
         elif len(text) == 1 and text.isalpha() and 0 <= ord(text.upper()) - ord("A") < len(options):
             out[i] = ord(text.upper()) - ord("A")  # answer keys A, B, C, ... (ARC, CommonsenseQA)
         else:
-            raise DataError(f"{where}: row {i} has label {label!r}, which is neither an option index in 0.."
+            raise DataError(f"{where}: row {row} has label {label!r}, which is neither an option index in 0.."
                             f"{len(options) - 1}, a letter A.., nor the text of one of its options")
     return out
 

@@ -18,7 +18,7 @@ import pandas as pd
 
 from .config import DataConfig
 from .errors import DataError
-from .task_columns import encode_labels, encode_targets, resolve_family, select_columns
+from .task_columns import drop_unlabelled, encode_labels, encode_targets, resolve_family, select_columns
 
 __all__ = ["LOCAL_EXTENSIONS", "RawTask", "encode_labels", "read_table"]
 
@@ -37,6 +37,11 @@ class RawTask:
     label_names: list[str]  # classes; ["target"] for regression; option numbers; [] for causal LM
     has_pair: bool
     family: str = "classification"
+
+    def __post_init__(self) -> None:  # rows numbered 0..n-1 (sources keep their own row numbers until here)
+        self.train = self.train.reset_index(drop=True)
+        if self.eval is not None:
+            self.eval = self.eval.reset_index(drop=True)
 
     @property
     def num_labels(self) -> int:
@@ -77,8 +82,10 @@ def _load_local(cfg: DataConfig, path: Path) -> RawTask:
             raise DataError(f"--data.eval_file {cfg.eval_file}: unknown file extension {eval_path.suffix!r}; "
                             f"use one of {', '.join(LOCAL_EXTENSIONS)}")
         evaluation = select_columns(read_table(eval_path), cfg, family, str(eval_path))
-    names = encode_targets(family, train, evaluation, f"{path} column {cfg.label_column!r}",
-                           f"{cfg.eval_file} column {cfg.label_column!r}")
+    wheres = f"{path} column {cfg.label_column!r}", f"{cfg.eval_file} column {cfg.label_column!r}"
+    if family == "classification":
+        train, evaluation = drop_unlabelled(train, evaluation, *wheres)
+    names = encode_targets(family, train, evaluation, *wheres)
     return RawTask(path.stem, train, evaluation, names, "text_pair" in train.columns, family)
 
 
@@ -98,10 +105,10 @@ def read_table(path: Path) -> pd.DataFrame:
         raise DataError(f"{path}: the file is empty")
     try:
         if suffix in (".csv", ".tsv"):
-            # a TSV has no quoting (GLUE's convention): a quote character is text, not a field delimiter;
             # utf-8-sig drops a byte-order mark that would otherwise stick to the first column's name
             tsv = suffix == ".tsv"
-            df = pd.read_csv(path, sep="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL,
+            df = pd.read_csv(path, sep="\t" if tsv else ",",
+                             quoting=_tsv_quoting(path) if tsv else csv.QUOTE_MINIMAL,
                              encoding="utf-8-sig", encoding_errors="replace")
         elif suffix == ".parquet":
             df = pd.read_parquet(path)
@@ -116,6 +123,20 @@ def read_table(path: Path) -> pd.DataFrame:
     if len(df) == 0:
         raise DataError(f"{path}: the file has no rows")
     return df
+
+
+def _tsv_quoting(path: Path) -> int:
+    """How a TSV quotes: not at all (GLUE's convention: a quote character is text), unless only standard
+    quoting (as pandas and datasets write fields holding tabs, newlines or quotes) gives every row the
+    same number of fields."""
+    for quoting in (csv.QUOTE_NONE, csv.QUOTE_MINIMAL):
+        with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+            try:
+                if len({len(row) for row in csv.reader(f, delimiter="\t", quoting=quoting) if row}) == 1:
+                    return quoting
+            except csv.Error:
+                pass
+    return csv.QUOTE_NONE  # ragged either way: the parser names the first bad line
 
 
 def _read_json(path: Path) -> pd.DataFrame:
@@ -230,15 +251,17 @@ def _from_splits(splits: Any, cfg: DataConfig, label: str, name: str) -> RawTask
         evaluation = select_columns(splits[eval_name].to_pandas(), cfg, family, f"{label} split {eval_name!r}")
     feature = splits["train"].features.get(cfg.label_column)
     class_names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+    wheres = (f"{label} split 'train' column {cfg.label_column!r}",
+              f"{label} split {eval_name!r} column {cfg.label_column!r}")
+    if family == "classification":  # ClassLabel -1: an unlabelled row; a plain column: see drop_unlabelled
+        train, evaluation = drop_unlabelled(train, evaluation, *wheres, class_label=class_names is not None)
     if class_names is not None and family == "classification":
-        train, evaluation = _drop_hidden_labels(train, evaluation, label, eval_name)
         names = class_names
         _check_class_ids(train, names, f"{label} split 'train'", is_train=True)
         if evaluation is not None:
             _check_class_ids(evaluation, names, f"{label} split {eval_name!r}", is_train=False)
     else:
-        names = encode_targets(family, train, evaluation, f"{label} split 'train' column {cfg.label_column!r}",
-                               f"{label} split {eval_name!r} column {cfg.label_column!r}")
+        names = encode_targets(family, train, evaluation, *wheres)
     if evaluation is not None:
         logger.info("%s: evaluating on the %r split", label, eval_name)
     return RawTask(name, train, evaluation, names, "text_pair" in train.columns, family)
@@ -247,26 +270,6 @@ def _from_splits(splits: Any, cfg: DataConfig, label: str, name: str) -> RawTask
 def _is_saved_dataset(path: Path) -> bool:
     """Whether ``path`` is a folder written by ``datasets``' ``save_to_disk`` (one split or a dict of them)."""
     return path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
-
-
-def _drop_hidden_labels(train: pd.DataFrame, evaluation: pd.DataFrame | None, label: str,
-                        eval_name: str | None) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    """ClassLabel -1 marks a hidden label (e.g. GLUE test splits): drop such rows, or the whole split."""
-    hidden = train["label"] < 0
-    if hidden.any():
-        logger.warning("%s: dropping %d training row(s) without a label", label, int(hidden.sum()))
-        train = train[~hidden].reset_index(drop=True)
-    if evaluation is not None:
-        hidden = evaluation["label"] < 0
-        if hidden.all():
-            logger.warning("%s: split %r has no labels; holding out part of 'train' instead", label, eval_name)
-            evaluation = None
-        elif hidden.any():
-            evaluation = evaluation[~hidden].reset_index(drop=True)
-    train["label"] = train["label"].astype("int64")
-    if evaluation is not None:
-        evaluation["label"] = evaluation["label"].astype("int64")
-    return train, evaluation
 
 
 def _check_class_ids(df: pd.DataFrame, names: list[str], where: str, is_train: bool) -> None:

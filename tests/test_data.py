@@ -80,7 +80,7 @@ def test_tweets_loads_every_row_with_three_classes():
     (("pos", "neg", "neutral"), ["neg", "neutral", "pos"]),  # names are sorted
     ((0, 1), ["0", "1"]),
     ((2, 0, 1), ["0", "1", "2"]),  # non-negative ids are kept as ids
-    ((-1, 1), ["-1", "1"]),  # other integers map in sorted order
+    ((-1, 1), ["-1", "1"]),  # other integers map in sorted order: -1 is a class in a plain column
     ((1, 2), ["1", "2"]),  # 1-based ids: two classes, not a phantom class 0
     ((5, 1, 3), ["1", "3", "5"]),  # sparse ids (star ratings) are re-indexed
     ((0, 100000), ["0", "100000"]),  # not a 100,001-way head
@@ -106,6 +106,14 @@ def test_tsv_quote_characters_are_text(tmp_path):
     assert raw.train["label"].tolist() == [int(r.split("\t")[1]) for r in rows]
 
 
+def test_tsv_with_quoted_fields_as_pandas_writes_them(tmp_path):
+    """Fields holding tabs, newlines or quotes are quoted by pandas and datasets: read them as such."""
+    df = pd.DataFrame({"text": ['he said "hi" there', "line one\nline two", "tab\tinside", "plain"] * 5,
+                       "label": [0, 1, 1, 0] * 5})
+    raw = load_raw_task(small_cfg(write(df, tmp_path / "quoted.tsv")))
+    assert raw.train["text"].tolist() == df["text"].tolist() and raw.train["label"].tolist() == df["label"].tolist()
+
+
 @pytest.mark.parametrize("suffix", [".csv", ".json"])
 def test_a_byte_order_mark_is_not_part_of_the_data(tmp_path, suffix):
     df = sentiment_frame(30)
@@ -121,6 +129,48 @@ def test_local_eval_file_shares_the_label_mapping(tmp_path):
     raw = load_raw_task(small_cfg(train, eval_file=str(evaluation)))
     assert raw.label_names == ["a", "b", "c"]
     assert set(raw.train["label"]) == {1, 2} and set(raw.eval["label"]) == {0, 2}
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_an_eval_file_of_negative_ids_only_is_unlabelled(tmp_path, suffix, caplog):
+    """An eval file whose every label is -1 while train has none (a hidden test split) is not scored
+    against a phantom class: part of train is held out instead. Where train has -1 too, it is a class."""
+    df = sentiment_frame(30, (0, 1, 2))
+    unlabelled = df.assign(label=-1)
+    with caplog.at_level("WARNING", logger="rankalloc.tasks"):
+        raw = load_raw_task(small_cfg(write(df, tmp_path / f"train{suffix}"),
+                                      eval_file=str(write(unlabelled, tmp_path / f"test{suffix}"))))
+    assert raw.label_names == ["0", "1", "2"] and raw.eval is None
+    assert "no row has a label (negative class ids only); holding out part of the training split" in caplog.text
+    signed = sentiment_frame(30, (-1, 0, 1))
+    raw = load_raw_task(small_cfg(write(signed, tmp_path / f"signed{suffix}"),
+                                  eval_file=str(write(signed.assign(label=-1), tmp_path / f"neg{suffix}"))))
+    assert raw.label_names == ["-1", "0", "1"] and raw.eval is not None and len(raw.train) == len(signed)
+    with pytest.raises(DataError, match=r"column 'label': no row has a label"):
+        load_raw_task(small_cfg(write(unlabelled, tmp_path / f"none{suffix}")))
+
+
+def test_class_label_minus_one_rows_are_dropped_and_a_plain_unlabelled_test_split_is_not_used(tmp_path):
+    import datasets
+
+    hidden = datasets.ClassLabel(names=["neg", "pos"])
+    splits = datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"sentence": list("abcde"), "label": [0, 1, -1, 1, 0]},
+                                            features=datasets.Features({"sentence": datasets.Value("string"),
+                                                                        "label": hidden})),
+    })
+    splits.save_to_disk(str(tmp_path / "classlabel"))
+    raw = load_raw_task(DataConfig(task=str(tmp_path / "classlabel"), text_column="sentence"))
+    assert raw.train["text"].tolist() == list("abde") and raw.train["label"].tolist() == [0, 1, 1, 0]
+
+    plain = datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"sentence": list("abcde"), "label": [0, 1, 1, 1, 0]}),
+        "test": datasets.Dataset.from_dict({"sentence": list("fg"), "label": [-1, -1]}),
+    })
+    assert plain["train"].features["label"] == datasets.Value("int64")
+    plain.save_to_disk(str(tmp_path / "plain"))
+    raw = load_raw_task(DataConfig(task=str(tmp_path / "plain"), text_column="sentence"))
+    assert raw.label_names == ["0", "1"] and raw.eval is None
 
 
 def test_custom_column_names(tmp_path):
@@ -183,6 +233,19 @@ BAD_INPUTS = [
     ("NaN labels", "d.csv", _frame(label=[0, None, 1]), {}, ["missing label", "row 1"]),
     ("NaN among names", "d.jsonl", _frame(label=["a", None, "b"]), {}, ["missing label"]),
     ("mixed ids and names", "d.json", _frame(label=[0, "pos", 1]), {}, ["mix integer ids and class names"]),
+    # rows are numbered as in the file, also after rows with missing text were dropped
+    ("missing label after missing text", "d.csv",
+     pd.DataFrame({"text": ["a", None, "c", "d"], "label": [0, 1, None, 1]}), {}, ["missing label", "first at row 2"]),
+    ("missing target after missing text", "d.csv",
+     pd.DataFrame({"text": ["a", None, "c", "d"], "label": [0.5, 1.5, None, 2.5]}), {"family": "regression"},
+     ["first at row 2"]),
+    ("bad option after missing text", "d.json",
+     pd.DataFrame({"text": ["a", None, "c"], "options": [["x", "y"]] * 3, "label": [0, 1, 5]}),
+     {"choice_columns": ["options"]}, ["row 2 has label 5"]),
+    ("list labels (jsonl)", "d.jsonl", _frame(label=[[0, 1], [1], [0]]), {},
+     ["column 'label'", "row 0", "[0, 1]", "one label per row", "multi-label"]),
+    ("list labels (parquet)", "d.parquet", _frame(label=[[0], [1, 0], [0]]), {},
+     ["column 'label'", "row 0", "one label per row", "multi-label"]),
     ("unknown extension (exists)", "d.txt", b"text\tlabel\nhi\t0\n", {}, ["unknown file extension '.txt'"]),
     ("unknown extension (missing)", "d.xlsx", None, {}, ["'.xlsx' is not a supported extension", ".parquet"]),
     ("bad json lines", "d.jsonl", b'{"text": "a", "label": 0}\n{"text": oops\n', {}, ["line 2 is not valid JSON"]),
@@ -490,6 +553,32 @@ def test_without_a_gate_split_only_the_training_split_must_hold_a_batch(tokenize
         prepare_task(tweets_cfg(max_train_examples=40, batch_size=64), tokenizer, 0, gate_split=False)
 
 
+@pytest.mark.parametrize("gate_split, split, fits", [(True, "gate", 2), (False, "training", 10)])
+@pytest.mark.parametrize("cap", [None, 4000])
+def test_a_task_too_small_for_a_batch_says_so_instead_of_asking_for_a_larger_cap(tmp_path, tokenizer, gate_split,
+                                                                                  split, fits, cap):
+    path = write(sentiment_frame(12), tmp_path / "tiny.csv")  # 10 training examples: weight 8, gate 2
+    with pytest.raises(DataError) as info:
+        prepare_task(small_cfg(path, batch_size=16, max_train_examples=cap), tokenizer, 0, gate_split=gate_split)
+    message = str(info.value)
+    assert f"the {split} split has" in message and "all the task has" in message
+    assert "--data.max_train_examples" not in message
+    assert message.endswith(f"lower --data.batch_size to at most {fits}")
+
+
+def test_token_ids_beyond_the_model_s_embeddings_are_refused(tmp_path, tokenizer):
+    """A tokenizer with tokens the model lacks: a one-line error, not an IndexError inside the model."""
+    from transformers import BertConfig
+
+    from rankalloc.errors import ModelError
+
+    cfg = small_cfg(write(sentiment_frame(30), tmp_path / "d.csv"))
+    data = prepare_task(cfg, tokenizer, 0, BertConfig(vocab_size=len(tokenizer)))
+    largest = max(int(s.tensors["input_ids"].max()) for s in (data.train, data.eval))
+    with pytest.raises(ModelError, match=rf"token id {largest}, beyond the model's {largest} input embeddings"):
+        prepare_task(cfg, tokenizer, 0, BertConfig(vocab_size=largest))
+
+
 def test_pair_columns_give_two_segments(tmp_path, tokenizer):
     df = pd.DataFrame({"premise": [f"a man plays guitar number {i}" for i in range(30)],
                        "hypothesis": [f"someone makes music {i}" for i in range(30)],
@@ -640,6 +729,7 @@ def test_preparing_removes_what_an_interrupted_download_left(tmp_path, monkeypat
     ("LlamaConfig", {}, None),  # rotary: no hard limit
     ("DebertaV2Config", dict(position_biased_input=False, relative_attention=True), None),  # relative only
     ("T5Config", {}, None),
+    ("XLNetConfig", {}, None),  # max_position_embeddings -1: no limit
 ])
 def test_the_max_length_limit_is_the_learned_absolute_positions(config, kwargs, usable):
     import transformers

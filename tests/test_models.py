@@ -137,6 +137,19 @@ def test_encoder_decoder_models_get_adapters_in_both_stacks(kind, stacks, per_bl
     assert len({(t.layer, t.kind) for t in targets}) == len(targets)
 
 
+@pytest.mark.parametrize("kind, stacks", [
+    ("bart", ("model.encoder.layers", "model.decoder.layers")),
+    ("t5", ("transformer.encoder.block", "transformer.decoder.block")),
+])
+def test_num_layers_cuts_the_encoder_and_the_decoder_alike(kind, stacks, tmp_path):
+    _tiny_encoder_decoder(kind).config.save_pretrained(tmp_path)
+    targets = skeleton_targets(ModelConfig(name=str(tmp_path), num_layers=1))
+    for stack in stacks:
+        assert {t.layer for t in targets if t.name.startswith(stack + ".")} == {0}, stack
+    with pytest.raises(ModelError, match=r"--model.num_layers 3: .* has only 2 blocks; allowed: 1 to 2"):
+        skeleton_targets(ModelConfig(name=str(tmp_path), num_layers=3))
+
+
 def test_a_checkpoint_with_another_label_count_loads_with_a_fresh_head(tiny_gpt2, caplog):
     """A fine-tuned 3-label checkpoint used for a 5-label task: the head starts fresh, the rest loads."""
     import torch
@@ -204,3 +217,25 @@ def test_linear_layers_inside_multihead_attention_are_not_targets():
     assert names == [f"encoder.layers.{i}.{k}" for i in range(2) for k in ("linear1", "linear2")]
     with pytest.raises(ModelError, match=r"inside nn.MultiheadAttention, e.g. encoder.layers.0.self_attn.out_proj"):
         find_targets(model, ModelConfig(target_modules=["out_proj"]))
+
+
+def test_a_decoder_head_finds_the_last_token_by_the_tokenizer_s_padding_id(tiny_gpt2, tmp_path, caplog):
+    """A config whose pad_token_id is not the tokenizer's: the classifier would pool a padding position."""
+    import json
+    import shutil
+
+    import torch
+
+    folder = tmp_path / "pad5"
+    shutil.copytree(tiny_gpt2, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, pad_token_id=5)))
+    with caplog.at_level("INFO", logger="rankalloc.models"):
+        model = load_model(ModelConfig(name=str(folder)), num_labels=3, pad_token_id=0)
+    assert model.config.pad_token_id == 0
+    assert "pad_token_id 5 is not the tokenizer's padding id 0" in caplog.text
+    ids, mask = torch.tensor([[101, 2023, 2003, 102, 0, 0]]), torch.tensor([[1, 1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        padded = model(input_ids=ids, attention_mask=mask).logits
+        alone = model(input_ids=ids[:, :4], attention_mask=mask[:, :4]).logits
+    torch.testing.assert_close(padded, alone)
