@@ -7,8 +7,10 @@ to maximise the total score subject to ``sum r_l c_l <= B`` and, whenever some c
 
 Solved exactly by dynamic programming over cost in units of ``gcd(c_l)`` (transformer widths share
 large common factors, so this is small); instances too large for the table go to scipy's ``milp``
-(HiGHS branch and bound with a zero optimality gap).  Ties are broken deterministically towards the
-smaller rank of the earlier layer.
+(HiGHS branch and bound with a zero optimality gap).  The DP breaks ties deterministically: of equally
+scored allocations, the cheapest; of those, the one where later layers take the smaller ranks (earlier
+layers fill first: three equal layers at two ranks' budget get [2, 0, 0]).  The ``milp`` path may break
+exact ties otherwise, as HiGHS finds them.
 """
 from __future__ import annotations
 
@@ -87,7 +89,7 @@ def _solve_dp(values: list[np.ndarray], units: list[int], cap: int, floor_units:
     for vals, u in zip(values, units):
         new = np.full(cap + 1, neg)
         arg = np.zeros(cap + 1, dtype=np.int32)
-        for r, v in enumerate(vals):  # r ascending: strict '>' keeps the smaller rank on ties
+        for r, v in enumerate(vals):  # r ascending: strict '>' keeps this layer's smaller rank on ties
             shift = r * u
             if shift > cap:
                 break

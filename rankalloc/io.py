@@ -72,3 +72,13 @@ def save_figure(path: str | Path, fig: Any, **kwargs: Any) -> None:
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **kwargs)
+
+
+def recorded_location(name: str | None, builtins: Any = ()) -> str | None:
+    """How a run records a model or data argument for later stages: an existing local file or folder as
+    its absolute path (a rank map is read from other working directories), anything else (a built-in
+    name, a hub id) as given."""
+    if not name or name in builtins:
+        return name
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name

@@ -41,8 +41,8 @@ from .flags import checked_copy, coerce, stage_command, to_dict
 from .data import Split, TaskData, prepare_task
 from .errors import ModelError, RankMapError, RunDirError
 from .families import Classification, Family
-from .models import (Target, count_parameters, find_targets, head_modules, load_model, load_model_config,
-                     load_tokenizer, resolve_device, stores_fan_in_fan_out)
+from .models import (BUILTIN_MODELS, Target, count_parameters, find_targets, head_modules, load_model,
+                     load_model_config, load_tokenizer, resolve_device, stores_fan_in_fan_out)
 from .rank_map import RankMap
 from .retrain_loop import predict, train
 from .sensitivity import gradient_spectra
@@ -79,6 +79,7 @@ def build_adapter(cfg: RetrainConfig, model: nn.Module, targets: list[Target], r
     heads = sorted(head_modules(model))
     p = cfg.train
     family = family or Classification()
+    base = io.recorded_location(cfg.model.name, BUILTIN_MODELS)
     if cfg.baseline == "adalora":
         peft_model = get_peft_model(model, adalora_config(targets, budget, steps, p, heads, budget_text,
                                                           family.peft_task_type))
@@ -86,12 +87,12 @@ def build_adapter(cfg: RetrainConfig, model: nn.Module, targets: list[Target], r
         return peft_model, None
     if cfg.baseline == "uniform":
         r = uniform_rank(targets, budget, budget_text)
-        rank_map = RankMap.from_ranks(targets, {t.name: r for t in targets}, base_model=cfg.model.name,
+        rank_map = RankMap.from_ranks(targets, {t.name: r for t in targets}, base_model=base,
                                       budget=budget, search={"baseline": "uniform", "uniform_rank": r,
                                                              "num_layers": cfg.model.num_layers})
     elif cfg.baseline == "random":
         ranks = random_ranks(targets, budget, cfg.seed, budget_text)
-        rank_map = RankMap.from_ranks(targets, ranks, base_model=cfg.model.name, budget=budget,
+        rank_map = RankMap.from_ranks(targets, ranks, base_model=base, budget=budget,
                                       search={"baseline": "random", "seed": cfg.seed,
                                               "num_layers": cfg.model.num_layers})
     elif cfg.baseline == "gradient":
@@ -102,7 +103,7 @@ def build_adapter(cfg: RetrainConfig, model: nn.Module, targets: list[Target], r
         spectra = gradient_spectra(model.to(device), targets, train_split, family, p.gradient_batches,
                                    cfg.data.batch_size, cfg.seed, device)
         ranks = gradient_ranks(targets, spectra, budget, budget_text)
-        rank_map = RankMap.from_ranks(targets, ranks, base_model=cfg.model.name, budget=budget,
+        rank_map = RankMap.from_ranks(targets, ranks, base_model=base, budget=budget,
                                       search={"baseline": "gradient", "seed": cfg.seed,
                                               "gradient_batches": p.gradient_batches,
                                               "num_layers": cfg.model.num_layers})
@@ -194,6 +195,11 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
     targets = retrain_targets(model, cfg, rank_map)
     if rank_map is not None:
         rank_map.check_against(targets, source=f"--rank-map {cfg.rank_map}")
+        searched_scale = rank_map.search.get("scale")
+        if isinstance(searched_scale, (int, float)) and searched_scale != cfg.train.scale:
+            logger.warning("the rank map was searched with --search.scale %s; retraining with --train.scale %s "
+                           "(give --train.scale %s to train as searched)", searched_scale, cfg.train.scale,
+                           searched_scale)
         budget, budget_text = rank_map.budget, None
         if rank_map.search.get("task") not in (None, task.name):
             logger.warning("the rank map was searched on task %s, retraining on %s", rank_map.search["task"],
@@ -326,7 +332,8 @@ def describe_adapter(peft_model: nn.Module, method: str, targets: list[Target], 
                           **heads}
     summary = adalora_summary(peft_model, targets, budget)
     kept = summary["kept_ranks"]
-    rank_map = RankMap.from_ranks(targets, {t.name: kept.get(t.name, 0) for t in targets}, base_model=cfg.model.name,
+    base = io.recorded_location(cfg.model.name, BUILTIN_MODELS)
+    rank_map = RankMap.from_ranks(targets, {t.name: kept.get(t.name, 0) for t in targets}, base_model=base,
                                   budget=budget, search={"baseline": "adalora", "num_layers": cfg.model.num_layers})
     logger.info("AdaLoRA kept %d parameters (%d with singular values): %.2f%% of the budget, %s it",
                 summary["kept_params"], summary["kept_params_with_singular_values"],

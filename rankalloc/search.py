@@ -41,9 +41,10 @@ from .export import SCORES
 from .gate_optimizer import make_gate_optimizer
 from .gates import GATE_KINDS
 from .lagrangian import Lagrangian
-from .models import (Target, count_parameters, find_targets, head_modules, load_model, load_model_config,
-                     load_tokenizer, resolve_device, stores_fan_in_fan_out)
+from .models import (BUILTIN_MODELS, Target, count_parameters, find_targets, head_modules, load_model,
+                     load_model_config, load_tokenizer, resolve_device, stores_fan_in_fan_out)
 from .rank_map import RankMap
+from .tasks import BUILTIN_TASKS
 from .training import (check_finite, evaluate, grads_finite, peak_memory, rng_state, set_rng_state, set_seed,
                        to_device)
 
@@ -384,16 +385,19 @@ def finish(cfg: SearchConfig, gated: GatedModel, task: TaskData, targets: list[T
                              cfg.data.eval_batch_size, device)
     lam = opts["lagrangian"].lam
     final_ratio = state.history[-1]["cost_ratio"] if state.history else float("nan")
-    rm = RankMap.from_ranks(targets, ranks, base_model=cfg.model.name, budget=budget, search={
+    base_model = io.recorded_location(cfg.model.name, BUILTIN_MODELS)
+    data = {k: getattr(cfg.data, k) for k in DATASET_FIELDS}
+    data.update({k: io.recorded_location(data[k], BUILTIN_TASKS) for k in ("task", "eval_file")})
+    rm = RankMap.from_ranks(targets, ranks, base_model=base_model, budget=budget, search={
         "task": task.name, "family": task.family.name, "seed": cfg.seed, "steps": state.step, "final_lambda": lam,
         "final_cost_ratio": final_ratio, "r_max": max(r_max.values()), "scale": cfg.search.scale,
         "rounding": cfg.search.rounding, "gates": cfg.search.gates,
         "num_layers": cfg.model.num_layers, "rankalloc_version": __version__,
-        "data": {k: getattr(cfg.data, k) for k in DATASET_FIELDS}})
+        "data": data})
     heads = sorted(head_modules(gated.model))
     fan_in_fan_out = stores_fan_in_fan_out(gated.model, targets)
     io.write_json(out / SCORES, {
-        "format": "rankalloc.scores", "version": 1, "base_model": cfg.model.name,
+        "format": "rankalloc.scores", "version": 1, "base_model": base_model,
         "model_fingerprint": rm.model_fingerprint, "searched_budget": budget, "base_params": base_params, "scale": cfg.search.scale,
         "modules_to_save": heads, "peft_task_type": task.family.peft_task_type, "search": rm.search,
         "fan_in_fan_out": fan_in_fan_out,

@@ -428,3 +428,48 @@ def test_a_resume_needs_the_same_process_count_and_a_checkpoint_every_process_se
     torch.save({"meta": {"method": "uniform", "steps": 8, "world_size": 1}, "step": 4}, tmp_path / "checkpoint.pt")
     with pytest.raises(RunDirError, match=r"started on 1 process\(es\), this one has 2; resume with 1"):
         _resumable(tmp_path / "checkpoint.pt", {"method": "uniform", "steps": 4, "world_size": 2}, "uniform")
+
+
+def test_a_rank_map_searched_with_relative_paths_retrains_from_another_folder(tmp_path, monkeypatch, tiny_gpt2):
+    """A relative --model folder and --task file are recorded as absolute paths (rank map, scores, peft
+    config), so the rank map retrains, and the adapter loads, from any working directory."""
+    import os
+
+    import pandas as pd
+
+    from rankalloc.config import SearchConfig
+    from rankalloc.search import run_search
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir(), elsewhere.mkdir()
+    rows = [{"sentence": f"{word} film number {i}", "y": word} for i in range(40) for word in ("good", "bad")]
+    pd.DataFrame(rows).to_csv(work / "reviews.csv", index=False)
+    monkeypatch.chdir(work)
+    model = os.path.relpath(tiny_gpt2, work)
+    cfg, _ = parse_args(SearchConfig, ["--model", model, "--task", "reviews.csv", "--data.text_column", "sentence",
+                                       "--data.label_column", "y", "--budget", "2000", "--out", "runs/s",
+                                       "--device", "cpu", "--max-steps", "4", "--search.warmup_steps", "1",
+                                       "--search.gap_batches", "1"] + [f"--data.{k}={v}" for k, v in DATA.items()],
+                        "rankalloc search", "")
+    run_search(cfg, command="test")
+    rank_map = json.loads((work / "runs/s/rank_map.json").read_text())
+    assert rank_map["base_model"] == str(Path(tiny_gpt2).resolve())
+    assert rank_map["search"]["data"]["task"] == str((work / "reviews.csv").resolve())
+    assert json.loads((work / "runs/s/adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str(Path(tiny_gpt2).resolve())
+
+    monkeypatch.chdir(elsewhere)
+    result = _run(["--rank-map", str(Path("..") / "work" / "runs" / "s" / "rank_map.json"), "--out", "r",
+                   "--device", "cpu", "--max-steps", "2"] + [f"--data.{k}={v}" for k, v in DATA.items()])
+    assert result.metrics["task"] == "reviews" and sorted(set(result.labels.tolist())) == [0, 1]
+
+
+def test_a_rank_map_searched_at_another_scale_says_so(rank_map_file, tmp_path, caplog):
+    rm = RankMap.load(rank_map_file)
+    rm.search = dict(rm.search, scale=4.0)
+    rm.save(tmp_path / "rank_map.json")
+    with caplog.at_level("WARNING", logger="rankalloc"):
+        result = _run(["--rank-map", str(tmp_path / "rank_map.json"), "--out", str(tmp_path / "r"), *SMALL,
+                       "--max-steps", "1"])
+    assert "searched with --search.scale 4.0; retraining with --train.scale 2.0" in caplog.text
+    assert result.metrics["recipe"]["scale"] == 2.0  # the flag decides; the warning only tells
