@@ -316,12 +316,16 @@ class EpochSampler:
     (examples consumed in the epoch), so a resumed sampler continues with the very same batches.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int) -> None:
-        """Raises: DataError when ``n < batch_size`` or an argument is out of range."""
+    def __init__(self, n: int, batch_size: int, seed: int, processes: int = 1) -> None:
+        """``batch_size``: the global batch of all ``processes`` together.
+
+        Raises: DataError when ``n < batch_size`` or an argument is out of range."""
         if batch_size <= 0:
             raise DataError(f"--data.batch_size must be a positive integer, got {batch_size}")
         if n < batch_size:
-            raise DataError(f"{n} examples are fewer than one batch of --data.batch_size {batch_size}")
+            what = (f"--data.batch_size {batch_size}" if processes == 1 else
+                    f"{batch_size} (--data.batch_size {batch_size // processes} on each of {processes} processes)")
+            raise DataError(f"{n} examples are fewer than one batch of {what}")
         _check_seed(seed, "--seed")
         self.n, self.batch_size, self.seed = int(n), int(batch_size), int(seed)
         self.epoch, self.position = 0, 0

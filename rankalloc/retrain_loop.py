@@ -49,7 +49,8 @@ def train(model: nn.Module, train_split: Split, steps: int, lr: float, cfg: Retr
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=p.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(steps, math.ceil(p.warmup_ratio * steps)))
     # every rank draws the same global batch and keeps its slice (see rankalloc.distributed)
-    sampler = EpochSampler(len(train_split), cfg.data.batch_size * dist_info.world_size, cfg.seed)
+    sampler = EpochSampler(len(train_split), cfg.data.batch_size * dist_info.world_size, cfg.seed,
+                           dist_info.world_size)
     history, first = [], 0
     if resume is not None:
         first, history = _restore(model, opt, sched, sampler, resume, adalora, dist_info)

@@ -218,8 +218,8 @@ def make_optimizers(cfg: SearchConfig, gated: GatedModel, budget: int, task: Tas
     gate_opt = make_gate_optimizer(p.gate_optimizer, gated.gate_parameters(), p.gate_lr)
     return {"weight_opt": weight_opt, "gate_opt": gate_opt, "sched": sched,
             "lagrangian": Lagrangian(budget, p.lambda_lr, p.penalty),
-            "weight_sampler": EpochSampler(len(task.weight), global_batch, cfg.seed),
-            "gate_sampler": EpochSampler(len(task.gate), global_batch, cfg.seed + 1)}
+            "weight_sampler": EpochSampler(len(task.weight), global_batch, cfg.seed, world_size),
+            "gate_sampler": EpochSampler(len(task.gate), global_batch, cfg.seed + 1, world_size)}
 
 
 def save_checkpoint(out: Path, cfg: SearchConfig, gated: GatedModel, state: SearchState,

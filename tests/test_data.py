@@ -657,8 +657,10 @@ def test_epoch_sampler_resume_reproduces_the_batches(stop_after):
 
 def test_epoch_sampler_seeds_differ_and_bad_input_is_refused():
     assert not np.array_equal(EpochSampler(100, 10, 0).next(), EpochSampler(100, 10, 1).next())
-    with pytest.raises(DataError, match="fewer than one batch"):
+    with pytest.raises(DataError, match="fewer than one batch of --data.batch_size 8$"):
         EpochSampler(5, 8, 0)
+    with pytest.raises(DataError, match=r"batch of 16 \(--data.batch_size 8 on each of 2 processes\)"):
+        EpochSampler(10, 16, 0, processes=2)  # the user gave 8, not 16
     with pytest.raises(DataError, match="does not fit"):
         EpochSampler(10, 3, 0).load_state_dict({"epoch": 0, "position": 11})
     with pytest.raises(DataError, match="'epoch' and 'position'"):
