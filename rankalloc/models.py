@@ -270,35 +270,36 @@ _DECODER_DEPTHS = ("num_decoder_layers", "decoder_layers")
 
 def _family_config(cfg: ModelConfig, family: Family, num_labels: int) -> Any:
     """The model's transformers config with the family's head settings and ``--model.num_layers``, which
-    keeps the first N blocks of every block stack: an encoder-decoder's encoder and decoder alike."""
+    keeps the first N blocks of every block stack: an encoder-decoder's decoder too (all of it when it
+    has N blocks or fewer)."""
     kwargs = family.config_kwargs(num_labels)
     if cfg.num_layers is not None:
-        kwargs.update({key: cfg.num_layers for key in _depths(load_model_config(cfg), cfg)})
+        kwargs.update(_cut_depths(load_model_config(cfg), cfg))
     return load_model_config(cfg, **kwargs)
 
 
-def _depths(config: Any, cfg: ModelConfig) -> dict[str, int | None]:
-    """The config keys that ``--model.num_layers`` sets, with their depths: the blocks, and an
-    encoder-decoder's decoder blocks.
+def _cut_depths(config: Any, cfg: ModelConfig) -> dict[str, int]:
+    """The config settings that cut the model to ``--model.num_layers`` blocks: the blocks (an
+    encoder-decoder's encoder), and the decoder's blocks up to its own depth.
 
     Raises:
-        ModelError: ``--model.num_layers`` exceeds a stack's depth (more would add randomly initialised
-            blocks), or an encoder-decoder's config names no decoder depth.
+        ModelError: ``--model.num_layers`` exceeds the depth (more would add randomly initialised blocks),
+            or an encoder-decoder's config names no decoder depth.
     """
-    depths = {"num_hidden_layers": getattr(config, "num_hidden_layers", None)}
+    n = cfg.num_layers
+    depth = getattr(config, "num_hidden_layers", None)
+    if isinstance(depth, int) and n > depth:
+        raise ModelError(f"--model.num_layers {n}: {cfg.name} has only {depth} blocks; allowed: 1 to {depth}")
+    cut = {"num_hidden_layers": n}
     decoder = next((key for key in _DECODER_DEPTHS if hasattr(config, key)), None)
     if decoder is not None:
-        depths[decoder] = getattr(config, decoder)
+        decoder_depth = getattr(config, decoder)
+        cut[decoder] = min(n, decoder_depth) if isinstance(decoder_depth, int) else n
     elif getattr(config, "is_encoder_decoder", False):
         raise ModelError(f"--model.num_layers: {cfg.name} is an encoder-decoder whose config names no decoder "
                          f"depth ({' or '.join(_DECODER_DEPTHS)}), so its decoder cannot be cut; drop "
                          "--model.num_layers")
-    known = {key: depth for key, depth in depths.items() if isinstance(depth, int)}
-    if known and cfg.num_layers > min(known.values()):
-        key = min(known, key=known.get)
-        raise ModelError(f"--model.num_layers {cfg.num_layers}: {cfg.name} has only {known[key]} blocks"
-                         f"{' in its decoder' if key in _DECODER_DEPTHS else ''}; allowed: 1 to {known[key]}")
-    return depths
+    return cut
 
 
 def find_targets(model: nn.Module, cfg: ModelConfig) -> list[Target]:

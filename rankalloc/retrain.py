@@ -224,9 +224,7 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
 
     def open_out() -> tuple[Path, dict[str, Any] | None]:  # rank 0 alone owns the run folder and decides
         folder, _ = rundir.open_run(out, overwrite=cfg.overwrite, resume=cfg.resume)
-        checkpoint = _resumable(folder / rundir.CHECKPOINT, meta, method)  # refused: the status stays as it was
-        rundir.set_status(folder, "running", command=command)
-        return folder, checkpoint
+        return folder, _resumable(folder / rundir.CHECKPOINT, meta, method)
 
     opened = distributed.on_main(dist_info, open_out)
     out, resume = opened if dist_info.is_main else (out, None)
@@ -234,10 +232,12 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
         error = None
         try:
             resume = resume or _resumable(out / rundir.CHECKPOINT, meta, method, dist_info)
-        except RunDirError as e:
+        except Exception as e:  # e.g. a refused or unreadable checkpoint on one node: all stop, not hang
             error = e
         distributed.stop_together(dist_info, error)
         distributed.check_same_step(dist_info, resume["step"], out)
+    if dist_info.is_main:  # only now: a refused resume leaves the folder's status as it was
+        rundir.set_status(out, "running", command=command)
     wall = {"load": time.time() - t0 - build_s, "build": build_s}
     lr = cfg.train.adalora_lr if method == "adalora" else cfg.train.lr
     logger.info("retrain %s: %d targets, budget %d, %d steps (%d epochs of %d examples), lr %g, device %s, out %s",
@@ -306,11 +306,12 @@ def _resumable(path: Path, meta: dict[str, Any], method: str,
                               "from; give every process one shared --out")
         return None
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    saved = {"world_size": 1, **ckpt.get("meta", {})}  # checkpoints before the count was kept: one process
-    distributed.check_world_size(distributed.DistInfo(world_size=meta["world_size"]), saved["world_size"],
-                                 path.parent)  # first: the run length follows from it
+    saved = ckpt.get("meta", {})
+    if "world_size" in saved:  # first: the run length follows from it (not recorded by earlier versions)
+        distributed.check_world_size(distributed.DistInfo(world_size=meta["world_size"]), saved["world_size"],
+                                     path.parent)
     for key in meta:
-        if saved.get(key) != meta[key]:
+        if key != "world_size" and saved.get(key) != meta[key]:  # the process count is checked above
             what = {"ranks": "another rank map", "model": "other model settings", "data": "other data settings",
                     "train": "other training settings", "steps": "another run length"}.get(key, f"another --{key}")
             raise RunDirError(f"--resume: the run in {path.parent} was started with {what}; use the same "

@@ -255,7 +255,8 @@ def load_checkpoint(out: Path, cfg: SearchConfig, gated: GatedModel, opts: dict[
                           "give every process one shared --out")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     saved = ckpt["config"]
-    distributed.check_world_size(dist_info, ckpt.get("world_size", 1), out)
+    if "world_size" in ckpt:  # not recorded before per-rank RNG states were kept
+        distributed.check_world_size(dist_info, ckpt["world_size"], out)
     for key, value_of in (("budget", _budget_key), ("seed", int)):  # 0.5M and 500k are the same budget
         if value_of(saved[key]) != value_of(getattr(cfg, key)):
             raise RunDirError(f"--resume: the run in {out} was started with --{key} {saved[key]}, not "
@@ -300,7 +301,8 @@ def discretisation_gap(gated: GatedModel, task: TaskData, ranks: dict[str, int],
             yield task.gate.batch(np.arange(i, min(i + batch_size, size)))
 
     gated.set_hard_ranks(ranks)
-    with torch.random.fork_rng(), gated.gate_mode("sample"):  # the search's RNG stream is left as it was
+    forked = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=forked), gated.gate_mode("sample"):  # the search's RNG stream is left as it was
         torch.manual_seed(GAP_SEED)
         sampled = float(np.mean([evaluate(gated, gate_batches(), device)["loss"] for _ in range(draws)]))
     with gated.gate_mode("hard"):
@@ -349,7 +351,7 @@ def run_search(cfg: SearchConfig, command: str | None = None,
         error = None
         try:
             state = load_checkpoint(out, cfg, gated, opts, dist_info)
-        except RunDirError as e:
+        except Exception as e:  # e.g. a refused or unreadable checkpoint on one node: all stop, not hang
             error = e
         distributed.stop_together(dist_info, error)
         distributed.check_same_step(dist_info, state.step, out)

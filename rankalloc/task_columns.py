@@ -147,11 +147,12 @@ def drop_unlabelled(train: pd.DataFrame, evaluation: pd.DataFrame | None, train_
     of train is held out instead.
 
     Raises:
-        DataError: no training row has a label, or a label is malformed (as :func:`encode_labels` says).
+        DataError: no training row of a ``ClassLabel`` column has a label, or a label is malformed (as
+            :func:`encode_labels` says).
     """
     hidden = _unlabelled(train["label"], train_where)
-    if hidden.all():
-        raise DataError(f"{train_where}: no row has a label (a negative class id marks an unlabelled row)")
+    if class_label and hidden.all():  # in a plain column, all-negative ids ({-2, -1}) are classes
+        raise DataError(f"{train_where}: no row has a label (class id -1 marks an unlabelled row)")
     if class_label and hidden.any():
         logger.warning("%s: dropping %d row(s) without a label (class id -1)", train_where, int(hidden.sum()))
         train = train[~hidden].copy()

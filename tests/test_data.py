@@ -146,8 +146,8 @@ def test_an_eval_file_of_negative_ids_only_is_unlabelled(tmp_path, suffix, caplo
     raw = load_raw_task(small_cfg(write(signed, tmp_path / f"signed{suffix}"),
                                   eval_file=str(write(signed.assign(label=-1), tmp_path / f"neg{suffix}"))))
     assert raw.label_names == ["-1", "0", "1"] and raw.eval is not None and len(raw.train) == len(signed)
-    with pytest.raises(DataError, match=r"column 'label': no row has a label"):
-        load_raw_task(small_cfg(write(unlabelled, tmp_path / f"none{suffix}")))
+    negative = load_raw_task(small_cfg(write(sentiment_frame(30, (-2, -1)), tmp_path / f"negative{suffix}")))
+    assert negative.label_names == ["-2", "-1"]  # in a plain column, negative ids alone are classes too
 
 
 def test_class_label_minus_one_rows_are_dropped_and_a_plain_unlabelled_test_split_is_not_used(tmp_path):
@@ -162,6 +162,12 @@ def test_class_label_minus_one_rows_are_dropped_and_a_plain_unlabelled_test_spli
     splits.save_to_disk(str(tmp_path / "classlabel"))
     raw = load_raw_task(DataConfig(task=str(tmp_path / "classlabel"), text_column="sentence"))
     assert raw.train["text"].tolist() == list("abde") and raw.train["label"].tolist() == [0, 1, 1, 0]
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(
+        {"sentence": list("ab"), "label": [-1, -1]},
+        features=datasets.Features({"sentence": datasets.Value("string"), "label": hidden}))}
+    ).save_to_disk(str(tmp_path / "hidden"))
+    with pytest.raises(DataError, match=r"column 'label': no row has a label"):
+        load_raw_task(DataConfig(task=str(tmp_path / "hidden"), text_column="sentence"))
 
     plain = datasets.DatasetDict({
         "train": datasets.Dataset.from_dict({"sentence": list("abcde"), "label": [0, 1, 1, 1, 0]}),

@@ -239,3 +239,16 @@ def test_a_decoder_head_finds_the_last_token_by_the_tokenizer_s_padding_id(tiny_
         padded = model(input_ids=ids, attention_mask=mask).logits
         alone = model(input_ids=ids[:, :4], attention_mask=mask[:, :4]).logits
     torch.testing.assert_close(padded, alone)
+
+
+def test_num_layers_keeps_a_shallower_decoder_whole(tmp_path):
+    """An asymmetric encoder-decoder (distilbart style: more encoder than decoder blocks) is cut to N
+    encoder blocks and at most N decoder blocks, not refused."""
+    from transformers import BartConfig
+
+    BartConfig(vocab_size=100, d_model=16, encoder_layers=3, decoder_layers=1, encoder_attention_heads=2,
+               decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+               max_position_embeddings=64).save_pretrained(tmp_path)
+    targets = skeleton_targets(ModelConfig(name=str(tmp_path), num_layers=2))
+    assert {t.layer for t in targets if t.name.startswith("model.encoder.layers.")} == {0, 1}
+    assert {t.layer for t in targets if t.name.startswith("model.decoder.layers.")} == {0}

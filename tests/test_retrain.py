@@ -428,6 +428,8 @@ def test_a_resume_needs_the_same_process_count_and_a_checkpoint_every_process_se
     torch.save({"meta": {"method": "uniform", "steps": 8, "world_size": 1}, "step": 4}, tmp_path / "checkpoint.pt")
     with pytest.raises(RunDirError, match=r"started on 1 process\(es\), this one has 2; resume with 1"):
         _resumable(tmp_path / "checkpoint.pt", {"method": "uniform", "steps": 4, "world_size": 2}, "uniform")
+    torch.save({"meta": {"method": "uniform", "steps": 4}, "step": 2}, tmp_path / "checkpoint.pt")  # earlier version
+    assert _resumable(tmp_path / "checkpoint.pt", {"method": "uniform", "steps": 4, "world_size": 2}, "uniform")["step"] == 2
 
 
 def test_a_rank_map_searched_with_relative_paths_retrains_from_another_folder(tmp_path, monkeypatch, tiny_gpt2):
