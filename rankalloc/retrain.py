@@ -236,8 +236,8 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
             error = e
         distributed.stop_together(dist_info, error)
         distributed.check_same_step(dist_info, resume["step"], out)
-    if dist_info.is_main:  # only now: a refused resume leaves the folder's status as it was
-        rundir.set_status(out, "running", command=command)
+    # only now: a refused resume leaves the folder's status as it was; a folder in use stops every rank
+    distributed.on_main(dist_info, lambda: rundir.start_run(out, command=command))
     wall = {"load": time.time() - t0 - build_s, "build": build_s}
     lr = cfg.train.adalora_lr if method == "adalora" else cfg.train.lr
     logger.info("retrain %s: %d targets, budget %d, %d steps (%d epochs of %d examples), lr %g, device %s, out %s",

@@ -7,6 +7,10 @@ to ``done`` only after all of them exist.
 ``--overwrite`` never deletes a previous run before its replacement exists: the old folder is moved
 aside to ``OUT.replaced`` and deleted only when the new run in ``OUT`` finishes (``finish_run``); a new
 run that fails or is killed leaves the old one there.
+
+A running run holds an exclusive lock on ``OUT/.rankalloc.lock`` (``start_run`` to ``finish_run`` or
+``fail_run``, or until its process ends), so a second process, such as a rerun while orphaned workers
+of a killed launcher still write, is refused instead of writing the same folder.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -24,6 +29,7 @@ from .errors import RunDirError
 STATUS = "status.json"
 CHECKPOINT = "checkpoint.pt"
 REPLACED_SUFFIX = ".replaced"
+LOCK = ".rankalloc.lock"
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +81,8 @@ def open_run(out: str | Path, *, overwrite: bool, resume: bool) -> tuple[Path, b
     """
     out = Path(out)
     check_out_path(out)
-    has_content = out.is_dir() and any(out.iterdir())
+    check_not_running(out)  # before anything is moved aside or resumed
+    has_content = out.is_dir() and any(p.name != LOCK for p in out.iterdir())
     status = read_status(out) if has_content else None
     has_ckpt = (out / CHECKPOINT).is_file()
     if overwrite and has_content:
@@ -180,15 +187,80 @@ def restore_replaced(out: str | Path) -> bool:
     return True
 
 
+_LOCKS: dict[Path, int] = {}  # run folders this process holds, and the open lock files that hold them
+
+
+def _lock_key(out: str | Path) -> Path:
+    return Path(os.path.abspath(out))
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform: no protection, as before
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+def _in_use(out: Path, fd: int) -> RunDirError:
+    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+    return RunDirError(f"--out {out} is in use by a running process ({holder}); wait for it or stop it "
+                       "(stop a torchrun job by its launcher, and check that no worker is left), or choose "
+                       "another --out")
+
+
+def check_not_running(out: Path) -> None:
+    """Raises: RunDirError when another process holds the run in ``out``."""
+    lock = out / LOCK
+    if _lock_key(out) in _LOCKS or not lock.is_file():
+        return
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        if not _try_lock(fd):
+            raise _in_use(out, fd)
+    finally:
+        os.close(fd)  # releases the probe's lock
+
+
+def start_run(out: Path, **extra: Any) -> None:
+    """Hold ``out`` for this process and mark its run running.
+
+    Raises:
+        RunDirError: another process holds it."""
+    key = _lock_key(out)
+    if key not in _LOCKS:
+        fd = os.open(key / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        if not _try_lock(fd):
+            error = _in_use(out, fd)
+            os.close(fd)
+            raise error
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        _LOCKS[key] = fd
+    set_status(out, "running", **extra)
+
+
+def _release(out: Path) -> None:
+    fd = _LOCKS.pop(_lock_key(out), None)
+    if fd is not None:
+        os.close(fd)
+
+
 def finish_run(out: Path, **extra: Any) -> None:
-    """Mark the run in ``out`` done, then delete the run it replaced (if any)."""
+    """Mark the run in ``out`` done, delete the run it replaced (if any), and let go of ``out``."""
     set_status(out, "done", **extra)
     drop_replaced(out)
+    _release(out)
 
 
 def fail_run(out: Path, error: BaseException, **extra: Any) -> None:
-    """Mark the run in ``out`` failed; say where the run it was replacing is kept."""
+    """Mark the run in ``out`` failed, say where the run it was replacing is kept, and let go of ``out``."""
     set_status(out, "failed", error=f"{type(error).__name__}: {error}", **extra)
+    _release(out)
     aside = replaced_folder(out)
     if aside.is_dir():
         logger.warning("the run that --overwrite was replacing is kept in %s", aside)

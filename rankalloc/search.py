@@ -355,8 +355,7 @@ def run_search(cfg: SearchConfig, command: str | None = None,
             error = e
         distributed.stop_together(dist_info, error)
         distributed.check_same_step(dist_info, state.step, out)
-    if dist_info.is_main:
-        rundir.set_status(out, "running", command=command)
+    distributed.on_main(dist_info, lambda: rundir.start_run(out, command=command))  # refused: every rank stops
     logger.info("search: %d targets, budget %s = %d parameters, r_max %d, %d steps, device %s, out %s",
                 len(targets), spec.text, budget, max(r_max.values()), cfg.steps(), device, out)
     try:

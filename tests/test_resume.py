@@ -80,3 +80,44 @@ def test_sigkill_twice_then_resume_matches_uninterrupted_run(tmp_path):
     for key in adapters_a:
         assert torch.equal(adapters_a[key], adapters_b[key]), key
     assert history_a == history_b
+
+
+HOLD_RUN = """
+import sys, time
+from pathlib import Path
+from rankalloc import rundir
+rundir.start_run(Path(sys.argv[1]), command="the first run")
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_folder_held_by_a_running_process_is_refused_until_it_ends(tmp_path):
+    """A second run in a folder another process is running (e.g. workers left behind by a killed
+    launcher) is refused in one line, with or without --overwrite, and nothing of the folder moves."""
+    from rankalloc import rundir
+    from rankalloc.errors import RunDirError
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"the first run's")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_RUN, str(out)], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for overwrite in (False, True):
+            with pytest.raises(RunDirError, match=rf"--out .* is in use by a running process \(pid {holder.pid} on "):
+                rundir.open_run(out, overwrite=overwrite, resume=False)
+        with pytest.raises(RunDirError, match="is in use by a running process"):
+            rundir.start_run(out, command="the second run")
+        assert (out / "checkpoint.pt").read_bytes() == b"the first run's"
+        assert json.loads((out / "status.json").read_text())["command"] == "the first run"
+    finally:
+        holder.kill()
+        holder.wait()
+    folder, resume = rundir.open_run(out, overwrite=False, resume=False)  # its process ended: free again
+    assert resume
+    rundir.start_run(folder, command="the second run")
+    rundir.start_run(folder, command="the second run")  # this process holds it already: fine
+    rundir.finish_run(folder, command="the second run")
+    assert rundir.open_run(out, overwrite=True, resume=False)[0] == out  # released: replaceable
