@@ -191,23 +191,35 @@ _LOCKS: dict[Path, int] = {}  # run folders this process holds, and the open loc
 
 
 def _lock_key(out: str | Path) -> Path:
-    return Path(os.path.abspath(out))
+    return Path(os.path.realpath(out))
 
 
 def _try_lock(fd: int) -> bool:
+    """False when another process holds the lock; True when this one now holds it, or when the platform
+    or filesystem offers no lock (then there is no protection, as before locks existed)."""
     try:
         import fcntl
-    except ImportError:  # no flock on this platform: no protection, as before
+    except ImportError:
         return True
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         return False
+    except OSError as e:  # e.g. a shared filesystem mounted without lock support
+        logger.warning("cannot lock the run folder (%s); two runs of one folder are not kept apart", e)
     return True
 
 
+def _open_lock(path: Path, create: bool = False) -> int:
+    try:
+        return os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o666)
+    except PermissionError:  # another user's lock file: a read-only descriptor locks as well
+        return os.open(path, os.O_RDONLY)
+
+
 def _in_use(out: Path, fd: int) -> RunDirError:
-    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+    os.lseek(fd, 0, os.SEEK_SET)
+    holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
     return RunDirError(f"--out {out} is in use by a running process ({holder}); wait for it or stop it "
                        "(stop a torchrun job by its launcher, and check that no worker is left), or choose "
                        "another --out")
@@ -218,7 +230,7 @@ def check_not_running(out: Path) -> None:
     lock = out / LOCK
     if _lock_key(out) in _LOCKS or not lock.is_file():
         return
-    fd = os.open(lock, os.O_RDONLY)
+    fd = _open_lock(lock)
     try:
         if not _try_lock(fd):
             raise _in_use(out, fd)
@@ -233,15 +245,22 @@ def start_run(out: Path, **extra: Any) -> None:
         RunDirError: another process holds it."""
     key = _lock_key(out)
     if key not in _LOCKS:
-        fd = os.open(key / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = _open_lock(key / LOCK, create=True)
         if not _try_lock(fd):
             error = _in_use(out, fd)
             os.close(fd)
             raise error
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
         _LOCKS[key] = fd
-    set_status(out, "running", **extra)
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        except OSError:  # a read-only lock file: it locks all the same, without naming its holder
+            pass
+    try:
+        set_status(out, "running", **extra)
+    except BaseException:
+        _release(out)
+        raise
 
 
 def _release(out: Path) -> None:
@@ -252,15 +271,19 @@ def _release(out: Path) -> None:
 
 def finish_run(out: Path, **extra: Any) -> None:
     """Mark the run in ``out`` done, delete the run it replaced (if any), and let go of ``out``."""
-    set_status(out, "done", **extra)
-    drop_replaced(out)
-    _release(out)
+    try:
+        set_status(out, "done", **extra)
+        drop_replaced(out)
+    finally:
+        _release(out)
 
 
 def fail_run(out: Path, error: BaseException, **extra: Any) -> None:
     """Mark the run in ``out`` failed, say where the run it was replacing is kept, and let go of ``out``."""
-    set_status(out, "failed", error=f"{type(error).__name__}: {error}", **extra)
-    _release(out)
+    try:
+        set_status(out, "failed", error=f"{type(error).__name__}: {error}", **extra)
+    finally:
+        _release(out)
     aside = replaced_folder(out)
     if aside.is_dir():
         logger.warning("the run that --overwrite was replacing is kept in %s", aside)

@@ -291,6 +291,7 @@ def _overwrite(cfg: SweepConfig, out: Path) -> None:
                           "not a rankalloc sweep folder; it is left as it is (and so is the study): choose a "
                           "new or empty --out")
     _refuse_overwrite_while_running(cfg, out)
+    rundir.check_not_running(out / "search")  # a worker's shared search runs before any trial exists
     if has_content:
         rundir.set_aside(out, marks=SWEEP_MARKS, finished=lambda f: (f / "sweep.json").is_file())
     if cfg.storage is not None:

@@ -121,3 +121,35 @@ def test_a_folder_held_by_a_running_process_is_refused_until_it_ends(tmp_path):
     rundir.start_run(folder, command="the second run")  # this process holds it already: fine
     rundir.finish_run(folder, command="the second run")
     assert rundir.open_run(out, overwrite=True, resume=False)[0] == out  # released: replaceable
+
+
+def test_the_folder_lock_is_let_go_when_a_status_write_fails_and_skipped_where_unsupported(tmp_path, monkeypatch,
+                                                                                           caplog):
+    import errno
+    import fcntl
+
+    from rankalloc import rundir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    rundir.start_run(out, command="x")
+    assert rundir._lock_key(out) in rundir._LOCKS
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(rundir, "set_status", disk_full)
+        with pytest.raises(OSError, match="No space"):
+            rundir.fail_run(out, RuntimeError("boom"))
+    assert rundir._lock_key(out) not in rundir._LOCKS  # let go all the same
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)  # e.g. a shared filesystem mounted without lock support
+    with caplog.at_level("WARNING", logger="rankalloc"):
+        rundir.start_run(out, command="y")
+    assert "cannot lock the run folder" in caplog.text
+    rundir.finish_run(out, command="y")
+    assert json.loads((out / "status.json").read_text())["state"] == "done"
