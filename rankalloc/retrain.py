@@ -224,20 +224,29 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
 
     def open_out() -> tuple[Path, dict[str, Any] | None]:  # rank 0 alone owns the run folder and decides
         folder, _ = rundir.open_run(out, overwrite=cfg.overwrite, resume=cfg.resume)
-        return folder, _resumable(folder / rundir.CHECKPOINT, meta, method)
+        try:
+            return folder, _resumable(folder / rundir.CHECKPOINT, meta, method)
+        except BaseException:
+            rundir.release(folder)
+            raise
 
     opened = distributed.on_main(dist_info, open_out)
     out, resume = opened if dist_info.is_main else (out, None)
-    if distributed.broadcast(dist_info, resume is not None):  # every rank loads the shared checkpoint
-        error = None
-        try:
-            resume = resume or _resumable(out / rundir.CHECKPOINT, meta, method, dist_info)
-        except Exception as e:  # e.g. a refused or unreadable checkpoint on one node: all stop, not hang
-            error = e
-        distributed.stop_together(dist_info, error)
-        distributed.check_same_step(dist_info, resume["step"], out)
-    # only now: a refused resume leaves the folder's status as it was; a folder in use stops every rank
-    distributed.on_main(dist_info, lambda: rundir.start_run(out, command=command))
+    try:  # rank 0 holds the folder from open_run on: it lets go if the run stops before it starts
+        if distributed.broadcast(dist_info, resume is not None):  # every rank loads the shared checkpoint
+            error = None
+            try:
+                resume = resume or _resumable(out / rundir.CHECKPOINT, meta, method, dist_info)
+            except Exception as e:  # e.g. a refused or unreadable checkpoint on one node: all stop, not hang
+                error = e
+            distributed.stop_together(dist_info, error)
+            distributed.check_same_step(dist_info, resume["step"], out)
+        # only now: a refused resume leaves the folder's status as it was; a folder in use stops every rank
+        distributed.on_main(dist_info, lambda: rundir.start_run(out, command=command))
+    except BaseException:
+        if dist_info.is_main:
+            rundir.release(out)
+        raise
     wall = {"load": time.time() - t0 - build_s, "build": build_s}
     lr = cfg.train.adalora_lr if method == "adalora" else cfg.train.lr
     logger.info("retrain %s: %d targets, budget %d, %d steps (%d epochs of %d examples), lr %g, device %s, out %s",

@@ -8,8 +8,8 @@ to ``done`` only after all of them exist.
 aside to ``OUT.replaced`` and deleted only when the new run in ``OUT`` finishes (``finish_run``); a new
 run that fails or is killed leaves the old one there.
 
-A running run holds an exclusive lock on ``OUT/.rankalloc.lock`` (``start_run`` to ``finish_run`` or
-``fail_run``, or until its process ends), so a second process, such as a rerun while orphaned workers
+A run holds an exclusive lock on ``OUT/.rankalloc.lock`` from ``open_run`` to ``finish_run``, ``fail_run``
+or ``release`` (or until its process ends), so a second process, such as a rerun while orphaned workers
 of a killed launcher still write, is refused instead of writing the same folder.
 """
 from __future__ import annotations
@@ -81,22 +81,32 @@ def open_run(out: str | Path, *, overwrite: bool, resume: bool) -> tuple[Path, b
     """
     out = Path(out)
     check_out_path(out)
-    check_not_running(out)  # before anything is moved aside or resumed
-    has_content = out.is_dir() and any(p.name != LOCK for p in out.iterdir())
-    status = read_status(out) if has_content else None
-    has_ckpt = (out / CHECKPOINT).is_file()
-    if overwrite and has_content:
-        set_aside(out)
-        has_content, status, has_ckpt = False, None, False
-    if resume and not has_ckpt:
-        raise RunDirError(f"--resume: {out} holds no checkpoint to resume from")
-    if has_content and status is not None and status.get("state") == "done" and not resume:
-        raise RunDirError(f"--out {out} holds a finished run; pass --overwrite to replace it or choose "
-                          "another --out")
-    if has_content and not has_ckpt and not overwrite:
-        raise RunDirError(f"--out {out} is not empty and holds no resumable run; pass --overwrite or "
-                          "choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    lock_was_there = (out / LOCK).exists()
+    try:
+        if out.is_dir():
+            hold(out)  # before anything is moved aside or resumed; until the run ends (see start_run)
+        has_content = out.is_dir() and any(p.name != LOCK for p in out.iterdir())
+        status = read_status(out) if has_content else None
+        has_ckpt = (out / CHECKPOINT).is_file()
+        if overwrite and has_content:
+            set_aside(out)  # the held lock file moves with it: hold the new folder instead
+            release(out)
+            has_content, status, has_ckpt = False, None, False
+        if resume and not has_ckpt:
+            raise RunDirError(f"--resume: {out} holds no checkpoint to resume from")
+        if has_content and status is not None and status.get("state") == "done" and not resume:
+            raise RunDirError(f"--out {out} holds a finished run; pass --overwrite to replace it or choose "
+                              "another --out")
+        if has_content and not has_ckpt and not overwrite:
+            raise RunDirError(f"--out {out} is not empty and holds no resumable run; pass --overwrite or "
+                              "choose another --out")
+        out.mkdir(parents=True, exist_ok=True)
+        hold(out)
+    except BaseException:
+        release(out)
+        if not lock_was_there and out.is_dir():  # a refused folder is left as it was found
+            (out / LOCK).unlink(missing_ok=True)
+        raise
     return out, has_ckpt
 
 
@@ -238,32 +248,43 @@ def check_not_running(out: Path) -> None:
         os.close(fd)  # releases the probe's lock
 
 
-def start_run(out: Path, **extra: Any) -> None:
-    """Hold ``out`` for this process and mark its run running.
+def hold(out: Path) -> None:
+    """Hold the run folder ``out`` for this process (again: a no-op) until ``release``, ``finish_run`` or
+    ``fail_run``, or until the process ends.
 
     Raises:
         RunDirError: another process holds it."""
     key = _lock_key(out)
-    if key not in _LOCKS:
-        fd = _open_lock(key / LOCK, create=True)
-        if not _try_lock(fd):
-            error = _in_use(out, fd)
-            os.close(fd)
-            raise error
-        _LOCKS[key] = fd
-        try:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
-        except OSError:  # a read-only lock file: it locks all the same, without naming its holder
-            pass
+    if key in _LOCKS:
+        return
+    fd = _open_lock(key / LOCK, create=True)
+    if not _try_lock(fd):
+        error = _in_use(out, fd)
+        os.close(fd)
+        raise error
+    _LOCKS[key] = fd
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+    except OSError:  # a read-only lock file: it locks all the same, without naming its holder
+        pass
+
+
+def start_run(out: Path, **extra: Any) -> None:
+    """Hold ``out`` (``open_run`` already does) and mark its run running.
+
+    Raises:
+        RunDirError: another process holds it."""
+    hold(out)
     try:
         set_status(out, "running", **extra)
     except BaseException:
-        _release(out)
+        release(out)
         raise
 
 
-def _release(out: Path) -> None:
+def release(out: Path) -> None:
+    """Let go of ``out`` (a run that stops before it started, e.g. a refused resume)."""
     fd = _LOCKS.pop(_lock_key(out), None)
     if fd is not None:
         os.close(fd)
@@ -275,7 +296,7 @@ def finish_run(out: Path, **extra: Any) -> None:
         set_status(out, "done", **extra)
         drop_replaced(out)
     finally:
-        _release(out)
+        release(out)
 
 
 def fail_run(out: Path, error: BaseException, **extra: Any) -> None:
@@ -283,7 +304,7 @@ def fail_run(out: Path, error: BaseException, **extra: Any) -> None:
     try:
         set_status(out, "failed", error=f"{type(error).__name__}: {error}", **extra)
     finally:
-        _release(out)
+        release(out)
     aside = replaced_folder(out)
     if aside.is_dir():
         logger.warning("the run that --overwrite was replacing is kept in %s", aside)

@@ -340,22 +340,27 @@ def run_search(cfg: SearchConfig, command: str | None = None,
                                                                      resume=cfg.resume))
     if dist_info.is_main:
         out, resume = opened
-    resume = distributed.broadcast(dist_info, resume if dist_info.is_main else None)  # rank 0 decides
-    device = distributed.device_for(dist_info, resolve_device(cfg.device))
-    p = cfg.search
-    gated = GatedModel(model, targets, r_max, p.scale, p.lora_dropout, p.gate_init, p.temperature,
-                       task.family, p.gates).to(device)
-    opts = make_optimizers(cfg, gated, budget, task, dist_info.world_size)
-    state = SearchState()
-    if resume:  # every rank loads the shared checkpoint; all of them stop if one cannot
-        error = None
-        try:
-            state = load_checkpoint(out, cfg, gated, opts, dist_info)
-        except Exception as e:  # e.g. a refused or unreadable checkpoint on one node: all stop, not hang
-            error = e
-        distributed.stop_together(dist_info, error)
-        distributed.check_same_step(dist_info, state.step, out)
-    distributed.on_main(dist_info, lambda: rundir.start_run(out, command=command))  # refused: every rank stops
+    try:  # rank 0 holds the folder from open_run on: it lets go if the run stops before it starts
+        resume = distributed.broadcast(dist_info, resume if dist_info.is_main else None)  # rank 0 decides
+        device = distributed.device_for(dist_info, resolve_device(cfg.device))
+        p = cfg.search
+        gated = GatedModel(model, targets, r_max, p.scale, p.lora_dropout, p.gate_init, p.temperature,
+                           task.family, p.gates).to(device)
+        opts = make_optimizers(cfg, gated, budget, task, dist_info.world_size)
+        state = SearchState()
+        if resume:  # every rank loads the shared checkpoint; all of them stop if one cannot
+            error = None
+            try:
+                state = load_checkpoint(out, cfg, gated, opts, dist_info)
+            except Exception as e:  # e.g. a refused or unreadable checkpoint on one node: all stop, not hang
+                error = e
+            distributed.stop_together(dist_info, error)
+            distributed.check_same_step(dist_info, state.step, out)
+        distributed.on_main(dist_info, lambda: rundir.start_run(out, command=command))  # refused: every rank stops
+    except BaseException:
+        if dist_info.is_main:
+            rundir.release(out)
+        raise
     logger.info("search: %d targets, budget %s = %d parameters, r_max %d, %d steps, device %s, out %s",
                 len(targets), spec.text, budget, max(r_max.values()), cfg.steps(), device, out)
     try:

@@ -86,15 +86,16 @@ HOLD_RUN = """
 import sys, time
 from pathlib import Path
 from rankalloc import rundir
-rundir.start_run(Path(sys.argv[1]), command="the first run")
-print("held", flush=True)
+folder, resume = rundir.open_run(Path(sys.argv[1]), overwrite=False, resume=False)  # held from here on
+print("held" if resume else "fresh", flush=True)
 time.sleep(120)
 """
 
 
 def test_a_folder_held_by_a_running_process_is_refused_until_it_ends(tmp_path):
-    """A second run in a folder another process is running (e.g. workers left behind by a killed
-    launcher) is refused in one line, with or without --overwrite, and nothing of the folder moves."""
+    """A second run in a folder another process has opened (e.g. workers left behind by a killed
+    launcher, or a command started twice) is refused in one line, with or without --overwrite, and
+    nothing of the folder moves."""
     from rankalloc import rundir
     from rankalloc.errors import RunDirError
 
@@ -111,7 +112,7 @@ def test_a_folder_held_by_a_running_process_is_refused_until_it_ends(tmp_path):
         with pytest.raises(RunDirError, match="is in use by a running process"):
             rundir.start_run(out, command="the second run")
         assert (out / "checkpoint.pt").read_bytes() == b"the first run's"
-        assert json.loads((out / "status.json").read_text())["command"] == "the first run"
+        assert not (out / "status.json").exists() and not rundir.replaced_folder(out).exists()  # nothing moved
     finally:
         holder.kill()
         holder.wait()
@@ -121,6 +122,14 @@ def test_a_folder_held_by_a_running_process_is_refused_until_it_ends(tmp_path):
     rundir.start_run(folder, command="the second run")  # this process holds it already: fine
     rundir.finish_run(folder, command="the second run")
     assert rundir.open_run(out, overwrite=True, resume=False)[0] == out  # released: replaceable
+    rundir.release(out)
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    with pytest.raises(RunDirError, match="not a rankalloc run folder"):
+        rundir.open_run(mine, overwrite=True, resume=False)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]  # refused: left as it was found, no lock file
 
 
 def test_the_folder_lock_is_let_go_when_a_status_write_fails_and_skipped_where_unsupported(tmp_path, monkeypatch,
