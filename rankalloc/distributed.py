@@ -22,11 +22,13 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
 import torch
 import torch.distributed as dist
 
+from . import rundir
 from .errors import RunDirError
 
 logger = logging.getLogger(__name__)
@@ -177,6 +179,38 @@ def check_same_step(info: DistInfo, step: int, out: Any) -> None:
 def own_rng_state(saved: Any, info: DistInfo) -> Any:
     """This rank's RNG state from a checkpoint's ``rng``: one state per rank (a list), or one for all."""
     return saved[info.rank] if isinstance(saved, list) else saved
+
+
+def open_run_on_all(info: DistInfo, out: Path, *, overwrite: bool, resume: bool, command: str,
+                    load: Callable[[Path], T], step_of: Callable[[T], int]) -> tuple[Path, T | None]:
+    """Open the run folder ``out`` for every rank and mark the run started; return it and the loaded
+    checkpoint (None for a fresh run).
+
+    Rank 0 alone opens the folder (``rundir.open_run``) and decides whether to resume; then every rank
+    loads the shared checkpoint with ``load`` (all stop if one cannot, or if they found different steps),
+    and only then does rank 0 mark the run running, so a refused resume leaves the folder's status as it
+    was.  Rank 0 lets go of the folder if any of this fails.
+    """
+    opened = on_main(info, lambda: rundir.open_run(out, overwrite=overwrite, resume=resume))
+    has_checkpoint = None
+    if info.is_main:
+        out, has_checkpoint = opened
+    try:
+        loaded = None
+        if broadcast(info, has_checkpoint):  # rank 0 decides
+            error = None
+            try:
+                loaded = load(out)
+            except Exception as e:  # e.g. a refused or unreadable checkpoint on one node: all stop, not hang
+                error = e
+            stop_together(info, error)
+            check_same_step(info, step_of(loaded), out)
+        on_main(info, lambda: rundir.start_run(out, command=command))  # a folder in use stops every rank
+    except BaseException:
+        if info.is_main:
+            rundir.release(out)
+        raise
+    return out, loaded
 
 
 def shutdown(info: DistInfo) -> None:

@@ -39,12 +39,12 @@ from .budget import parse_budget
 from .config import DATASET_FIELDS, DataConfig, RetrainConfig
 from .flags import checked_copy, coerce, stage_command, to_dict
 from .data import Split, TaskData, prepare_task
-from .errors import ModelError, RankMapError, RunDirError
+from .errors import ModelError, RankMapError
 from .families import Classification, Family
 from .models import (BUILTIN_MODELS, Target, count_parameters, find_targets, head_modules, load_model,
                      load_model_config, load_tokenizer, resolve_device, stores_fan_in_fan_out)
 from .rank_map import RankMap
-from .retrain_loop import predict, train
+from .retrain_loop import load_resumable, predict, train
 from .sensitivity import gradient_spectra
 from .training import peak_memory, set_seed, to_device
 from .warm_start import warm_start
@@ -222,31 +222,10 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
             "ranks": rank_map.ranks if rank_map else None, "world_size": dist_info.world_size,
             **{section: to_dict(getattr(cfg, section)) for section in ("model", "data", "train")}}
 
-    def open_out() -> tuple[Path, dict[str, Any] | None]:  # rank 0 alone owns the run folder and decides
-        folder, _ = rundir.open_run(out, overwrite=cfg.overwrite, resume=cfg.resume)
-        try:
-            return folder, _resumable(folder / rundir.CHECKPOINT, meta, method)
-        except BaseException:
-            rundir.release(folder)
-            raise
-
-    opened = distributed.on_main(dist_info, open_out)
-    out, resume = opened if dist_info.is_main else (out, None)
-    try:  # rank 0 holds the folder from open_run on: it lets go if the run stops before it starts
-        if distributed.broadcast(dist_info, resume is not None):  # every rank loads the shared checkpoint
-            error = None
-            try:
-                resume = resume or _resumable(out / rundir.CHECKPOINT, meta, method, dist_info)
-            except Exception as e:  # e.g. a refused or unreadable checkpoint on one node: all stop, not hang
-                error = e
-            distributed.stop_together(dist_info, error)
-            distributed.check_same_step(dist_info, resume["step"], out)
-        # only now: a refused resume leaves the folder's status as it was; a folder in use stops every rank
-        distributed.on_main(dist_info, lambda: rundir.start_run(out, command=command))
-    except BaseException:
-        if dist_info.is_main:
-            rundir.release(out)
-        raise
+    out, resume = distributed.open_run_on_all(
+        dist_info, out, overwrite=cfg.overwrite, resume=cfg.resume, command=command,
+        load=lambda folder: load_resumable(folder / rundir.CHECKPOINT, meta, method, dist_info),
+        step_of=lambda checkpoint: checkpoint["step"])
     wall = {"load": time.time() - t0 - build_s, "build": build_s}
     lr = cfg.train.adalora_lr if method == "adalora" else cfg.train.lr
     logger.info("retrain %s: %d targets, budget %d, %d steps (%d epochs of %d examples), lr %g, device %s, out %s",
@@ -299,34 +278,6 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
         distributed.shutdown(dist_info)
     rundir.finish_run(out, command=command)
     return RetrainResult(out, metrics, logits, labels)
-
-
-def _resumable(path: Path, meta: dict[str, Any], method: str,
-               dist_info: distributed.DistInfo | None = None) -> dict[str, Any] | None:
-    """The checkpoint in the run folder, checked to belong to this very run; None when there is none
-    (given ``dist_info``, a rank other than 0 that rank 0 resumes: there must be one).
-
-    Raises:
-        RunDirError: the checkpoint was written by a run with other settings, or this rank cannot see it.
-    """
-    if not path.is_file():
-        if dist_info is not None:
-            raise RunDirError(f"--resume: process {dist_info.rank} cannot see {path}, which process 0 resumes "
-                              "from; give every process one shared --out")
-        return None
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    saved = ckpt.get("meta", {})
-    if "world_size" in saved:  # first: the run length follows from it (not recorded by earlier versions)
-        distributed.check_world_size(distributed.DistInfo(world_size=meta["world_size"]), saved["world_size"],
-                                     path.parent)
-    for key in meta:
-        if key != "world_size" and saved.get(key) != meta[key]:  # the process count is checked above
-            what = {"ranks": "another rank map", "model": "other model settings", "data": "other data settings",
-                    "train": "other training settings", "steps": "another run length"}.get(key, f"another --{key}")
-            raise RunDirError(f"--resume: the run in {path.parent} was started with {what}; use the same "
-                              "settings, another --out, or --overwrite")
-    logger.info("resuming %s (%s) from step %d of %d", path.parent, method, ckpt["step"], meta["steps"])
-    return ckpt
 
 
 def describe_adapter(peft_model: nn.Module, method: str, targets: list[Target], rank_map: RankMap | None,

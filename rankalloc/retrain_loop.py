@@ -16,6 +16,7 @@ from . import distributed, io
 from .baselines import orthogonality_penalty
 from .config import RetrainConfig
 from .data import EpochSampler, Split
+from .errors import RunDirError
 from .families import Classification, Family
 from .training import check_finite, rng_state, set_rng_state, to_device
 
@@ -133,6 +134,35 @@ def _restore(model: nn.Module, opt: Any, sched: Any, sampler: EpochSampler,
     sampler.load_state_dict(ckpt["sampler"])
     set_rng_state(distributed.own_rng_state(ckpt["rng"], dist_info))
     return int(ckpt["step"]), list(ckpt["history"])
+
+
+def load_resumable(path: Path, meta: dict[str, Any], method: str,
+                   dist_info: distributed.DistInfo | None = None) -> dict[str, Any] | None:
+    """The checkpoint in the run folder, checked to belong to this very run; None when there is none
+    (given ``dist_info``, a rank other than 0 that rank 0 resumes: there must be one).
+
+    Raises:
+        RunDirError: the checkpoint was written by a run with other settings, or this rank cannot see it.
+    """
+    if not path.is_file():
+        if dist_info is not None:
+            raise RunDirError(f"--resume: process {dist_info.rank} cannot see {path}, which process 0 resumes "
+                              "from; give every process one shared --out")
+        return None
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    saved = ckpt.get("meta", {})
+    if "world_size" in saved:  # first: the run length follows from it (not recorded by earlier versions)
+        distributed.check_world_size(distributed.DistInfo(world_size=meta["world_size"]), saved["world_size"],
+                                     path.parent)
+    for key in meta:
+        if key != "world_size" and saved.get(key) != meta[key]:  # the process count is checked above
+            what = {"ranks": "another rank map", "model": "other model settings", "data": "other data settings",
+                    "train": "other training settings", "steps": "another run length"}.get(key, f"another --{key}")
+            raise RunDirError(f"--resume: the run in {path.parent} was started with {what}; use the same "
+                              "settings, another --out, or --overwrite")
+    logger.info("resuming %s (%s) from step %d of %d", path.parent, method, ckpt["step"], meta["steps"])
+    return ckpt
+
 
 
 @torch.no_grad()

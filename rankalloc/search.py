@@ -22,7 +22,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,7 +36,6 @@ from .config import DATASET_FIELDS, SearchConfig, SearchParams
 from .flags import checked_copy, stage_command, to_dict
 from .data import EpochSampler, TaskData, prepare_task
 from .discretize import discretize
-from .errors import RunDirError
 from .export import SCORES
 from .gate_optimizer import make_gate_optimizer
 from .gates import GATE_KINDS
@@ -44,23 +43,14 @@ from .lagrangian import Lagrangian
 from .models import (BUILTIN_MODELS, Target, count_parameters, find_targets, head_modules, load_model,
                      load_model_config, load_tokenizer, resolve_device, stores_fan_in_fan_out)
 from .rank_map import RankMap
+from .search_checkpoint import SearchState, load_checkpoint, save_checkpoint
 from .tasks import BUILTIN_TASKS
-from .training import (check_finite, evaluate, grads_finite, peak_memory, rng_state, set_rng_state, set_seed,
-                       to_device)
+from .training import check_finite, evaluate, grads_finite, peak_memory, rng_state, set_seed, to_device
 
 logger = logging.getLogger(__name__)
 
 GAP_DRAWS = 4  # sampled-gate evaluations averaged for the relaxed side of the discretisation gap
 GAP_SEED = 0
-
-@dataclass
-class SearchState:
-    """Everything that changes during the search and is saved in a checkpoint."""
-
-    step: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    last_train_loss: float = float("nan")
-
 
 @dataclass
 class SearchResult:
@@ -222,68 +212,6 @@ def make_optimizers(cfg: SearchConfig, gated: GatedModel, budget: int, task: Tas
             "gate_sampler": EpochSampler(len(task.gate), global_batch, cfg.seed + 1, world_size)}
 
 
-def save_checkpoint(out: Path, cfg: SearchConfig, gated: GatedModel, state: SearchState,
-                    opts: dict[str, Any], rngs: list[dict[str, Any]] | None = None) -> None:
-    """``rngs``: every rank's RNG state, in rank order (default: this process's, a single-process run)."""
-    rngs = rngs or [rng_state()]
-    heads = {name: m.state_dict() for name, m in head_modules(gated.model).items()}
-    io.save_torch(out / rundir.CHECKPOINT, {
-        "config": to_dict(cfg), "step": state.step, "history": state.history,
-        "adapters": gated.adapter_state(), "heads": heads,
-        "weight_opt": opts["weight_opt"].state_dict(), "gate_opt": opts["gate_opt"].state_dict(),
-        "sched": opts["sched"].state_dict(), "lagrangian": opts["lagrangian"].state_dict(),
-        "weight_sampler": opts["weight_sampler"].state_dict(),
-        "gate_sampler": opts["gate_sampler"].state_dict(), "rng": rngs, "world_size": len(rngs)})
-
-
-def _budget_key(text: Any) -> tuple[float, bool]:
-    spec = parse_budget(text)
-    return spec.value, spec.percent
-
-
-def load_checkpoint(out: Path, cfg: SearchConfig, gated: GatedModel, opts: dict[str, Any],
-                    dist_info: distributed.DistInfo = distributed.DistInfo()) -> SearchState:
-    """The checkpoint in ``out`` restored into ``gated`` and ``opts``, checked to belong to this very run.
-
-    Raises:
-        RunDirError: it was written with other settings or another number of processes, or this
-            process cannot see the checkpoint rank 0 resumes from.
-    """
-    path = out / rundir.CHECKPOINT
-    if not path.is_file():
-        raise RunDirError(f"--resume: process {dist_info.rank} cannot see {path}, which process 0 resumes from; "
-                          "give every process one shared --out")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    saved = ckpt["config"]
-    if "world_size" in ckpt:  # not recorded before per-rank RNG states were kept
-        distributed.check_world_size(dist_info, ckpt["world_size"], out)
-    for key, value_of in (("budget", _budget_key), ("seed", int)):  # 0.5M and 500k are the same budget
-        if value_of(saved[key]) != value_of(getattr(cfg, key)):
-            raise RunDirError(f"--resume: the run in {out} was started with --{key} {saved[key]}, not "
-                              f"{getattr(cfg, key)}; use another --out or --overwrite")
-    for section in ("model", "data", "search"):
-        if saved[section] != to_dict(cfg)[section]:
-            raise RunDirError(f"--resume: the run in {out} was started with other {section} settings; "
-                              "use the same config, another --out, or --overwrite")
-    saved_max = saved.get("max_steps")
-    saved_steps = saved["search"]["steps"] if saved_max is None else min(saved["search"]["steps"], saved_max)
-    if saved_steps != cfg.steps():  # the budget ramp and the temperature schedule are fractions of the length
-        raise RunDirError(f"--resume: the run in {out} was started for {saved_steps} steps, this one asks for "
-                          f"{cfg.steps()}; give the same --max-steps, another --out, or --overwrite")
-    with torch.no_grad():
-        for name, layer in gated.layers.items():
-            layer.lora_A.copy_(ckpt["adapters"][f"{name}.lora_A"])
-            layer.lora_B.copy_(ckpt["adapters"][f"{name}.lora_B"])
-            layer.gates.log_alpha.copy_(ckpt["adapters"][f"{name}.log_alpha"])
-    for name, module in head_modules(gated.model).items():
-        module.load_state_dict(ckpt["heads"][name])
-    for key in ("weight_opt", "gate_opt", "sched", "lagrangian", "weight_sampler", "gate_sampler"):
-        opts[key].load_state_dict(ckpt[key])
-    set_rng_state(distributed.own_rng_state(ckpt["rng"], dist_info))
-    logger.info("resumed %s at step %d", out, ckpt["step"])
-    return SearchState(step=ckpt["step"], history=ckpt["history"])
-
-
 def rank_scores(gated: GatedModel) -> list[list[float]]:
     return [gated.layers[t.name].gates.keep_prob().detach().cpu().tolist() for t in gated.targets]
 
@@ -336,31 +264,15 @@ def run_search(cfg: SearchConfig, command: str | None = None,
     budget = spec.resolve(base_params)
     r_max = candidate_r_max(targets, budget, cfg.search.r_max)
     check_budget(budget, [t.cost_per_rank for t in targets], r_max.values(), spec.text)
-    opened = distributed.on_main(dist_info, lambda: rundir.open_run(out, overwrite=cfg.overwrite,
-                                                                     resume=cfg.resume))
-    if dist_info.is_main:
-        out, resume = opened
-    try:  # rank 0 holds the folder from open_run on: it lets go if the run stops before it starts
-        resume = distributed.broadcast(dist_info, resume if dist_info.is_main else None)  # rank 0 decides
-        device = distributed.device_for(dist_info, resolve_device(cfg.device))
-        p = cfg.search
-        gated = GatedModel(model, targets, r_max, p.scale, p.lora_dropout, p.gate_init, p.temperature,
-                           task.family, p.gates).to(device)
-        opts = make_optimizers(cfg, gated, budget, task, dist_info.world_size)
-        state = SearchState()
-        if resume:  # every rank loads the shared checkpoint; all of them stop if one cannot
-            error = None
-            try:
-                state = load_checkpoint(out, cfg, gated, opts, dist_info)
-            except Exception as e:  # e.g. a refused or unreadable checkpoint on one node: all stop, not hang
-                error = e
-            distributed.stop_together(dist_info, error)
-            distributed.check_same_step(dist_info, state.step, out)
-        distributed.on_main(dist_info, lambda: rundir.start_run(out, command=command))  # refused: every rank stops
-    except BaseException:
-        if dist_info.is_main:
-            rundir.release(out)
-        raise
+    device = distributed.device_for(dist_info, resolve_device(cfg.device))
+    p = cfg.search
+    gated = GatedModel(model, targets, r_max, p.scale, p.lora_dropout, p.gate_init, p.temperature,
+                       task.family, p.gates).to(device)
+    opts = make_optimizers(cfg, gated, budget, task, dist_info.world_size)
+    out, state = distributed.open_run_on_all(
+        dist_info, out, overwrite=cfg.overwrite, resume=cfg.resume, command=command,
+        load=lambda folder: load_checkpoint(folder, cfg, gated, opts, dist_info), step_of=lambda s: s.step)
+    state = state or SearchState()
     logger.info("search: %d targets, budget %s = %d parameters, r_max %d, %d steps, device %s, out %s",
                 len(targets), spec.text, budget, max(r_max.values()), cfg.steps(), device, out)
     try:

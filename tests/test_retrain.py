@@ -415,7 +415,7 @@ def test_a_killed_adalora_retrain_resumes_with_its_allocator_state(tmp_path, kil
 def test_a_resume_needs_the_same_process_count_and_a_checkpoint_every_process_sees(tmp_path):
     from rankalloc.distributed import DistInfo
     from rankalloc.errors import RunDirError
-    from rankalloc.retrain import _resumable
+    from rankalloc.retrain_loop import load_resumable as _resumable
     from rankalloc.search import load_checkpoint
 
     second = DistInfo(rank=1, world_size=2)
