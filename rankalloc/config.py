@@ -126,6 +126,11 @@ class SearchParams:
     project_ramp: bool = _f(False, "Also project onto the falling cost target during the budget ramp, so that C "
                             "follows the target smoothly instead of snapping onto B when the target reaches "
                             "it (needs project_cost).")
+    lagrangian_at_budget: bool = _f(True, "Keep the Lagrangian term in the gate loss once the projection holds "
+                                    "C = B; false = from then on the gate loss is the held-out loss alone (the "
+                                    "projection keeps the budget) and the gate optimiser's moments restart, so the "
+                                    "scores rank gates by held-out loss rather than by cost per rank (needs "
+                                    "project_cost).")
     temperature: float = _f(0.5, "Gate temperature: beta for hard-concrete gates, the Gumbel-softmax temperature for "
                             "nested ones (lower = closer to binary samples).")
     temperature_final: float | None = _f(None, "Anneal the gate temperature geometrically from 'temperature' "
@@ -169,6 +174,9 @@ class SearchParams:
             raise ConfigError(f"--search.warmup_steps {self.warmup_steps} plus the budget ramp ({ramp} steps, "
                               f"--search.budget_warmup {self.budget_warmup}) leaves no gate step at the budget in "
                               f"--search.steps {self.steps}; allowed: warmup_steps 0 to {self.steps - ramp - 1}")
+        if not self.lagrangian_at_budget and not self.project_cost:
+            raise ConfigError("--search.lagrangian_at_budget false needs --search.project_cost true: without the "
+                              "projection nothing would hold the budget")
         if not 0.0 < self.gate_init < 1.0:
             raise ConfigError(f"--search.gate_init must lie strictly between 0 and 1, got {self.gate_init}")
         if not 0.0 <= self.lora_dropout < 1.0:

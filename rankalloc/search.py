@@ -81,14 +81,17 @@ def weight_step(gated: GatedModel, batch: dict[str, torch.Tensor], opt: torch.op
 
 
 def gate_step(gated: GatedModel, batch: dict[str, torch.Tensor], opt: torch.optim.Optimizer,
-              lagrangian: Lagrangian, target: float,
+              lagrangian: Lagrangian | None, target: float,
               dist_info: distributed.DistInfo = distributed.DistInfo()) -> tuple[torch.Tensor, torch.Tensor]:
-    """One update of the gates on a held-out batch; returns (held-out loss, expected cost)."""
+    """One update of the gates on a held-out batch; returns (held-out loss, expected cost).
+
+    ``lagrangian`` None: the gate loss is the held-out loss alone (a projection holds the budget)."""
     opt.zero_grad(set_to_none=True)
     with trainable_only(gated.gate_parameters(), gated.weight_parameters()):
         val_loss = gated(**batch).loss
         cost = gated.expected_cost()  # identical on every rank: the gates are
-        (val_loss + lagrangian.term(cost, target)).backward()
+        gate_loss = val_loss if lagrangian is None else val_loss + lagrangian.term(cost, target)
+        gate_loss.backward()
     distributed.average_gradients(gated.gate_parameters(), dist_info)
     _refuse_non_finite(gated.gate_parameters(), opt, val_loss)
     opt.step()
@@ -118,6 +121,14 @@ def cost_target(step: int, initial: float, budget: float, start: int, ramp: int)
     if ramp <= 0 or step >= start + ramp:
         return float(budget)
     return initial + (budget - initial) * (step - start) / ramp
+
+
+def _first_gate_step_at_budget(step: int, gate_every: int, warmup: int, initial: float, budget: float,
+                               ramp: int) -> bool:
+    """Whether the gate step after weight step ``step`` is the first whose cost target is the budget (a
+    function of the step, so a resumed run restarts the gate moments at the same step)."""
+    before = step - gate_every
+    return before >= warmup and cost_target(before, initial, budget, warmup, ramp) != budget
 
 
 def gate_temperature(step: int, p: SearchParams, steps: int, warmup: int | None = None) -> float:
@@ -161,9 +172,12 @@ def search_loop(cfg: SearchConfig, gated: GatedModel, task: TaskData, budget: in
         row = {"step": step + 1, "train_loss": float(loss), "val_loss": None, "lam": lagr.lam}
         if step >= warmup and (step + 1) % p.gate_every == 0:
             target = cost_target(step, initial_cost, budget, warmup, ramp)
+            priced = p.lagrangian_at_budget or target != budget  # else the projection alone holds C = B
+            if not priced and _first_gate_step_at_budget(step, p.gate_every, warmup, initial_cost, budget, ramp):
+                gate_opt.state.clear()  # moments of cost-dominated gradients would freeze the loss-only steps
             gbatch = to_device(task.gate.batch(distributed.shard(gate_batches.next(), dist_info)), device)
             try:
-                val_loss, cost = gate_step(gated, gbatch, gate_opt, lagr, target, dist_info)
+                val_loss, cost = gate_step(gated, gbatch, gate_opt, lagr if priced else None, target, dist_info)
             except NonFiniteStep as e:
                 check_finite(float("nan"), f"a gate step (held-out loss {e.loss}) had a non-finite gradient; it",
                              step, last_ckpt)
@@ -172,7 +186,8 @@ def search_loop(cfg: SearchConfig, gated: GatedModel, task: TaskData, budget: in
             if p.project_cost and (target == budget or p.project_ramp):  # projected gradient: C on target
                 gated.project_cost_(target)
                 cost = gated.expected_cost().detach()
-            lagr.dual_step(float(cost), target)
+            if priced:
+                lagr.dual_step(float(cost), target)
             row.update(val_loss=float(val_loss), lam=lagr.lam, target_ratio=target / budget)
         row.setdefault("target_ratio", cost_target(step, initial_cost, budget, warmup, ramp) / budget)
         row["cost_ratio"] = float(gated.expected_cost().detach()) / budget

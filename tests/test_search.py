@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from rankalloc.adapters import GatedModel
+from rankalloc.budget import parse_budget
 from rankalloc.config import DataConfig, ModelConfig, SearchConfig, SearchParams
+from rankalloc.errors import ConfigError
 from rankalloc.lagrangian import Lagrangian
 from rankalloc.models import find_targets
 from rankalloc.rank_map import RankMap
@@ -132,6 +134,28 @@ def test_projecting_during_the_ramp_keeps_the_cost_on_its_target(tmp_path):
     gated_rows = [row for row in history if row["val_loss"] is not None]
     assert len(gated_rows) == 8 and gated_rows[0]["target_ratio"] > 1.5  # the ramp starts well above B ...
     assert all(abs(row["cost_ratio"] - row["target_ratio"]) < 1e-3 for row in gated_rows)  # ... C follows it
+
+
+def test_without_the_lagrangian_at_the_budget_the_gates_follow_the_held_out_loss_alone(tmp_path, monkeypatch):
+    """10 steps, gates from step 2, the target reaches B at step 7: the 5 ramp gate steps are priced, the 3
+    at the budget are not, the projection holds C = B there, and the gate moments restart at step 7."""
+    priced = []
+    term = Lagrangian.term
+    monkeypatch.setattr(Lagrangian, "term", lambda self, cost, target: priced.append(target) or term(self, cost, target))
+    cfg = tiny_config(tmp_path, ModelConfig(num_layers=1), budget="20k", steps=10, r_max=8, budget_warmup=0.5,
+                      lagrangian_at_budget=False)
+    history = run_search(cfg, command="test").history
+    at_budget = [row for row in history if row["val_loss"] is not None and row["target_ratio"] == 1.0]
+    assert len(at_budget) == 3 and all(abs(row["cost_ratio"] - 1.0) < 1e-3 for row in at_budget)
+    budget = float(parse_budget("20k").value)
+    assert len(priced) == 5 and all(t > budget for t in priced)
+    gate_moments = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["gate_opt"]["state"]
+    assert {int(s["step"]) for s in gate_moments.values()} == {3}  # restarted at the first step at B
+
+
+def test_without_the_lagrangian_the_projection_is_required():
+    with pytest.raises(ConfigError, match="lagrangian_at_budget false needs --search.project_cost true"):
+        SearchParams(lagrangian_at_budget=False, project_cost=False).validate()
 
 
 def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tmp_path, tiny_gpt2):
