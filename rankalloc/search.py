@@ -346,7 +346,9 @@ def finish(cfg: SearchConfig, gated: GatedModel, task: TaskData, targets: list[T
                "base_model": cfg.model.name, "task": task.name, "seed": cfg.seed, "steps": state.step,
                "final_lambda": lam, "final_cost_ratio": final_ratio, "wall_time_s": time.time() - t0,
                "gap": gap, "command": command, "r_max": max(r_max.values()),
-               "gates": GATE_KINDS[cfg.search.gates].description, "peak_memory_mb": peak_memory(device)}
+               "gates": GATE_KINDS[cfg.search.gates].description, "peak_memory_mb": peak_memory(device),
+               "gate_loss_at_budget": ("held-out loss + Lagrangian" if cfg.search.lagrangian_at_budget else
+                                       "held-out loss alone (λ frozen from the first step at the budget)")}
     write_search_report(out, targets=targets, ranks=ranks, r_max=r_max, history=state.history, summary=summary)
     rm.write_adapter_config(out / "adapter_config.json", cfg.search.scale, modules_to_save=heads,
                             task_type=task.family.peft_task_type,

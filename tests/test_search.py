@@ -151,6 +151,7 @@ def test_without_the_lagrangian_at_the_budget_the_gates_follow_the_held_out_loss
     assert len(priced) == 5 and all(t > budget for t in priced)
     gate_moments = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["gate_opt"]["state"]
     assert {int(s["step"]) for s in gate_moments.values()} == {3}  # restarted at the first step at B
+    assert "held-out loss alone" in (tmp_path / "run" / "report.md").read_text()
 
 
 def test_without_the_lagrangian_the_projection_is_required():
