@@ -58,9 +58,20 @@ def progress_bar(total: int, desc: str, enabled: bool = True) -> tuple[Any, Call
     return bar, on_step
 
 
-def command_line(stage: str, argv: list[str] | None) -> str:
-    args = sys.argv[1:] if argv is None else argv
-    return f"python -m rankalloc.{stage} " + " ".join(shlex.quote(a) for a in args)
+def command_line(stage: str, argv: list[str] | None, without: tuple[str, ...] = ()) -> str:
+    """The command as typed; flags in ``without`` (optional-value flags such as ``--overwrite [BOOL]``) are
+    left out, with their value."""
+    args, kept = list(sys.argv[1:] if argv is None else argv), []
+    i = 0
+    while i < len(args):
+        flag = args[i].split("=", 1)[0]
+        if flag in without:
+            has_value = "=" not in args[i] and i + 1 < len(args) and args[i + 1].lower() in ("true", "false")
+            i += 2 if has_value else 1
+            continue
+        kept.append(args[i])
+        i += 1
+    return f"python -m rankalloc.{stage} " + " ".join(shlex.quote(a) for a in kept)
 
 
 def run_stage(stage: str, argv: list[str] | None = None) -> int:

@@ -244,8 +244,8 @@ def run_sweep(cfg: SweepConfig, command: str | None = None) -> SweepResult:
         shared_budget(cfg, budgets)
     if cfg.overwrite:
         _overwrite(cfg, out)
-    if cfg.storage is None:
-        out.mkdir(parents=True, exist_ok=True)  # the default SQLite file lives in it
+    if cfg.storage is None or _file_storage_inside(cfg.storage, out):
+        out.mkdir(parents=True, exist_ok=True)  # the SQLite or journal file lives in it
     storage = open_storage(cfg, out)  # a storage that cannot be opened is refused before anything is made
     out.mkdir(parents=True, exist_ok=True)
     (out / SWEEP_MARKER).touch()
@@ -278,6 +278,14 @@ def run_sweep(cfg: SweepConfig, command: str | None = None) -> SweepResult:
     return SweepResult(out, rows, summary)
 
 
+def _file_storage_inside(storage: str, out: Path) -> bool:
+    """Whether ``--storage`` is a SQLite or journal file inside ``out`` (which a first run has yet to make)."""
+    path = storage[len("journal:"):] if storage.startswith("journal:") else (
+        storage.split("sqlite:///", 1)[1] if storage.startswith("sqlite:///") else
+        storage if "://" not in storage else "")
+    return bool(path) and Path(path).resolve().parent == out.resolve()
+
+
 SWEEP_MARKER = ".rankalloc_sweep"  # written into every sweep folder when the sweep starts
 SWEEP_MARKS = (SWEEP_MARKER, "sweep.db", "sweep.json", SHARED_SEARCH_FILE)
 
@@ -291,6 +299,7 @@ def _overwrite(cfg: SweepConfig, out: Path) -> None:
                           "not a rankalloc sweep folder; it is left as it is (and so is the study): choose a "
                           "new or empty --out")
     _refuse_overwrite_while_running(cfg, out)
+    _refuse_overwrite_of_other_studies(cfg, out)
     rundir.check_not_running(out / "search")  # a worker's shared search runs before any trial exists
     if has_content:
         rundir.set_aside(out, marks=SWEEP_MARKS, finished=lambda f: (f / "sweep.json").is_file())
@@ -316,6 +325,22 @@ def _refuse_overwrite_while_running(cfg: SweepConfig, out: Path) -> None:
         raise RunDirError(f"--overwrite: study {cfg.study_name!r} has {len(running)} trial(s) running in other "
                           "workers; start further workers without --overwrite (only the first one may pass it), or "
                           "stop them first")
+
+
+def _refuse_overwrite_of_other_studies(cfg: SweepConfig, out: Path) -> None:
+    """Several studies may share one folder (its SQLite file, its shared search, ``trials/<study>``); setting
+    the folder aside for one of them would delete the others with it."""
+    others = {p.name for p in (out / "trials").iterdir() if p.is_dir()} if (out / "trials").is_dir() else set()
+    others.discard(_safe(cfg.study_name))
+    if cfg.storage is None and (out / "sweep.db").is_file():
+        import optuna
+
+        with quiet_optuna():
+            others |= set(optuna.get_all_study_names(storage=open_storage(cfg, out))) - {cfg.study_name}
+    if others:
+        raise RunDirError(f"--overwrite: {out} also holds the stud{'y' if len(others) == 1 else 'ies'} "
+                          f"{', '.join(sorted(others))}, which replacing the folder would delete; give study "
+                          f"{cfg.study_name!r} its own --out, or delete the folder yourself")
 
 
 def _check_baseline_points(cfg: SweepConfig, budgets: list[int]) -> None:
@@ -376,7 +401,8 @@ def cli(argv: list[str] | None = None) -> int:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own log lines say what each trial did
-    result = run_sweep(cfg, command_line("sweep", argv))
+    # rerunning the recorded command resumes the study; with --overwrite it would replace it
+    result = run_sweep(cfg, command_line("sweep", argv, without=("--overwrite", "--resume")))
     front = [r for r in result.rows if r["front"]]
     print(f"pareto front: {len(front)} of {len(result.rows)} trial(s) -> {result.out / 'pareto.md'} "
           f"(plot {result.out / 'pareto.png'}, table {result.out / 'pareto.csv'})")

@@ -106,6 +106,12 @@ def shared_budget(cfg: SweepConfig, budgets: list[int]) -> int:
         raise ConfigError(f"--shared_budget must be geomean, max or a budget such as 100k; {e}") from None
 
 
+def _shared_path(out: Path, recorded: str) -> Path:
+    """The shared search's folder: recorded relative to the sweep folder (older records: as given)."""
+    inside = out / recorded
+    return inside if not Path(recorded).is_absolute() and (inside / "scores.json").is_file() else Path(recorded)
+
+
 def run_shared_search(cfg: SweepConfig, out: Path, budgets: list[int]) -> SharedSearch:
     """Run the search every budget is re-exported from, once per sweep folder: a file lock makes
     concurrent workers wait for it, and a finished one (same settings) is reused.  Its largest rank
@@ -115,28 +121,41 @@ def run_shared_search(cfg: SweepConfig, out: Path, budgets: list[int]) -> Shared
         ConfigError: the folder holds a shared search run with other settings.
         BudgetError: a budget cannot be exported from it.
     """
-    from .export import Scores
+    from .export import TRUSTED_RATIO, Scores
     from .search import run_search
 
     record = out / SHARED_SEARCH_FILE
     with _file_lock(out / ".shared_search.lock"):
         if record.is_file():
             shared = SharedSearch(**json.loads(record.read_text()))
+            shared.path = str(_shared_path(out, shared.path))
             scores = Scores.load(shared.path)
             cfg_dict, saved = to_dict(cfg), scores.data["config"]
             for key in ("seed", "max_steps", "model", "data", "search"):
                 old, new = saved[key], cfg_dict[key]
-                if key == "search":  # r_max is the sweep's choice (from the largest budget) unless given
+                if key == "search":  # r_max is the sweep's choice (from the largest budget): compared below
                     old, new = {**old, "r_max": None}, {**new, "r_max": None}
                 if old != new:
                     raise ConfigError(f"the shared search in {shared.path} was run with other {key} settings; "
                                       "use the same settings, another --out, or --overwrite")
+            # a study may grow by budgets and reuse its search; settings the user gave must match it
+            asked = {"--search.r_max": (cfg.search.r_max, shared.r_max)}
+            if cfg.shared_budget not in ("geomean", "max"):
+                asked["--shared_budget"] = (shared_budget(cfg, budgets), shared.budget)
+            for flag, (given, ran) in asked.items():
+                if given is not None and given != ran:
+                    raise ConfigError(f"the shared search in {shared.path} ran with {flag} {ran}, not {given}; use "
+                                      f"{flag} {ran}, another --out, or --overwrite")
+            far = [b for b in budgets if not TRUSTED_RATIO[0] <= b / shared.budget <= TRUSTED_RATIO[1]]
+            if far:
+                logger.warning("budgets %s lie beyond %gx-%gx of the shared search's %s parameters; their re-exports "
+                               "are less trustworthy (see each export.md)", ", ".join(f"{b:,}" for b in far),
+                               *TRUSTED_RATIO, f"{shared.budget:,}")
             logger.info("reusing the shared search in %s (budget %d, r_max %d)", shared.path, shared.budget,
                         shared.r_max)
         else:
             budget = shared_budget(cfg, budgets)
-            costs = _target_costs(cfg)
-            r_max = cfg.search.r_max or auto_r_max(budgets[-1], costs)
+            r_max = cfg.search.r_max or auto_r_max(budgets[-1], _target_costs(cfg))
             search_cfg = SearchConfig(budget=str(budget), seed=cfg.seed, device=cfg.device,
                                       out=str(out / "search"), max_steps=cfg.max_steps,
                                       model=copy.deepcopy(cfg.model), data=copy.deepcopy(cfg.data),
@@ -144,15 +163,20 @@ def run_shared_search(cfg: SweepConfig, out: Path, budgets: list[int]) -> Shared
             from . import rundir
 
             folder = Path(search_cfg.out)
-            if folder.is_dir() and any(folder.iterdir()) and not (folder / rundir.CHECKPOINT).is_file():
-                search_cfg.overwrite = True  # a crashed start without a checkpoint holds nothing to keep
+            if folder.is_dir() and any(folder.iterdir()) and (not (folder / rundir.CHECKPOINT).is_file()
+                                                              or rundir.status_done(folder)):
+                # a crashed start without a checkpoint holds nothing to keep; a search that finished just
+                # before its record was written is run again (the old one kept aside until then)
+                search_cfg.overwrite = True
             command = stage_command("search", search_cfg)
             logger.info("shared search at %d parameters (r_max %d) for budgets %s -> %s", budget, r_max,
                         ", ".join(f"{b:,}" for b in budgets), folder)
             t0 = time.time()
             run_search(search_cfg, command)
             shared = SharedSearch(str(folder), budget, r_max, time.time() - t0, command)
-            io.write_json(record, dataclasses.asdict(shared))
+            # recorded relative to the sweep folder: a rerun from another directory, or another machine that
+            # mounts the folder elsewhere, finds it
+            io.write_json(record, {**dataclasses.asdict(shared), "path": "search"})
             scores = Scores.load(shared.path)
     caps = [scores.r_max[t.name] for t in scores.targets]
     for b in budgets:

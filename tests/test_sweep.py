@@ -213,6 +213,37 @@ def test_overwrite_replaces_a_sweep_once_the_new_one_finishes(tmp_path, capsys):
     assert (out / ".rankalloc_sweep").is_file() and not (tmp_path / "s.replaced").exists()
 
 
+def test_studies_that_share_a_folder_keep_each_other_and_their_search(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "s"
+    base = SMALL + ["--budgets", "7k", "--out", str(out)]
+    assert sweep.main(base + ["--study-name", "a", "--overwrite"]) == 0
+    assert "--overwrite" not in json.loads((out / "sweep.json").read_text())["command"]  # rerunning it resumes
+    assert json.loads((out / "shared_search.json").read_text())["path"] == "search"  # relative to the folder
+    assert sweep.main(base + ["--study-name", "b"]) == 0  # the same search, reused
+    capsys.readouterr()
+    assert sweep.main(base + ["--study-name", "b", "--overwrite"]) == 2
+    assert "also holds the study a, which replacing the folder would delete" in capsys.readouterr().err
+    storage = f"sqlite:///{out / 'sweep.db'}"
+    assert len(_study(storage, "a").trials) == 1 and (out / "trials" / "a").is_dir()
+    assert sweep.main(base + ["--study-name", "c", "--search.r_max", "2"]) == 2  # not silently the search's 4
+    assert "ran with --search.r_max 4, not 2" in capsys.readouterr().err
+    moved = tmp_path / "mounted-elsewhere"
+    out.rename(moved)
+    monkeypatch.chdir(tmp_path)
+    assert sweep.main(SMALL + ["--budgets", "7k", "--out", moved.name, "--study-name", "a"]) == 0
+    assert len(_study(f"sqlite:///{moved / 'sweep.db'}", "a").trials) == 1  # resumed, nothing rerun
+    (moved / "shared_search.json").unlink()  # killed after the search finished, before its record
+    assert sweep.main(SMALL + ["--budgets", "7k", "--out", moved.name, "--study-name", "a"]) == 0
+    assert (moved / "shared_search.json").is_file()
+
+
+def test_a_storage_file_inside_a_new_out_folder(tmp_path):
+    out = tmp_path / "new"
+    assert sweep.main(SMALL + ["--budgets", "7k", "--out", str(out), "--storage", f"journal:{out / 'study.log'}",
+                               "--study-name", "j"]) == 0
+    assert (out / "study.log").is_file() and (out / "pareto.md").is_file()
+
+
 def test_changed_settings_are_refused_on_resume(sqlite_sweep, capsys):
     out, argv = sqlite_sweep
     code = sweep.main(argv + ["--train.lr", "0.0123"])
