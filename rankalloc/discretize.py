@@ -3,7 +3,7 @@
 Layer ``l`` may take any rank ``r`` in ``0..R_l``.  Keeping rank ``r`` earns the sum of the ``r``
 largest component scores of that layer and costs ``r * c_l`` parameters.  We pick one rank per layer
 to maximise the total score subject to ``sum r_l c_l <= B`` and, whenever some choice reaches it,
-``sum r_l c_l >= min_fill * B``.
+``sum r_l c_l >= min_fill * B`` (when no choice reaches it: the fullest reachable cost).
 
 Solved exactly by dynamic programming over cost in units of ``gcd(c_l)`` (transformer widths share
 large common factors, so this is small); instances too large for the table go to scipy's ``milp``
@@ -103,9 +103,12 @@ def _solve_dp(values: list[np.ndarray], units: list[int], cap: int, floor_units:
     reachable = np.isfinite(best)
     filled = reachable.copy()
     filled[: min(floor_units, cap + 1)] = False
-    pool = filled if filled.any() else reachable
-    if not pool.any() or not reachable[1:].any():
+    if not reachable[1:].any():
         raise BudgetError("the budget is below one rank of the cheapest layer")
+    pool = filled
+    if not filled.any():  # nothing reaches min_fill: the fullest reachable cost, as near to it as it gets
+        pool = np.zeros_like(reachable)
+        pool[np.flatnonzero(reachable).max()] = True
     masked = np.where(pool, best, neg)
     c = int(np.argmax(masked))  # first maximum: the cheaper of equally good allocations
     ranks = [0] * len(values)
@@ -131,14 +134,21 @@ def _solve_milp(values: list[np.ndarray], costs: list[int], budget: int, min_fil
         cost_row[start:start + len(v)] = np.arange(len(v)) * c
         start += len(v)
     options = {"mip_rel_gap": 0.0, "presolve": True}
-    for lower in (min_fill * budget, 0.0):
+
+    def solve(objective: np.ndarray, lower: float):
         cons = [LinearConstraint(onehot, 1, 1), LinearConstraint(cost_row[None, :], lower, budget)]
-        res = milp(obj, constraints=cons, integrality=np.ones(n), bounds=Bounds(0, 1), options=options)
-        if res.status == 0:
-            x = np.round(res.x).astype(int)
-            ranks, start = [], 0
-            for s in sizes:
-                ranks.append(int(np.argmax(x[start:start + s])))
-                start += s
-            return ranks
+        return milp(objective, constraints=cons, integrality=np.ones(n), bounds=Bounds(0, 1), options=options)
+
+    res = solve(obj, min_fill * budget)
+    if res.status != 0:  # nothing reaches min_fill: the fullest reachable cost, as near to it as it gets
+        fullest = solve(-cost_row, 0.0)
+        if fullest.status == 0:
+            res = solve(obj, float(cost_row @ np.round(fullest.x)))
+    if res.status == 0:
+        x = np.round(res.x).astype(int)
+        ranks, start = [], 0
+        for s in sizes:
+            ranks.append(int(np.argmax(x[start:start + s])))
+            start += s
+        return ranks
     raise BudgetError("the budget is below one rank of the cheapest layer")

@@ -20,7 +20,8 @@ def brute_force(scores, costs, budget, min_fill=0.99):
         if cost <= budget:
             options.append((sum(v[r] for v, r in zip(vals, ranks)), cost, ranks))
     filled = [o for o in options if o[1] >= min_fill * budget]
-    pool = filled or options
+    fullest = max(o[1] for o in options)  # no fill possible: the fullest reachable cost
+    pool = filled or [o for o in options if o[1] == fullest]
     return max(o[0] for o in pool), bool(filled)
 
 
@@ -132,3 +133,13 @@ def test_a_budget_that_no_ranks_fill_to_99_percent_is_said_in_the_log(caplog):
     with caplog.at_level("WARNING", logger="rankalloc.discretize"):
         discretize([[0.9] * 8] * 4, [1536] * 4, 3072)
     assert caplog.text == ""
+
+
+def test_when_no_map_fills_99_percent_the_fullest_one_is_kept():
+    """Four 768-parameter and two 1,920-parameter ranks under 6,000: 5,376 (90%) is the fullest map; the
+    best-scoring one (the cheap ranks, 4,992) would leave more of the budget unused than needed."""
+    scores, costs = [[0.9]] * 4 + [[0.1]] * 2, [768] * 4 + [1920] * 2
+    dp = discretize(scores, costs, 6000)
+    milp = disc._solve_milp([rank_values(s) for s in scores], costs, 6000, 0.99)
+    assert sum(r * c for r, c in zip(dp, costs)) == sum(r * c for r, c in zip(milp, costs)) == 5376
+    assert dp[4:] == [1, 1] and sum(dp[:4]) == 2
