@@ -28,7 +28,8 @@ from .rank_map import RankMap
 
 SCORES = "scores.json"
 TRUSTED_RATIO = (0.5, 2.0)
-EXPORT_MARKS = ("rank_map.json", "export.md")  # an export folder holds one of these
+EXPORT_MARKER = ".rankalloc_export"  # written first, so that an export killed midway can be overwritten
+EXPORT_MARKS = ("rank_map.json", "export.md", EXPORT_MARKER)  # an export folder holds one of these
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,8 @@ def write_export(out: Path, run: str, scores: Scores, rm: RankMap, max_rank: int
     budget = rm.budget
     ratio = budget / scores.data["searched_budget"]
     trusted = TRUSTED_RATIO[0] <= ratio <= TRUSTED_RATIO[1]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / EXPORT_MARKER).touch()
     plot_rank_heatmap(out / "ranks.png", scores.targets, rm.ranks,
                       title=f"LoRA ranks at {rm.total_params:,} parameters (re-export)")
     io.write_text(out / "export.md", "\n".join([

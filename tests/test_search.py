@@ -185,6 +185,27 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tmp_path, tiny_gpt2)
     assert not (run / "scores.json").exists() and (tmp_path / "run.replaced" / "scores.json").is_file()
 
 
+def test_an_export_killed_midway_can_be_overwritten(tmp_path, tiny_gpt2, monkeypatch):
+    from rankalloc import io
+    from rankalloc.config import ExportConfig
+    from rankalloc.export import run_export
+
+    run = run_search(tiny_config(tmp_path, ModelConfig(name=tiny_gpt2), budget="2000", steps=4, r_max=4),
+                     command="test").out
+    out = tmp_path / "export"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(io, "write_text", killed)  # killed after the heatmap, before any other file
+    with pytest.raises(KeyboardInterrupt):
+        run_export(ExportConfig(run=str(run), budget="1500", out=str(out)))
+    monkeypatch.undo()
+    assert (out / "ranks.png").is_file() and not (out / "export.md").exists()
+    run_export(ExportConfig(run=str(run), budget="1500", out=str(out), overwrite=True))
+    assert json.loads((out / "rank_map.json").read_text())["total_params"] <= 1500
+
+
 def test_overwrite_keeps_the_previous_run_until_its_replacement_finishes(tmp_path, tiny_gpt2, monkeypatch):
     """--overwrite moves the old run to OUT.replaced; a replacement that dies leaves it there, and only a
     replacement that finishes deletes it.  A failed re-export puts the previous export back."""
