@@ -271,6 +271,15 @@ def make_grid_sampler(points: list[tuple[str, int]], seed: int) -> Any:
             study._storage.set_trial_system_attr(trial._trial_id, "grid_id", grid_id)
             study._storage.set_trial_system_attr(trial._trial_id, "rankalloc_point", [method, budget])
 
+        def sample_independent(self, study: Any, trial: Any, param_name: str, param_distribution: Any) -> Any:
+            """A retried trial runs the point it was made for: its grid index was another worker's, whose grid
+            may list other points, in another order."""
+            recorded = trial.system_attrs.get("rankalloc_point")
+            if recorded and param_name in ("method", "budget"):
+                method, budget = recorded
+                return str(method) if param_name == "method" else int(budget)
+            return super().sample_independent(study, trial, param_name, param_distribution)
+
         def _point(self, grid: tuple) -> tuple[str, int]:
             values = dict(zip(self._param_names, grid))
             return str(values["method"]), int(values["budget"])

@@ -90,6 +90,24 @@ def test_recorded_commands_rebuild_the_same_config(cls, argv):
     assert again == cfg
 
 
+def test_a_retried_trial_runs_its_own_point_whatever_this_workers_grid():
+    """A trial killed before its first suggest is retried with the dead worker's grid index; this worker's
+    grid has other points in another order, so the index alone would name another point."""
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
+    from rankalloc.budget import MAX_ABSOLUTE
+
+    sampler = sweep_study.make_grid_sampler([("rankalloc", 14000), ("rankalloc", 28000), ("uniform", 14000)], 0)
+    study = optuna.create_study(directions=["minimize", "maximize"], sampler=sampler)
+    wrong = next(i for i, g in enumerate(sampler._all_grids) if sampler._point(g) != ("uniform", 14000))
+    study.add_trial(create_trial(state=TrialState.WAITING,
+                                 system_attrs={"grid_id": wrong, "rankalloc_point": ["uniform", 14000]}))
+    trial = study.ask()
+    assert (trial.suggest_categorical("method", sweep_study.METHODS),
+            trial.suggest_int("budget", 1, MAX_ABSOLUTE, log=True)) == ("uniform", 14000)
+
+
 def test_the_sweep_refuses_a_baseline_its_studies_cannot_hold():
     from rankalloc.config import SweepConfig
     from rankalloc.errors import ConfigError
