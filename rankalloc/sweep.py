@@ -48,7 +48,7 @@ from .config import GATE_EVERY_TUNE_MAX, ExportConfig, RetrainConfig, SearchConf
 from .errors import BudgetError, ConfigError, RunDirError
 from .flags import checked_copy, stage_command
 from .sweep_report import sweep_summary, write_reports
-from .sweep_shared import SHARED_SEARCH_FILE, SharedSearch, parse_budgets, run_shared_search, shared_budget
+from .sweep_shared import SHARED_SEARCH_FILE, SharedSearch, check_shared_budgets, parse_budgets, run_shared_search
 from .sweep_study import (METHODS, RANKALLOC, delete_study, duplicate_of, make_grid_sampler, open_storage,
                           open_study, point_of, quiet_optuna, recover_crashed, storage_name)
 
@@ -241,7 +241,7 @@ def run_sweep(cfg: SweepConfig, command: str | None = None) -> SweepResult:
     rundir.check_out_path(out)
     _check_baseline_points(cfg, budgets)  # every check that needs no study comes before --overwrite acts
     if cfg.shared_search and not cfg.tune:
-        shared_budget(cfg, budgets)
+        check_shared_budgets(cfg, budgets)
     if cfg.overwrite:
         _overwrite(cfg, out)
     if cfg.storage is None or _file_storage_inside(cfg.storage, out):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 from . import io
-from .budget import auto_r_max, check_budget, parse_budget
+from .budget import auto_r_max, candidate_r_max, check_budget, parse_budget
 from .config import SearchConfig, SweepConfig
 from .flags import stage_command, to_dict
 from .errors import BudgetError, ConfigError
@@ -51,8 +51,11 @@ def parse_budgets(items: list[str]) -> list[int]:
     return sorted(out)
 
 
-def _absolute(text: str, item: str) -> int:
-    spec = parse_budget(text)
+def _absolute(text: str, item: str, flag: str = "--budgets") -> int:
+    try:
+        spec = parse_budget(text)
+    except BudgetError as e:  # parse_budget speaks of --budget; name the flag the user gave
+        raise BudgetError(str(e).replace("--budget ", f"{flag} ", 1)) from None
     if spec.percent:
         raise BudgetError(f"--budgets {item}: give parameter counts (500k, 0.5M), not a share of the model")
     return int(spec.value)
@@ -101,9 +104,28 @@ def shared_budget(cfg: SweepConfig, budgets: list[int]) -> int:
     if cfg.shared_budget == "max":
         return budgets[-1]
     try:
-        return _absolute(cfg.shared_budget, cfg.shared_budget)
+        return _absolute(cfg.shared_budget, cfg.shared_budget, "--shared_budget")
     except BudgetError as e:
         raise ConfigError(f"--shared_budget must be geomean, max or a budget such as 100k; {e}") from None
+
+
+def check_shared_budgets(cfg: SweepConfig, budgets: list[int]) -> None:
+    """Before anything runs: the shared search's budget must be searchable and every budget exportable from
+    it (its candidate ranks come from the largest budget), or the sweep would stop after the search.
+
+    Raises:
+        BudgetError: naming the flag and the allowed range.
+    """
+    from .models import skeleton_targets
+
+    targets = skeleton_targets(cfg.model)
+    costs = [t.cost_per_rank for t in targets]
+    caps = list(candidate_r_max(targets, budgets[-1], cfg.search.r_max).values())
+    for flag, b in [("--shared_budget", shared_budget(cfg, budgets))] + [("--budgets", b) for b in budgets]:
+        try:
+            check_budget(b, costs, caps)
+        except BudgetError as e:
+            raise BudgetError(str(e).replace("--budget ", f"{flag} ", 1)) from None
 
 
 def _shared_path(out: Path, recorded: str) -> Path:

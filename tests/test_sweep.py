@@ -66,7 +66,7 @@ def test_budget_lists_and_log_ranges(items, expected):
 
 @pytest.mark.parametrize("items, fragment", [
     (["40k:4"], "give budgets"), (["400k:40k:3"], "LO < HI"), (["1%"], "parameter counts"),
-    (["abc"], "is not a budget"), (["40k:400k:x"], "LO:HI:N"),
+    (["abc"], "--budgets 'abc' is not a budget"), (["40k:400k:x"], "LO:HI:N"),
 ])
 def test_bad_budgets_are_refused(items, fragment):
     with pytest.raises(BudgetError, match=fragment):
@@ -106,6 +106,17 @@ def test_a_retried_trial_runs_its_own_point_whatever_this_workers_grid():
     trial = study.ask()
     assert (trial.suggest_categorical("method", sweep_study.METHODS),
             trial.suggest_int("budget", 1, MAX_ABSOLUTE, log=True)) == ("uniform", 14000)
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--budgets", "500,14k"], "--budgets 500 (500 parameters) is below the smallest non-empty allocation"),
+    (["--budgets", "14k", "--shared_budget", "500"], "--shared_budget 500 (500 parameters) is below"),
+])
+def test_budgets_the_shared_search_cannot_serve_are_refused_before_it_runs(tmp_path, capsys, extra, fragment):
+    out = tmp_path / "s"
+    assert sweep.main(SMALL + ["--out", str(out)] + extra) == 2
+    assert fragment in capsys.readouterr().err
+    assert not out.exists()  # refused before the study, the model or the search
 
 
 def test_the_sweep_refuses_a_baseline_its_studies_cannot_hold():
