@@ -33,6 +33,7 @@ and the reports in :mod:`rankalloc.sweep_report`.
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import os
 import socket
@@ -378,7 +379,12 @@ def _check_budget_distribution(study: Any, cfg: SweepConfig, budgets: list[int])
 
 
 def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name)
+    """A folder name for a study name; a name that had to change gets a hash of the original, so that two
+    studies ("a/b", "a_b") never share trial folders."""
+    safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name)
+    if safe != name or safe in ("", ".", ".."):
+        safe = f"{safe}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return safe
 
 
 DESCRIPTION = """An optuna study of adapter parameters versus accuracy over budgets (and baselines).

@@ -119,6 +119,13 @@ def test_budgets_the_shared_search_cannot_serve_are_refused_before_it_runs(tmp_p
     assert not out.exists()  # refused before the study, the model or the search
 
 
+def test_study_names_get_folders_of_their_own():
+    names = ["a/b", "a_b", "a b", "..", ".", "rankalloc-sweep"]
+    folders = [sweep._safe(n) for n in names]
+    assert len(set(folders)) == len(names) and sweep._safe("rankalloc-sweep") == "rankalloc-sweep"
+    assert all("/" not in f and f not in (".", "..") for f in folders)
+
+
 def test_the_sweep_refuses_a_baseline_its_studies_cannot_hold():
     from rankalloc.config import SweepConfig
     from rankalloc.errors import ConfigError
