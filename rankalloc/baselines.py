@@ -142,7 +142,8 @@ def adalora_config(targets: list[Target], budget: int, total_steps: int, p: Trai
     ``lora_alpha = scale * init_r``: AdaLoRA divides by its initial rank, so the scale is ``scale``.
     """
     per_rank = sum(t.cost_per_rank for t in targets)
-    check_budget(budget, [t.cost_per_rank for t in targets], [t.max_rank for t in targets], budget_text)
+    check_budget(budget, [t.cost_per_rank for t in targets], [t.max_rank for t in targets], budget_text,
+                 "every module at full rank: a budget this large fine-tunes them all")
     init_r = min(max(1, math.ceil(p.adalora_init_ratio * budget / per_rank)), min(t.max_rank for t in targets))
     if init_r * per_rank < budget:
         raise BudgetError(f"--budget {budget_text or budget}: AdaLoRA's initial rank would exceed the smallest "

@@ -85,8 +85,9 @@ def feasible_range(costs: Iterable[int], r_max: Iterable[int]) -> tuple[int, int
     return lo, hi
 
 
-def check_budget(budget: int, costs: Iterable[int], r_max: Iterable[int], text: str | None = None) -> None:
-    """Refuse a budget that no rank map can use.
+def check_budget(budget: int, costs: Iterable[int], r_max: Iterable[int], text: str | None = None,
+                 raise_cap: str = "raise --search.r_max to allow more") -> None:
+    """Refuse a budget that no rank map can use; ``raise_cap`` says how the caller's user lifts the caps.
 
     Raises:
         BudgetError: below one rank of the cheapest module, or above the all-``r_max`` cost.
@@ -98,7 +99,7 @@ def check_budget(budget: int, costs: Iterable[int], r_max: Iterable[int], text: 
                           f"allocation ({lo:,}: rank 1 on the cheapest module); allowed: {lo:,} to {hi:,}")
     if budget > hi:
         raise BudgetError(f"--budget {shown} ({budget:,} parameters) exceeds every module at its largest "
-                          f"rank ({hi:,}); allowed: {lo:,} to {hi:,} (raise --search.r_max to allow more)")
+                          f"rank ({hi:,}); allowed: {lo:,} to {hi:,} ({raise_cap})")
 
 
 def auto_r_max(budget: int, costs: Iterable[int], factor: float = 2.5, floor: int = 4, cap: int = 64) -> int:

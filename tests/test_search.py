@@ -10,7 +10,7 @@ import torch
 from rankalloc.adapters import GatedModel
 from rankalloc.budget import parse_budget
 from rankalloc.config import DataConfig, ModelConfig, SearchConfig, SearchParams
-from rankalloc.errors import ConfigError
+from rankalloc.errors import BudgetError, ConfigError
 from rankalloc.lagrangian import Lagrangian
 from rankalloc.models import find_targets
 from rankalloc.rank_map import RankMap
@@ -204,6 +204,10 @@ def test_an_export_killed_midway_can_be_overwritten(tmp_path, tiny_gpt2, monkeyp
     assert (out / "ranks.png").is_file() and not (out / "export.md").exists()
     run_export(ExportConfig(run=str(run), budget="1500", out=str(out), overwrite=True))
     assert json.loads((out / "rank_map.json").read_text())["total_params"] <= 1500
+    with pytest.raises(BudgetError, match=r"\(search again with a larger --search.r_max\)$"):
+        run_export(ExportConfig(run=str(run), budget="1M", out=str(tmp_path / "big")))
+    with pytest.raises(BudgetError, match=r"\(raise --max-rank, or search again"):
+        run_export(ExportConfig(run=str(run), budget="1M", max_rank=1, out=str(tmp_path / "big")))
 
 
 def test_overwrite_keeps_the_previous_run_until_its_replacement_finishes(tmp_path, tiny_gpt2, monkeypatch):
