@@ -174,6 +174,9 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+SETTINGS_WAIT_S = 10.0  # how long a joining worker waits for the study's creator to record its settings
+
+
 def open_study(cfg: SweepConfig, storage: Any, out: Path) -> Any:
     """Create the study, or load it and check that it was run with the same settings.
 
@@ -185,10 +188,17 @@ def open_study(cfg: SweepConfig, storage: Any, out: Path) -> Any:
     exists = cfg.study_name in optuna.get_all_study_names(storage)
     if cfg.resume and not exists:
         raise ConfigError(f"--resume: no study {cfg.study_name!r} in {storage_name(cfg, out)}")
-    study = optuna.create_study(storage=storage, study_name=cfg.study_name, directions=list(DIRECTIONS),
-                                load_if_exists=True)
+    try:  # creating is atomic: of workers starting together, one creates the study and records its settings
+        study = optuna.create_study(storage=storage, study_name=cfg.study_name, directions=list(DIRECTIONS))
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        study, created = optuna.load_study(study_name=cfg.study_name, storage=storage), False
     want = _settings(cfg)
     have = study.user_attrs.get("settings")
+    deadline = time.time() + SETTINGS_WAIT_S
+    while have is None and not created and time.time() < deadline:  # the creator is about to record them
+        time.sleep(0.2)
+        have = optuna.load_study(study_name=cfg.study_name, storage=storage).user_attrs.get("settings")
     if have is None:
         study.set_user_attr("settings", want)
         study.set_user_attr("objectives", list(OBJECTIVES))

@@ -90,6 +90,26 @@ def test_recorded_commands_rebuild_the_same_config(cls, argv):
     assert again == cfg
 
 
+def test_a_worker_joining_a_study_being_created_waits_for_its_settings(tmp_path):
+    """Two workers start together with different settings: the one that did not create the study waits for
+    the creator's settings and refuses, rather than recording its own beside the creator's trials."""
+    import threading
+
+    import optuna
+
+    from rankalloc.errors import ConfigError
+
+    creator, _ = parse_args(SweepConfig, ["--budgets", "7k", "--study-name", "r"], "t", "")
+    joiner, _ = parse_args(SweepConfig, ["--budgets", "7k", "--study-name", "r", "--train.lr", "0.0123"], "t", "")
+    storage = sweep_study.open_storage(creator, tmp_path)
+    study = optuna.create_study(storage=storage, study_name="r", directions=list(sweep_study.DIRECTIONS))
+    later = threading.Timer(0.5, lambda: study.set_user_attr("settings", sweep_study._settings(creator)))
+    later.start()
+    with pytest.raises(ConfigError, match="study 'r' was run with --train.lr"):
+        sweep_study.open_study(joiner, storage, tmp_path)
+    later.join()
+
+
 def test_a_retried_trial_runs_its_own_point_whatever_this_workers_grid():
     """A trial killed before its first suggest is retried with the dead worker's grid index; this worker's
     grid has other points in another order, so the index alone would name another point."""
