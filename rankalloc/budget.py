@@ -38,37 +38,37 @@ class BudgetSpec:
         return budget
 
 
-def parse_budget(text: str | int) -> BudgetSpec:
-    """Parse a budget string.
+def parse_budget(text: str | int, flag: str = "--budget") -> BudgetSpec:
+    """Parse a budget string; errors name ``flag``.
 
     Raises:
         BudgetError: unparsable, zero, negative, fractional counts, percentages above 100, absurdly large.
     """
     raw = str(text).strip()
     if isinstance(text, bool):
-        raise BudgetError(f"--budget {raw!r} is not a budget; allowed: {ALLOWED}")
+        raise BudgetError(f"{flag} {raw!r} is not a budget; allowed: {ALLOWED}")
     if raw.startswith("-"):
-        raise BudgetError(f"--budget {raw}: a budget must be positive; allowed: {ALLOWED}")
+        raise BudgetError(f"{flag} {raw}: a budget must be positive; allowed: {ALLOWED}")
     m = _PATTERN.match(raw)
     if not m:
-        raise BudgetError(f"--budget {raw!r} is not a budget; allowed: {ALLOWED}")
+        raise BudgetError(f"{flag} {raw!r} is not a budget; allowed: {ALLOWED}")
     number, suffix = float(m.group(1)), m.group(2).lower()
     if not math.isfinite(number):
-        raise BudgetError(f"--budget {raw}: not a finite number; allowed: {ALLOWED}")
+        raise BudgetError(f"{flag} {raw}: not a finite number; allowed: {ALLOWED}")
     if number <= 0:
-        raise BudgetError(f"--budget {raw}: a budget must be positive; allowed: {ALLOWED}")
+        raise BudgetError(f"{flag} {raw}: a budget must be positive; allowed: {ALLOWED}")
     if suffix == "%":
         if number > 100:
-            raise BudgetError(f"--budget {raw}: a percentage of the base model must lie in (0, 100]")
+            raise BudgetError(f"{flag} {raw}: a percentage of the base model must lie in (0, 100]")
         return BudgetSpec(raw, number, True)
     value = number * _SUFFIX[suffix]
     if value > MAX_ABSOLUTE:
-        raise BudgetError(f"--budget {raw}: {value:.3g} parameters is beyond any model (at most {MAX_ABSOLUTE:.0e})")
+        raise BudgetError(f"{flag} {raw}: {value:.3g} parameters is beyond any model (at most {MAX_ABSOLUTE:.0e})")
     rounded = round(value)
     if abs(value - rounded) > 1e-6 * max(1.0, value):
-        raise BudgetError(f"--budget {raw}: a parameter count must be a whole number, got {value:g}")
+        raise BudgetError(f"{flag} {raw}: a parameter count must be a whole number, got {value:g}")
     if rounded <= 0:
-        raise BudgetError(f"--budget {raw}: a budget must be at least one parameter; allowed: {ALLOWED}")
+        raise BudgetError(f"{flag} {raw}: a budget must be at least one parameter; allowed: {ALLOWED}")
     return BudgetSpec(raw, float(rounded), False)
 
 
@@ -86,8 +86,9 @@ def feasible_range(costs: Iterable[int], r_max: Iterable[int]) -> tuple[int, int
 
 
 def check_budget(budget: int, costs: Iterable[int], r_max: Iterable[int], text: str | None = None,
-                 raise_cap: str = "raise --search.r_max to allow more") -> None:
-    """Refuse a budget that no rank map can use; ``raise_cap`` says how the caller's user lifts the caps.
+                 raise_cap: str = "raise --search.r_max to allow more", flag: str = "--budget") -> None:
+    """Refuse a budget that no rank map can use; ``raise_cap`` says how the caller's user lifts the caps,
+    and errors name ``flag``.
 
     Raises:
         BudgetError: below one rank of the cheapest module, or above the all-``r_max`` cost.
@@ -95,10 +96,10 @@ def check_budget(budget: int, costs: Iterable[int], r_max: Iterable[int], text: 
     lo, hi = feasible_range(costs, r_max)
     shown = text if text is not None else f"{budget:,}"
     if budget < lo:
-        raise BudgetError(f"--budget {shown} ({budget:,} parameters) is below the smallest non-empty "
+        raise BudgetError(f"{flag} {shown} ({budget:,} parameters) is below the smallest non-empty "
                           f"allocation ({lo:,}: rank 1 on the cheapest module); allowed: {lo:,} to {hi:,}")
     if budget > hi:
-        raise BudgetError(f"--budget {shown} ({budget:,} parameters) exceeds every module at its largest "
+        raise BudgetError(f"{flag} {shown} ({budget:,} parameters) exceeds every module at its largest "
                           f"rank ({hi:,}); allowed: {lo:,} to {hi:,} ({raise_cap})")
 
 

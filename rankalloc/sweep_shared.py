@@ -52,10 +52,7 @@ def parse_budgets(items: list[str]) -> list[int]:
 
 
 def _absolute(text: str, item: str, flag: str = "--budgets") -> int:
-    try:
-        spec = parse_budget(text)
-    except BudgetError as e:  # parse_budget speaks of --budget; name the flag the user gave
-        raise BudgetError(str(e).replace("--budget ", f"{flag} ", 1)) from None
+    spec = parse_budget(text, flag)
     if spec.percent:
         raise BudgetError(f"--budgets {item}: give parameter counts (500k, 0.5M), not a share of the model")
     return int(spec.value)
@@ -122,10 +119,7 @@ def check_shared_budgets(cfg: SweepConfig, budgets: list[int]) -> None:
     costs = [t.cost_per_rank for t in targets]
     caps = list(candidate_r_max(targets, budgets[-1], cfg.search.r_max).values())
     for flag, b in [("--shared_budget", shared_budget(cfg, budgets))] + [("--budgets", b) for b in budgets]:
-        try:
-            check_budget(b, costs, caps)
-        except BudgetError as e:
-            raise BudgetError(str(e).replace("--budget ", f"{flag} ", 1)) from None
+        check_budget(b, costs, caps, flag=flag)
 
 
 def _shared_path(out: Path, recorded: str) -> Path:
