@@ -53,7 +53,7 @@ def discretize(scores: Sequence[Sequence[float]], costs: Sequence[int], budget: 
             through the Lagrangian, so this does not charge it twice.
 
     Raises:
-        BudgetError: when even rank 1 on the cheapest layer exceeds ``budget``.
+        BudgetError: when even rank 1 on the cheapest layer exceeds ``budget`` (or no layer has a candidate).
     """
     if len(scores) != len(costs):
         raise ValueError("scores and costs must have one entry per layer")
@@ -64,6 +64,10 @@ def discretize(scores: Sequence[Sequence[float]], costs: Sequence[int], budget: 
     if any(c <= 0 for c in costs):
         raise ValueError("every cost per rank must be positive")
     budget = int(budget)
+    rankable = [c for c, v in zip(costs, values) if len(v) > 1]  # layers with at least one candidate rank
+    if not rankable or min(rankable) > budget:  # both solvers would return the empty map
+        raise BudgetError(f"the budget {budget} is below one rank of the cheapest layer "
+                          f"({min(rankable) if rankable else 'no layer has a candidate rank'})")
     unit = reduce(math.gcd, costs)
     cap = budget // unit
     cells = sum(len(v) for v in values) * (cap + 1)

@@ -143,3 +143,14 @@ def test_when_no_map_fills_99_percent_the_fullest_one_is_kept():
     milp = disc._solve_milp([rank_values(s) for s in scores], costs, 6000, 0.99)
     assert sum(r * c for r, c in zip(dp, costs)) == sum(r * c for r, c in zip(milp, costs)) == 5376
     assert dp[4:] == [1, 1] and sum(dp[:4]) == 2
+
+
+@pytest.mark.parametrize("cell_limit", [disc.DP_CELL_LIMIT, 0])
+def test_a_budget_below_one_rank_is_refused_by_both_solvers(monkeypatch, cell_limit):
+    """Neither the table nor HiGHS returns the empty map when no single rank fits: both refuse."""
+    monkeypatch.setattr(disc, "DP_CELL_LIMIT", cell_limit)
+    with pytest.raises(disc.BudgetError, match="below one rank of the cheapest layer"):
+        discretize([[0.9, 0.8], [0.7]], [700, 500], 499)
+    with pytest.raises(disc.BudgetError, match="no layer has a candidate rank"):
+        discretize([[], []], [700, 500], 5000)
+    assert discretize([[0.9, 0.8], [0.7]], [700, 500], 500) == [0, 1]
