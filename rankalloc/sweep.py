@@ -19,8 +19,9 @@ RDB storage (SQLite, PostgreSQL, MySQL) a running trial sends heartbeats; one th
 ``--grace_period`` is failed and retried by another worker (``RetryHeartbeatStaleTrialCallback``).  A
 journal file has no heartbeats: there a trial whose worker process on this machine is gone is failed
 and retried.  On both, a trial whose worker died before its first line (no worker recorded) is failed
-and retried once it is older than ``--grace_period``.  A worker ends when every point is complete, waiting meanwhile for points that other
-workers are running.
+and retried once a waiting worker has seen it so for ``--grace_period`` (optuna stamps starts without a
+time zone, so a stamp is trusted only when it is over a day old).  A worker ends when every point is
+complete, waiting meanwhile for points that other workers are running.
 
 Outputs in ``--out``: ``pareto.csv``/``pareto.md`` (the non-dominated trials of each method, with the
 commands that reproduce each point), ``trials.csv``, ``pareto.png``, ``sweep.json`` (timings),
@@ -195,9 +196,10 @@ def run_worker(study: Any, sweep: Sweep) -> None:
         trials = study.get_trials(deepcopy=False)
         complete = {point_of(t) for t in trials if t.state == TrialState.COMPLETE}
         todo = [p for p in sweep.points if p not in complete]
-        tuned = sum(1 for t in trials if t.state == TrialState.COMPLETE and point_of(t) and
-                    point_of(t)[0] == RANKALLOC) if cfg.tune else 0
-        tune_left = sweep.tune_total - tuned if cfg.tune else 0
+        tuned = _tuned(trials, (TrialState.COMPLETE,)) if cfg.tune else 0
+        tune_left = sweep.tune_total - tuned if cfg.tune else 0  # the sweep ends when none is left
+        # a tuned trial running (or queued for retry) elsewhere is not started again here: no overshoot
+        tune_free = tune_left - _tuned(trials, (TrialState.RUNNING, TrialState.WAITING)) if cfg.tune else 0
         if not todo and tune_left <= 0:
             logger.info("sweep complete: %d point(s)%s", len(sweep.points),
                         f" and {tuned} tuned trial(s)" if cfg.tune else "")
@@ -208,7 +210,7 @@ def run_worker(study: Any, sweep: Sweep) -> None:
         held = {point_of(t): t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)}
         free = [p for p in todo if p not in held]
         queued = any(t.state == TrialState.WAITING for t in trials)
-        if not free and not queued and tune_left <= 0:
+        if not free and not queued and tune_free <= 0:
             running = {t.number for t in held.values()}
             if running != waiting_for:
                 logger.info("waiting for %d trial(s) running in other workers: %s", len(running),
@@ -223,6 +225,11 @@ def run_worker(study: Any, sweep: Sweep) -> None:
                     study.enqueue_trial({"budget": budget}, user_attrs={"method": method})
         with quiet_optuna():
             study.optimize(sweep.objective, n_trials=1, gc_after_trial=True)
+
+
+def _tuned(trials: list[Any], states: tuple[Any, ...]) -> int:
+    """How many of ``trials`` in ``states`` are tuned rankalloc trials (not baseline points)."""
+    return sum(1 for t in trials if t.state in states and (point_of(t) or (RANKALLOC,))[0] == RANKALLOC)
 
 
 # --------------------------------------------------------------------------------------------------

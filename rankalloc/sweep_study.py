@@ -235,7 +235,7 @@ def point_of(trial: Any) -> tuple[str, int] | None:
     params = {**(trial.system_attrs.get("fixed_params") or {}), **trial.params}  # enqueued: fixed_params
     method = params.get("method", trial.user_attrs.get("method"))
     budget = params.get("budget")
-    if budget is None and recorded:
+    if recorded and (budget is None or method is None):  # between the trial's two suggests: its sampler knows
         method, budget = recorded
     if budget is None:
         return None
@@ -324,12 +324,13 @@ def recover_crashed(study: Any, cfg: SweepConfig) -> None:
 
     RDB storages: by heartbeat (optuna's ``fail_stale_trials``).  A journal file has no heartbeats:
     there, a running trial counts as dead when its worker process on this machine is gone.  On both, a
-    running trial with no worker recorded that started more than --grace_period ago counts as dead: its
-    worker was killed between creating it and its first line (optuna never looks at a trial that
-    has sent no heartbeat, so without this rule it would hold its point forever).
+    running trial with no worker recorded for more than --grace_period counts as dead: its worker was
+    killed between creating it and its first line (optuna never looks at a trial that has sent no
+    heartbeat, so without this rule it would hold its point forever).  See ``_orphan_age`` for how that
+    age is read without trusting another machine's clock or time zone.
     """
     import optuna
-    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.exceptions import StorageInternalError, UpdateFinishedTrialError
     from optuna.storages._heartbeat import is_heartbeat_enabled
     from optuna.trial import TrialState
 
@@ -342,8 +343,7 @@ def recover_crashed(study: Any, cfg: SweepConfig) -> None:
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             worker = t.user_attrs.get("worker")
             if worker is None:
-                started = t.datetime_start.timestamp() if t.datetime_start else time.time()
-                dead = time.time() - started > cfg.grace_period
+                dead = _orphan_age(study, t) > cfg.grace_period
             elif heartbeats:
                 continue  # its heartbeats decide
             else:
@@ -355,8 +355,28 @@ def recover_crashed(study: Any, cfg: SweepConfig) -> None:
                 failed = study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
             except UpdateFinishedTrialError:  # another waiting worker failed it first
                 continue
+            except StorageInternalError:  # SQLite: another worker holds the write lock; the next look decides
+                continue
             if failed:
                 retry(study, copy.deepcopy(study._storage.get_trial(t._trial_id)))
+
+
+# Trials this process has seen running with no worker recorded: (study, trial id, start) -> monotonic time
+_ORPHANS_SEEN: dict[tuple[str, int, Any], float] = {}
+# optuna stamps datetime_start without a zone (its SQL storages in the creating machine's local time):
+# read on another machine it may be off by up to the widest gap between two time zones (UTC-12 to UTC+14)
+_ZONE_SKEW_S = 26 * 3600
+
+
+def _orphan_age(study: Any, trial: Any) -> float:
+    """Seconds a running trial with no worker recorded has been known to be one: how long this process
+    has seen it so, or its stamped age less any time-zone gap, whichever is longer.  A worker in another
+    time zone thus cannot fail a trial that has just started, and a day-old orphan is failed at once."""
+    now = time.monotonic()
+    first_seen = now - _ORPHANS_SEEN.setdefault((study.study_name, trial._trial_id, trial.datetime_start), now)
+    if trial.datetime_start is None:
+        return first_seen
+    return max(time.time() - trial.datetime_start.timestamp() - _ZONE_SKEW_S, first_seen)
 
 
 def _alive(pid: int) -> bool:

@@ -128,6 +128,44 @@ def test_a_retried_trial_runs_its_own_point_whatever_this_workers_grid():
             trial.suggest_int("budget", 1, MAX_ABSOLUTE, log=True)) == ("uniform", 14000)
 
 
+def test_a_trial_read_between_its_two_suggests_has_its_sampled_point():
+    """Another worker reading a grid trial after its budget was suggested but before its method sees the
+    point the sampler recorded, not the budget with rankalloc assumed."""
+    import optuna
+
+    from rankalloc.budget import MAX_ABSOLUTE
+
+    sampler = sweep_study.make_grid_sampler([("uniform", 14000)], 0)
+    study = optuna.create_study(directions=["minimize", "maximize"], sampler=sampler)
+    trial = study.ask()
+    trial.suggest_int("budget", 1, MAX_ABSOLUTE, log=True)
+    seen = study.get_trials(deepcopy=True)[0]
+    assert "method" not in seen.params and sweep_study.point_of(seen) == ("uniform", 14000)
+
+
+def test_a_tuned_trial_running_elsewhere_is_not_started_again(tmp_path, monkeypatch):
+    """--tune asks for one trial and another worker is running it: this worker waits for it instead of
+    starting a second (the study would hold more tuned trials than asked), then ends."""
+    import optuna
+
+    cfg, _ = parse_args(SweepConfig, ["--budgets", "7k", "--tune", "gate_lr", "--n-trials", "1",
+                                      "--poll_interval", "1"], "t", "")
+    study = optuna.create_study(directions=["minimize", "maximize"])
+    other = study.ask()
+    other.suggest_categorical("budget", [7000])
+    other.set_user_attr("worker", "elsewhere:1")
+    started = []
+    def objective(self, trial):
+        started.append(trial.suggest_categorical("budget", [7000]))
+        return 1.0, 0.5
+
+    monkeypatch.setattr(sweep.Sweep, "objective", objective)
+    monkeypatch.setattr(sweep.time, "sleep", lambda seconds: study.tell(other, [1.0, 0.5]))
+    work = sweep.Sweep(cfg, tmp_path, [7000], [], None, tune_total=1)
+    sweep.run_worker(study, work)
+    assert started == [] and len(study.trials) == 1
+
+
 @pytest.mark.parametrize("extra, fragment", [
     (["--budgets", "500,14k"], "--budgets 500 (500 parameters) is below the smallest non-empty allocation"),
     (["--budgets", "14k", "--shared_budget", "500"], "--shared_budget 500 (500 parameters) is below"),
@@ -367,13 +405,15 @@ def test_journal_trial_of_a_dead_worker_is_failed_and_retried(tmp_path):
 
 def test_a_trial_killed_before_its_first_heartbeat_is_failed_and_retried(tmp_path, monkeypatch):
     """optuna's stale-trial check skips a trial that never sent a heartbeat: a worker killed right after
-    creating one would hold its point forever.  No worker recorded and older than --grace_period: dead."""
+    creating one would hold its point forever.  No worker recorded for longer than --grace_period: dead."""
     import optuna
     from optuna.trial import TrialState
 
     cfg, _ = parse_args(SweepConfig, ["--budgets", "7k", "--heartbeat_interval", "1", "--grace_period", "2"], "t", "")
     study = sweep_study.open_study(cfg, sweep_study.open_storage(cfg, tmp_path), tmp_path)
     orphan = study.ask({"budget": optuna.distributions.IntDistribution(1, 10**13, log=True)})
+    sweep_study.recover_crashed(study, cfg)  # a first look: too young to be dead
+    assert study.trials[orphan.number].state == TrialState.RUNNING
     time.sleep(2.5)
     fresh = study.ask()  # just created by a live worker: not yet its first line
     seen_by_another_worker = study.get_trials(deepcopy=True, states=(TrialState.RUNNING,))
@@ -387,6 +427,48 @@ def test_a_trial_killed_before_its_first_heartbeat_is_failed_and_retried(tmp_pat
     sweep_study.recover_crashed(study, cfg)  # does not crash on the already-failed trial
     monkeypatch.undo()
     assert len([t for t in study.trials if t.state == TrialState.WAITING]) == 1
+
+
+def test_an_orphan_stamped_in_another_time_zone_is_not_failed_at_first_sight(tmp_path, monkeypatch):
+    """optuna's SQL storages stamp a trial's start in the creating machine's local time, with no zone.  A
+    worker whose clock reads that stamp three hours off must not fail a trial that has just started;
+    beyond any time-zone gap (27 hours) the stamp alone says the trial is dead.  A lock held by another
+    worker while failing one is not an error: the next look decides."""
+    import datetime
+
+    import optuna
+    from optuna.exceptions import StorageInternalError
+    from optuna.trial import TrialState
+
+    cfg, _ = parse_args(SweepConfig, ["--budgets", "7k", "--heartbeat_interval", "1", "--grace_period", "2"], "t", "")
+    study = sweep_study.open_study(cfg, sweep_study.open_storage(cfg, tmp_path), tmp_path)
+    young, old = study.ask(), study.ask()
+    real_get_trials = study.get_trials
+
+    def stamped(hours_ago):
+        def get_trials(deepcopy=False, states=None):
+            trials = real_get_trials(deepcopy=True, states=states)
+            for t in trials:
+                if t.number == old.number:
+                    t.datetime_start = datetime.datetime.now() - datetime.timedelta(hours=hours_ago)
+                if t.number == young.number:
+                    t.datetime_start = datetime.datetime.now() - datetime.timedelta(hours=3)
+            return trials
+        return get_trials
+
+    monkeypatch.setattr(study, "get_trials", stamped(27))
+    real_set = study._storage.set_trial_state_values
+
+    def locked(*args, **kwargs):
+        raise StorageInternalError("database is locked")
+
+    monkeypatch.setattr(study._storage, "set_trial_state_values", locked)
+    sweep_study.recover_crashed(study, cfg)  # both stay running, no error
+    monkeypatch.setattr(study._storage, "set_trial_state_values", real_set)
+    sweep_study.recover_crashed(study, cfg)
+    monkeypatch.undo()
+    states = {t.number: t.state for t in study.trials}
+    assert states[old.number] == TrialState.FAIL and states[young.number] == TrialState.RUNNING
 
 
 # --------------------------------------------------------------------------------------------------
