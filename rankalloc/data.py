@@ -217,10 +217,18 @@ def train_eval_frames(raw: RawTask, cfg: DataConfig, family: Family | None = Non
                                       np.random.default_rng([cfg.split_seed, _EVAL_SPLIT]),
                                       what="--data.eval_fraction")
         train_df, eval_df = train_df.iloc[rest], train_df.iloc[held]
+    uncapped = len(train_df)
     train_df = _cap(train_df, cfg.max_train_examples, np.random.default_rng([cfg.split_seed, _TRAIN_CAP]))
     eval_df = _cap(eval_df, cfg.max_eval_examples, np.random.default_rng([cfg.split_seed, _EVAL_CAP]))
     if len(eval_df) == 0:
         raise DataError(f"task {raw.name}: the evaluation split is empty")
+    if raw.family == "classification" and train_df["label"].nunique() < 2:
+        cause = (f"the {len(train_df)} training examples sampled by --data.max_train_examples"
+                 if len(train_df) < uncapped else "the training split after the held-out evaluation slice")
+        only = raw.label_names[int(train_df["label"].iloc[0])]
+        raise DataError(f"task {raw.name}: {cause} hold one class ({only!r}); "
+                        "a classifier needs at least two (raise --data.max_train_examples, or give more examples "
+                        "of the other classes)")
     return train_df.reset_index(drop=True), eval_df.reset_index(drop=True)
 
 

@@ -13,6 +13,7 @@ A multiple-choice task can also be trained as causal LM on its right answers (:f
 """
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import math
@@ -264,7 +265,10 @@ def select_columns(df: pd.DataFrame, cfg: DataConfig, family: str, where: str) -
                   "choices": ",".join(cfg.choice_columns or [])}[empty]
         raise DataError(f"{where}: column {source!r} holds no text (every value is missing)")
     if missing.any():
-        logger.warning("%s: dropping %d row(s) with missing text", where, int(missing.sum()))
+        source = {"text": cfg.text_column, "text_pair": cfg.text_pair_column, "answer": cfg.answer_column or "answer",
+                  "choices": "options"}
+        counts = ", ".join(f"{source[c]!r}: {int(out[c].isna().sum())}" for c in required if out[c].isna().any())
+        logger.warning("%s: dropping %d row(s) with a missing value (%s)", where, int(missing.sum()), counts)
         out = out[~missing].copy()
     for c in ("text", "text_pair", "answer"):
         if c in out:
@@ -272,18 +276,34 @@ def select_columns(df: pd.DataFrame, cfg: DataConfig, family: str, where: str) -
     return out
 
 
+def _parsed_list(text: str) -> object:
+    """A list written into a CSV cell: as JSON, or as Python's repr (what pandas' and datasets' to_csv
+    write); the text itself when it is neither."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text  # refused by the caller, as any other non-list
+
+
+def _is_missing(value: object) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def _options(df: pd.DataFrame, columns: list[str], where: str) -> pd.Series:
-    """Each row's options: from one list-valued column (a JSON list string in CSV files) or from
-    several single-option columns (missing ones skipped)."""
+    """Each row's options: from one list-valued column (a list written as JSON or Python in CSV files) or
+    from several single-option columns.  Missing options at the end are skipped; a row missing an
+    option before a present one is dropped (with a warning), since its label counts the columns."""
     rows = []
+    gaps = 0
     for i in range(len(df)):
         if len(columns) == 1:
             value = df[columns[0]].iloc[i]
             if isinstance(value, str):
-                try:
-                    value = json.loads(value)
-                except json.JSONDecodeError:
-                    pass  # refused below, as any other non-list
+                value = _parsed_list(value)
             if value is None or (isinstance(value, float) and math.isnan(value)):
                 rows.append(None)
                 continue
@@ -292,13 +312,22 @@ def _options(df: pd.DataFrame, columns: list[str], where: str) -> pd.Series:
                                 "or one column per option in --data.choice_columns)")
             options = list(value)
         else:
-            options = [v for v in (df[c].iloc[i] for c in columns) if not (v is None or (isinstance(v, float)
-                                                                                        and math.isnan(v)))]
+            values = [df[c].iloc[i] for c in columns]
+            present = [not _is_missing(v) for v in values]
+            last = max((j for j, kept in enumerate(present) if kept), default=-1)
+            if not all(present[:last + 1]):
+                gaps += 1
+                rows.append(None)
+                continue
+            options = [v for v, kept in zip(values, present) if kept]
         options = [str(o) for o in options]
         if len(options) < 2 or any(not o.strip() for o in options):
             raise DataError(f"{where}: row {i} has {len(options)} option(s) or an empty one; a multiple-choice "
                             "question needs at least two non-empty options")
         rows.append(options)
+    if gaps:
+        logger.warning("%s: dropping %d row(s) missing an option before a present one (the label counts the "
+                       "columns of %s)", where, gaps, ", ".join(columns))
     return pd.Series(rows, index=df.index, dtype=object)
 
 

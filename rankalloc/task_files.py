@@ -7,6 +7,7 @@ are encoded, is :mod:`rankalloc.task_columns`' job.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from .config import DataConfig
 from .errors import DataError
 from .task_columns import drop_unlabelled, encode_labels, encode_targets, resolve_family, select_columns
 
-__all__ = ["LOCAL_EXTENSIONS", "RawTask", "encode_labels", "read_table"]
+__all__ = ["LOCAL_EXTENSIONS", "RawTask", "decode_mixed", "encode_labels", "read_table"]
 
 logger = logging.getLogger("rankalloc.tasks")  # one logger for the task modules, as before the split
 
@@ -70,9 +71,15 @@ def reject_hub_config(cfg: DataConfig, kind: str) -> None:
         raise DataError(f"--task {cfg.task} is a {kind}, so --data.hub_config does not apply; drop it")
 
 
+def _text_columns(cfg: DataConfig) -> list[str]:
+    """The columns ``cfg`` reads as text: kept as written in a CSV file ("007", "3.10", "NA" are text)."""
+    named = [cfg.text_column, cfg.text_pair_column, cfg.answer_column, *(cfg.choice_columns or [])]
+    return [c for c in named if c is not None]
+
+
 def _load_local(cfg: DataConfig, path: Path) -> RawTask:
     reject_hub_config(cfg, "local file")
-    table = read_table(path)
+    table = read_table(path, _text_columns(cfg))
     family = resolve_family(cfg, table)
     train = select_columns(table, cfg, family, str(path))
     evaluation = None
@@ -81,7 +88,7 @@ def _load_local(cfg: DataConfig, path: Path) -> RawTask:
         if eval_path.suffix.lower() not in LOCAL_EXTENSIONS:
             raise DataError(f"--data.eval_file {cfg.eval_file}: unknown file extension {eval_path.suffix!r}; "
                             f"use one of {', '.join(LOCAL_EXTENSIONS)}")
-        evaluation = select_columns(read_table(eval_path), cfg, family, str(eval_path))
+        evaluation = select_columns(read_table(eval_path, _text_columns(cfg)), cfg, family, str(eval_path))
     wheres = f"{path} column {cfg.label_column!r}", f"{cfg.eval_file} column {cfg.label_column!r}"
     if family == "classification":
         train, evaluation = drop_unlabelled(train, evaluation, *wheres)
@@ -89,8 +96,12 @@ def _load_local(cfg: DataConfig, path: Path) -> RawTask:
     return RawTask(path.stem, train, evaluation, names, "text_pair" in train.columns, family)
 
 
-def read_table(path: Path) -> pd.DataFrame:
+def read_table(path: Path, text_columns: Iterable[str] = ()) -> pd.DataFrame:
     """Read a .csv/.tsv/.json/.jsonl/.parquet file into a frame.
+
+    Text files are decoded line by line (UTF-8, else Latin-1: :func:`decode_mixed`).  In CSV/TSV only an
+    empty cell is missing: "NA", "null" or "None" are text or class names, and ``text_columns`` keep their
+    text as written ("007" stays "007", not 7.0).
 
     Raises:
         DataError: the file is missing, empty, of an unknown kind, or cannot be parsed.
@@ -105,11 +116,11 @@ def read_table(path: Path) -> pd.DataFrame:
         raise DataError(f"{path}: the file is empty")
     try:
         if suffix in (".csv", ".tsv"):
-            # utf-8-sig drops a byte-order mark that would otherwise stick to the first column's name
+            text = _decoded(path)
             tsv = suffix == ".tsv"
-            df = pd.read_csv(path, sep="\t" if tsv else ",",
-                             quoting=_tsv_quoting(path) if tsv else csv.QUOTE_MINIMAL,
-                             encoding="utf-8-sig", encoding_errors="replace")
+            df = pd.read_csv(io.StringIO(text), sep="\t" if tsv else ",",
+                             quoting=_tsv_quoting(text) if tsv else csv.QUOTE_MINIMAL,
+                             keep_default_na=False, na_values=[""], dtype={c: str for c in text_columns})
         elif suffix == ".parquet":
             df = pd.read_parquet(path)
         else:
@@ -125,23 +136,41 @@ def read_table(path: Path) -> pd.DataFrame:
     return df
 
 
-def _tsv_quoting(path: Path) -> int:
+def decode_mixed(data: bytes) -> str:
+    """Decode bytes line by line: UTF-8 where valid, else Latin-1 (never fails, keeps every line)."""
+    lines = []
+    for line in data.split(b"\n"):
+        try:
+            lines.append(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            lines.append(line.decode("latin-1"))
+    return "\n".join(lines)
+
+
+def _decoded(path: Path) -> str:
+    """A text file's contents (:func:`decode_mixed`), without a byte-order mark, which would otherwise
+    stick to the first column's name or break JSON."""
+    text = decode_mixed(path.read_bytes())
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def _tsv_quoting(text: str) -> int:
     """How a TSV quotes: not at all (GLUE's convention: a quote character is text), unless only standard
     quoting (as pandas and datasets write fields holding tabs, newlines or quotes) gives every row the
     same number of fields."""
     for quoting in (csv.QUOTE_NONE, csv.QUOTE_MINIMAL):
-        with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
-            try:
-                if len({len(row) for row in csv.reader(f, delimiter="\t", quoting=quoting) if row}) == 1:
-                    return quoting
-            except csv.Error:
-                pass
+        try:
+            if len({len(row) for row in csv.reader(io.StringIO(text, newline=""), delimiter="\t",
+                                                    quoting=quoting) if row}) == 1:
+                return quoting
+        except csv.Error:
+            pass
     return csv.QUOTE_NONE  # ragged either way: the parser names the first bad line
 
 
 def _read_json(path: Path) -> pd.DataFrame:
     """A JSON list of records, {"data"|"examples"|...: [records]}, a column mapping, or JSON lines."""
-    text = path.read_bytes().decode("utf-8-sig", errors="replace")  # a byte-order mark is not JSON
+    text = _decoded(path)
     if not text.strip():
         raise DataError(f"{path}: the file is empty")
     try:
@@ -253,6 +282,9 @@ def _from_splits(splits: Any, cfg: DataConfig, label: str, name: str) -> RawTask
     class_names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
     wheres = (f"{label} split 'train' column {cfg.label_column!r}",
               f"{label} split {eval_name!r} column {cfg.label_column!r}")
+    if class_names is not None and evaluation is not None and family == "classification":
+        evaluation = _to_train_ids(evaluation, splits[eval_name].features.get(cfg.label_column), class_names,
+                                   wheres[1])
     if family == "classification":  # ClassLabel -1: an unlabelled row; a plain column: see drop_unlabelled
         train, evaluation = drop_unlabelled(train, evaluation, *wheres, class_label=class_names is not None)
     if class_names is not None and family == "classification":
@@ -265,6 +297,36 @@ def _from_splits(splits: Any, cfg: DataConfig, label: str, name: str) -> RawTask
     if evaluation is not None:
         logger.info("%s: evaluating on the %r split", label, eval_name)
     return RawTask(name, train, evaluation, names, "text_pair" in train.columns, family)
+
+
+def _to_train_ids(evaluation: pd.DataFrame, feature: Any, names: list[str], where: str) -> pd.DataFrame:
+    """The evaluation split's labels as ids of the training split's ``ClassLabel`` ``names``: by name when
+    the split has its own ``ClassLabel`` (in another order, or a subset) or plain class names; integer
+    ids are kept as they are.  A negative id (unlabelled) stays negative.
+
+    Raises:
+        DataError: an evaluation class name the training split does not have.
+    """
+    import datasets
+
+    labels = evaluation["label"]
+    if isinstance(feature, datasets.ClassLabel):
+        if list(feature.names) == names:
+            return evaluation
+        own = list(feature.names)
+        labels = labels.map(lambda i: own[i] if 0 <= i < len(own) else i)
+    present = labels.map(lambda v: isinstance(v, str))
+    if not present.any():
+        return evaluation
+    unknown = sorted(set(labels[present]) - set(names))
+    if unknown:
+        raise DataError(f"{where}: class name(s) {', '.join(map(repr, unknown[:5]))} are not among the training "
+                        f"split's classes ({', '.join(names)})")
+    ids = {name: i for i, name in enumerate(names)}
+    mapped = labels.map(lambda v: ids[v] if isinstance(v, str) else v)
+    evaluation = evaluation.copy()
+    evaluation["label"] = mapped.astype("int64") if mapped.notna().all() else mapped
+    return evaluation
 
 
 def _is_saved_dataset(path: Path) -> bool:

