@@ -80,7 +80,8 @@ class Family:
     def model_class(self) -> Any:
         raise NotImplementedError
 
-    def config_kwargs(self, num_labels: int) -> dict[str, Any]:
+    def config_kwargs(self, num_labels: int, label_names: list[str] | None = None) -> dict[str, Any]:
+        """Settings of the model config for this family's head (``label_names``: the classes, in id order)."""
         return {}
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> Output:
@@ -112,8 +113,12 @@ class Classification(Family):
         from transformers import AutoModelForSequenceClassification
         return AutoModelForSequenceClassification
 
-    def config_kwargs(self, num_labels):
-        return {"num_labels": num_labels, "problem_type": "single_label_classification"}
+    def config_kwargs(self, num_labels, label_names=None):
+        kwargs = {"num_labels": num_labels, "problem_type": "single_label_classification"}
+        if label_names is not None and len(label_names) == num_labels:  # saved models name their classes
+            kwargs["id2label"] = {i: str(name) for i, name in enumerate(label_names)}
+            kwargs["label2id"] = {str(name): i for i, name in enumerate(label_names)}
+        return kwargs
 
     def forward(self, model, batch):
         logits = model(**_without(batch, "labels")).logits
@@ -137,7 +142,7 @@ class Regression(Classification):
         tensors["labels"] = torch.tensor(df["label"].to_numpy(dtype=np.float32, copy=True))
         return tensors
 
-    def config_kwargs(self, num_labels):
+    def config_kwargs(self, num_labels, label_names=None):
         return {"num_labels": 1, "problem_type": "regression"}
 
     def forward(self, model, batch):

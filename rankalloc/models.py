@@ -108,14 +108,15 @@ def load_model_config(cfg: ModelConfig, **overrides: Any) -> Any:
 
 
 def load_model(cfg: ModelConfig, num_labels: int = 2, family: Family | None = None,
-               pad_token_id: int | None = None) -> nn.Module:
+               pad_token_id: int | None = None, label_names: list[str] | None = None) -> nn.Module:
     """The model class of the task family (a classification head by default), with frozen base weights
-    and a trainable task head (none for language modelling: the output layer is the pretrained one)."""
+    and a trainable task head (none for language modelling: the output layer is the pretrained one).
+    ``label_names`` name a classifier's classes in its config (``id2label``)."""
     from transformers.utils import logging as hf_logging
 
     family = family or Classification()
     path = resolve_model_path(cfg.name)
-    config = _family_config(cfg, family, num_labels)
+    config = _family_config(cfg, family, num_labels, label_names)
     _use_tokenizer_padding(config, family, pad_token_id, cfg.name)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialised head" notice is expected here
@@ -268,11 +269,11 @@ def skeleton_targets(cfg: ModelConfig, family: Family | None = None) -> list[Tar
 _DECODER_DEPTHS = ("num_decoder_layers", "decoder_layers")
 
 
-def _family_config(cfg: ModelConfig, family: Family, num_labels: int) -> Any:
+def _family_config(cfg: ModelConfig, family: Family, num_labels: int, label_names: list[str] | None = None) -> Any:
     """The model's transformers config with the family's head settings and ``--model.num_layers``, which
     keeps the first N blocks of every block stack: an encoder-decoder's decoder too (all of it when it
     has N blocks or fewer)."""
-    kwargs = family.config_kwargs(num_labels)
+    kwargs = family.config_kwargs(num_labels, label_names)
     if cfg.num_layers is not None:
         kwargs.update(_cut_depths(load_model_config(cfg), cfg))
     return load_model_config(cfg, **kwargs)

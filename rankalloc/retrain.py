@@ -191,7 +191,7 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     task = prepare_task(cfg.data, tokenizer, cfg.seed, load_model_config(cfg.model), gate_split=False)
-    model = load_model(cfg.model, task.num_labels, task.family, tokenizer.pad_token_id)
+    model = load_model(cfg.model, task.num_labels, task.family, tokenizer.pad_token_id, task.label_names)
     targets = retrain_targets(model, cfg, rank_map)
     if rank_map is not None:
         rank_map.check_against(targets, source=f"--rank-map {cfg.rank_map}")
@@ -255,7 +255,8 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
         wall["total"] = time.time() - t0
 
         metrics = {
-            "method": method, "task": task.name, "family": task.family.name, "base_model": cfg.model.name, **scores,
+            "method": method, "task": task.name, "family": task.family.name, "base_model": cfg.model.name,
+            "label_names": list(task.label_names), **scores,
             "eval_examples": int(len(labels)), "train_examples": len(task.train), "steps": steps,
             "final_train_loss": float(np.mean([r["train_loss"] for r in history[-cfg.train.log_every:]])),
             **adapter, "budget": int(budget), "budget_used": adapter["adapter_params"] / budget,
@@ -334,7 +335,7 @@ def _reload_difference(cfg: RetrainConfig, task: TaskData, tokenizer: Any, folde
     """Largest logit difference between the trained model and its saved adapter on a fresh base."""
     from peft import PeftModel
 
-    base = load_model(cfg.model, task.num_labels, task.family, tokenizer.pad_token_id)
+    base = load_model(cfg.model, task.num_labels, task.family, tokenizer.pad_token_id, task.label_names)
     with _quiet_peft():
         reloaded = PeftModel.from_pretrained(base, str(folder)).to(device)
     return _max_diff(reloaded, task.family, probe, logits, device)

@@ -273,7 +273,7 @@ def run_search(cfg: SearchConfig, command: str | None = None,
     set_seed(cfg.seed)  # the same seed on every rank: sampled gates agree across ranks
     tokenizer = load_tokenizer(cfg.model)
     task = prepare_task(cfg.data, tokenizer, cfg.seed, load_model_config(cfg.model))
-    model = load_model(cfg.model, task.num_labels, task.family, tokenizer.pad_token_id)
+    model = load_model(cfg.model, task.num_labels, task.family, tokenizer.pad_token_id, task.label_names)
     targets = find_targets(model, cfg.model)
     base_params = count_parameters(model)
     budget = spec.resolve(base_params)
@@ -343,7 +343,8 @@ def finish(cfg: SearchConfig, gated: GatedModel, task: TaskData, targets: list[T
 
     summary = {"budget": budget, "total_params": rm.total_params,
                "head_params": sum(p.numel() for m in head_modules(gated.model).values() for p in m.parameters()),
-               "base_model": cfg.model.name, "task": task.name, "seed": cfg.seed, "steps": state.step,
+               "base_model": cfg.model.name, "task": task.name, "label_names": list(task.label_names),
+               "seed": cfg.seed, "steps": state.step,
                "final_lambda": lam, "final_cost_ratio": final_ratio, "wall_time_s": time.time() - t0,
                "gap": gap, "command": command, "r_max": max(r_max.values()),
                "gates": GATE_KINDS[cfg.search.gates].description, "peak_memory_mb": peak_memory(device),

@@ -102,6 +102,9 @@ def test_saved_adapter_and_merged_model_reproduce_the_trained_logits(rank_map_ru
     np.testing.assert_allclose(_logits(merged), trained, atol=1e-4, rtol=0)
     assert (rank_map_run.out / "merged" / "tokenizer_config.json").is_file()
     assert rank_map_run.metrics["checks"]["reload_max_abs_diff"] <= 1e-5
+    names = rank_map_run.metrics["label_names"]  # the saved model names the task's classes
+    assert names == ["negative", "neutral", "positive"]
+    assert merged.config.id2label == dict(enumerate(names)) and merged.config.label2id["neutral"] == 1
 
 
 def test_metrics_json_has_the_documented_keys(rank_map_run):
