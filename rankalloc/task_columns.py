@@ -76,8 +76,11 @@ def _short(value: object, limit: int = 40) -> str:
 
 
 def _normalise_labels(values: pd.Series, where: str) -> pd.Series:
-    """Integers as int64; strings stripped, and turned into int64 when every one is an integer literal."""
+    """Integers as int64; booleans as the class names "False" and "True"; strings stripped, and turned into
+    int64 when every one is an integer literal."""
     kind = _label_kind(values, where)
+    if len(values) and values.map(lambda v: isinstance(v, (bool, np.bool_))).all():
+        return values.map(lambda v: str(bool(v)))
     if kind == "int":
         return values.astype("int64")
     names = values.astype(str).str.strip()

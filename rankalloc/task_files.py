@@ -169,16 +169,26 @@ def _tsv_quoting(text: str) -> int:
 
 
 def _read_json(path: Path) -> pd.DataFrame:
-    """A JSON list of records, {"data"|"examples"|...: [records]}, a column mapping, or JSON lines."""
+    """A JSON list of records, {"data"|"examples"|...: [records]}, a column mapping (of lists, or of
+    {row: value} as pandas' to_json writes by default), pandas' "split" layout, or JSON lines (always, for
+    a .jsonl file: one line is one record)."""
     text = _decoded(path)
     if not text.strip():
         raise DataError(f"{path}: the file is empty")
+    if path.suffix.lower() == ".jsonl":
+        return _read_json_lines(path, text)
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
         return _read_json_lines(path, text)
     if isinstance(data, list):
         return _records_frame(data, path)
+    if isinstance(data, dict) and {"columns", "data"} <= set(data) and isinstance(data["data"], list):
+        return pd.DataFrame(data["data"], columns=data["columns"])  # to_json(orient="split")
+    if isinstance(data, dict) and data and all(isinstance(v, dict) for v in data.values()) \
+            and len({tuple(v) for v in data.values()}) == 1 and not any(isinstance(x, (dict, list)) for v in
+                                                                        data.values() for x in v.values()):
+        return pd.DataFrame(data)  # to_json's default: {"text": {"0": ..., "1": ...}, "label": {...}}
     if isinstance(data, dict):
         lists = {k: v for k, v in data.items() if isinstance(v, list)}
         if lists and len(lists) == len(data) and len({len(v) for v in lists.values()}) == 1 \

@@ -18,6 +18,7 @@ from rankalloc.config import DataConfig, ModelConfig
 from rankalloc.data import EpochSampler, Split, prepare_task, stratified_split
 from rankalloc.errors import DataError
 from rankalloc.models import load_tokenizer
+from rankalloc.task_files import read_table
 from rankalloc.tasks import load_raw_task
 
 
@@ -836,3 +837,15 @@ def test_a_local_multiple_choice_file_trains_as_causal_lm_on_its_answers(tmp_pat
     raw = load_raw_task(small_cfg(tmp_path / "mc.jsonl", text_column="q", choice_columns=["options"],
                                   family="causal_lm"))
     assert raw.family == "causal_lm" and raw.train["answer"].tolist() == ["a", "b", "c"] * 2
+
+
+def test_json_as_pandas_writes_it_and_one_line_jsonl_load(tmp_path):
+    df = pd.DataFrame({"text": ["good", "bad", "fine", "awful"], "label": [True, False, True, False]})
+    df.to_json(tmp_path / "columns.json")  # pandas' default layout: {"text": {"0": ...}, ...}
+    df.to_json(tmp_path / "split.json", orient="split")
+    for name in ("columns.json", "split.json"):
+        raw = load_raw_task(small_cfg(tmp_path / name))
+        assert raw.train["text"].tolist() == ["good", "bad", "fine", "awful"]
+        assert raw.label_names == ["False", "True"] and raw.train["label"].tolist() == [1, 0, 1, 0]
+    (tmp_path / "one.jsonl").write_text(json.dumps({"text": "only", "label": "a"}) + "\n")
+    assert read_table(tmp_path / "one.jsonl").to_dict("records") == [{"text": "only", "label": "a"}]
