@@ -306,6 +306,11 @@ def _option_scoring(model_config: Any) -> str:
 def _tokenize_texts(df: pd.DataFrame, tokenizer: Any, max_length: int) -> dict[str, torch.Tensor]:
     """``text`` (and ``text_pair`` if present), truncated and padded to ``max_length``."""
     has_pair = "text_pair" in df.columns
+    joined = has_pair and not _marks_pairs(tokenizer)
+    if joined:  # e.g. GPT-2's and other byte-level BPE tokenizers: the two texts would run together
+        separator = tokenizer.sep_token or tokenizer.eos_token or "\n"
+        df = pd.DataFrame({"text": [f"{a}{separator}{b}" for a, b in zip(df["text"], df["text_pair"])]})
+        has_pair = False
     accepted = set(getattr(tokenizer, "model_input_names", MODEL_INPUTS)) & set(MODEL_INPUTS)
     accepted |= {"input_ids", "attention_mask"}
     parts: dict[str, list[torch.Tensor]] = {}
@@ -317,6 +322,14 @@ def _tokenize_texts(df: pd.DataFrame, tokenizer: Any, max_length: int) -> dict[s
             if key in encoded and key in accepted:
                 parts.setdefault(key, []).append(encoded[key].to(torch.long))
     return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def _marks_pairs(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` puts something between (or after) the two texts of a pair, as BERT's
+    ``[SEP]`` or T5's ``</s>`` do; a tokenizer with no pair template just concatenates them."""
+    single = tokenizer("a")["input_ids"]
+    second = tokenizer("b", add_special_tokens=False)["input_ids"]
+    return tokenizer("a", "b")["input_ids"] != single + second
 
 
 def _tokenize_prompt_answer(prompts: list[str], answers: list[str], tokenizer: Any, max_length: int,

@@ -87,13 +87,30 @@ def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
     path = resolve_model_path(cfg.name)
+    folder = Path(path).expanduser()
+    if folder.is_dir() and not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        # transformers >= 5 builds an empty tokenizer here, which turns every text into unknown tokens
+        raise ModelError(f"--model {cfg.name}: the folder holds no tokenizer ({', '.join(_TOKENIZER_FILES[:4])}, "
+                         "...); save one there with tokenizer.save_pretrained(folder)")
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise ModelError(f"--model {cfg.name}: cannot load its tokenizer ({_first_line(e)}){_hub_hint(cfg.name)}") from None
+    if len(tok) < _MIN_VOCABULARY:
+        raise ModelError(f"--model {cfg.name}: its tokenizer knows only {len(tok)} tokens, so texts would become "
+                         "unknown tokens; save the model's own tokenizer in its folder")
     if tok.pad_token is None:  # decoder models: pad with EOS, as is usual for classification heads
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    if tok.pad_token is None:
+        raise ModelError(f"--model {cfg.name}: its tokenizer has no padding, end-of-sequence or unknown token to pad "
+                         "batches with; add one (tokenizer.add_special_tokens({'pad_token': '<pad>'})) and save it")
     return tok
+
+
+# Files a saved tokenizer consists of (one suffices): fast, WordPiece, BPE and SentencePiece tokenizers
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                    "sentencepiece.bpe.model", "tokenizer.model", "merges.txt", "vocab.model")
+_MIN_VOCABULARY = 100  # fewer tokens than this: not a language's tokenizer (an empty one has 1-5)
 
 
 def load_model_config(cfg: ModelConfig, **overrides: Any) -> Any:
@@ -191,9 +208,12 @@ def head_modules(model: nn.Module) -> dict[str, nn.Module]:
     prefix = getattr(model, "base_model_prefix", None)
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     output_weight = getattr(output, "weight", None)
-    return {name: child for name, child in model.named_children()
-            if name != prefix and any(True for _ in child.parameters())
-            and not any(p is output_weight for p in child.parameters())}
+    children = {name: child for name, child in model.named_children() if any(True for _ in child.parameters())}
+    if prefix not in children and children:  # the body is not under the class's prefix (Llama-4 text keeps
+        # it in 'model', not 'language_model'): the largest child is the body
+        prefix = max(children, key=lambda name: sum(p.numel() for p in children[name].parameters()))
+    return {name: child for name, child in children.items()
+            if name != prefix and not any(p is output_weight for p in child.parameters())}
 
 
 def head_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -222,20 +242,22 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
 
 def block_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     """The stacks of transformer blocks, in module order: the ModuleList holding the most parameters,
-    plus every other ModuleList (not nested in one already chosen, nor holding one) with at least a
-    fifth of its parameters - an encoder-decoder's second stack (BART's ``model.decoder.layers``, T5's
-    ``decoder.block``), but not a block's own small lists (experts, heads)."""
+    plus every other ModuleList (not nested in one already chosen, nor holding one) whose blocks are at
+    least a fifth the size of that one's - an encoder-decoder's second stack (BART's
+    ``model.decoder.layers``, T5's ``decoder.block``), however few blocks it has (distilbart-12-1's one
+    decoder block), but not a block's own small lists (experts, heads)."""
     heads = tuple(head_modules(model))
     lists = [(name, module, sum(p.numel() for p in module.parameters()))
              for name, module in model.named_modules()
              if isinstance(module, nn.ModuleList) and len(module) > 0 and not name.startswith(heads)]
     if not lists:
         return []
-    largest = max(n for _, _, n in lists)
+    _, largest_list, largest = max(lists, key=lambda item: item[2])
+    block_size = largest / len(largest_list)
     chosen: list[tuple[str, nn.ModuleList]] = []
     for name, module, n in sorted(lists, key=lambda item: -item[2]):
-        if not n or n < largest / 5:
-            break
+        if not n or n / len(module) < block_size / 5:
+            continue
         if any(name.startswith(c + ".") or c.startswith(name + ".") for c, _ in chosen):
             continue
         chosen.append((name, module))

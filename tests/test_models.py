@@ -252,3 +252,71 @@ def test_num_layers_keeps_a_shallower_decoder_whole(tmp_path):
     targets = skeleton_targets(ModelConfig(name=str(tmp_path), num_layers=2))
     assert {t.layer for t in targets if t.name.startswith("model.encoder.layers.")} == {0, 1}
     assert {t.layer for t in targets if t.name.startswith("model.decoder.layers.")} == {0}
+
+
+# --------------------------------------------------------------------------------------------------
+# From a review of architectures and tokenizers beyond the shipped model
+# --------------------------------------------------------------------------------------------------
+def _word_tokenizer(folder, special: bool):
+    """A word-level tokenizer of 200 words with no pair template (as byte-level BPE tokenizers have);
+    with ``special``, its end-of-sequence token is </s>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["</s>"] + [f"w{i}" for i in range(199)] + ["a", "b"])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=None))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, **({"eos_token": "</s>"} if special else {}))
+    tok.save_pretrained(folder)
+    from transformers import GPT2Config
+
+    GPT2Config(vocab_size=len(vocab), n_embd=32, n_layer=1, n_head=2).save_pretrained(folder)
+    return str(folder)
+
+
+def test_a_model_folder_without_a_usable_tokenizer_is_refused_in_one_line(tmp_path):
+    from transformers import BertConfig
+
+    from rankalloc.models import load_tokenizer
+
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path / "bare")
+    with pytest.raises(ModelError, match="the folder holds no tokenizer"):
+        load_tokenizer(ModelConfig(name=str(tmp_path / "bare")))
+    _word_tokenizer(tmp_path / "plain", special=False)
+    with pytest.raises(ModelError, match="no padding, end-of-sequence or unknown token"):
+        load_tokenizer(ModelConfig(name=str(tmp_path / "plain")))
+    assert load_tokenizer(ModelConfig(name=_word_tokenizer(tmp_path / "eos", special=True))).pad_token == "</s>"
+
+
+def test_pair_texts_keep_a_boundary_when_the_tokenizer_has_no_pair_template(tmp_path):
+    import pandas as pd
+
+    from rankalloc.families import _tokenize_texts
+    from rankalloc.models import load_tokenizer
+
+    tok = load_tokenizer(ModelConfig(name=_word_tokenizer(tmp_path / "eos", special=True)))
+    ids = _tokenize_texts(pd.DataFrame({"text": ["w1 w2"], "text_pair": ["w3"]}), tok, 8)["input_ids"][0]
+    assert ids[:4].tolist() == [tok.convert_tokens_to_ids(t) for t in ("w1", "w2", "</s>", "w3")]
+
+
+def test_a_body_outside_the_class_prefix_is_not_taken_for_a_head():
+    """Llama-4's text model names its prefix 'language_model' but keeps the body in 'model'."""
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    model = Llama4ForCausalLM(Llama4TextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=32, intermediate_size_mlp=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_local_experts=2, tie_word_embeddings=False))
+    assert "model" not in head_modules(model)
+    targets = find_targets(model, ModelConfig())
+    assert targets and all(t.name.startswith("model.layers.") for t in targets)
+
+
+def test_an_encoder_decoder_with_one_decoder_block_keeps_it():
+    """distilbart-xsum-12-1's shape: the lone decoder block (with cross-attention) gets adapters too."""
+    from transformers import BartConfig, BartForSequenceClassification
+
+    model = BartForSequenceClassification(BartConfig(
+        vocab_size=64, d_model=16, encoder_layers=12, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32, num_labels=3))
+    decoder = [t for t in find_targets(model, ModelConfig()) if t.name.startswith("model.decoder.layers.")]
+    assert len(decoder) == 10
