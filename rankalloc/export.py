@@ -134,6 +134,9 @@ def run_export(cfg: ExportConfig) -> tuple[Path, RankMap]:
     if replacing:
         if not cfg.overwrite:
             raise RunDirError(f"--out {out} exists; pass --overwrite to replace it")
+        if rundir.is_run_folder(out, (rundir.STATUS, rundir.CHECKPOINT, SCORES)):  # rank_map.json is in those too
+            raise RunDirError(f"--overwrite: --out {out} holds a search or retrain run, not an export; it is left "
+                              "as it is: choose another --out")
         rundir.set_aside(out, marks=EXPORT_MARKS, finished=lambda f: (f / "rank_map.json").is_file())
     try:
         write_export(out, cfg.run, scores, rm, cfg.max_rank)

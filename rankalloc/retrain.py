@@ -39,7 +39,7 @@ from .budget import parse_budget
 from .config import DATASET_FIELDS, DataConfig, RetrainConfig
 from .flags import checked_copy, coerce, stage_command, to_dict
 from .data import Split, TaskData, prepare_task
-from .errors import ModelError, RankMapError
+from .errors import ModelError, RankMapError, RunDirError
 from .families import Classification, Family
 from .models import (BUILTIN_MODELS, Target, count_parameters, find_targets, head_modules, load_model,
                      load_model_config, load_tokenizer, resolve_device, stores_fan_in_fan_out)
@@ -177,6 +177,9 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
     rank_map = RankMap.load(cfg.rank_map) if cfg.rank_map else None  # format errors before any model work
     if cfg.out:
         rundir.check_out_path(cfg.out)
+    elif cfg.resume:
+        raise RunDirError("--resume needs --out, the folder of the run to continue (without --out every run "
+                          "gets a new folder, runs/retrain-METHOD-BUDGET-seedN-TIME)")
     spec = parse_budget(cfg.budget) if cfg.budget else None
     if cfg.model.name == "auto":
         cfg.model.name = rank_map.base_model if rank_map else DEFAULT_MODEL
@@ -220,6 +223,8 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
     out = Path(cfg.out) if cfg.out else rundir.default_out("retrain", f"{method}-{budget}", cfg.seed)
     meta = {"method": method, "budget": int(budget), "seed": cfg.seed, "steps": steps,
             "ranks": rank_map.ranks if rank_map else None, "world_size": dist_info.world_size,
+            "init_from": str(Path(cfg.init_from).resolve()) if cfg.init_from else None,
+            "data_fingerprint": task.fingerprint(),
             **{section: to_dict(getattr(cfg, section)) for section in ("model", "data", "train")}}
 
     out, resume = distributed.open_run_on_all(

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import distributed, io
+from . import distributed, io, rundir
 from .baselines import orthogonality_penalty
 from .config import RetrainConfig
 from .data import EpochSampler, Split
@@ -136,6 +136,9 @@ def _restore(model: nn.Module, opt: Any, sched: Any, sampler: EpochSampler,
     return int(ckpt["step"]), list(ckpt["history"])
 
 
+_RECORDED_LATER = ("init_from", "data_fingerprint")  # checkpoints of earlier versions lack these
+
+
 def load_resumable(path: Path, meta: dict[str, Any], method: str,
                    dist_info: distributed.DistInfo | None = None) -> dict[str, Any] | None:
     """The checkpoint in the run folder, checked to belong to this very run; None when there is none
@@ -149,15 +152,19 @@ def load_resumable(path: Path, meta: dict[str, Any], method: str,
             raise RunDirError(f"--resume: process {dist_info.rank} cannot see {path}, which process 0 resumes "
                               "from; give every process one shared --out")
         return None
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    saved = ckpt.get("meta", {})
+    ckpt = rundir.read_checkpoint(path, ("meta", "step"), "retrain")
+    saved = ckpt["meta"]
     if "world_size" in saved:  # first: the run length follows from it (not recorded by earlier versions)
         distributed.check_world_size(distributed.DistInfo(world_size=meta["world_size"]), saved["world_size"],
                                      path.parent)
     for key in meta:
-        if key != "world_size" and saved.get(key) != meta[key]:  # the process count is checked above
+        if key == "world_size" or (key in _RECORDED_LATER and key not in saved):  # the process count: above
+            continue
+        if saved.get(key) != meta[key]:
             what = {"ranks": "another rank map", "model": "other model settings", "data": "other data settings",
-                    "train": "other training settings", "steps": "another run length"}.get(key, f"another --{key}")
+                    "train": "other training settings", "steps": "another run length",
+                    "init_from": "another --init-from (or none)",
+                    "data_fingerprint": "other examples (the task's data changed since)"}.get(key, f"another --{key}")
             raise RunDirError(f"--resume: the run in {path.parent} was started with {what}; use the same "
                               "settings, another --out, or --overwrite")
     logger.info("resuming %s (%s) from step %d of %d", path.parent, method, ckpt["step"], meta["steps"])

@@ -51,10 +51,11 @@ def read_status(out: Path) -> dict[str, Any] | None:
 
 
 def check_out_path(out: str | Path) -> None:
-    """Refuse an ``--out`` that is a file or lies under one, before any work (a folder cannot be made there).
+    """Refuse an ``--out`` that is a file or lies under one, or whose nearest existing folder this process
+    may not write, before any work (a run folder cannot be made or written there).
 
     Raises:
-        RunDirError: naming the file in the way.
+        RunDirError: naming the file or folder in the way.
     """
     out = Path(out)
     for folder in (out, *out.parents):
@@ -62,7 +63,18 @@ def check_out_path(out: str | Path) -> None:
             if not folder.is_dir():
                 raise RunDirError(f"--out {out}: {folder} is a file, not a folder" if folder != out
                                   else f"--out {out} is a file, not a folder")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise RunDirError(f"--out {out}: {folder} is not writable by this user; choose another --out")
             return
+
+
+def _is_status(path: Path) -> bool:
+    """Whether ``path`` is a status file rankalloc wrote (not any file of that name)."""
+    try:
+        status = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(status, dict) and status.get("state") in ("running", "done", "failed") and "time" in status
 
 
 def open_run(out: str | Path, *, overwrite: bool, resume: bool) -> tuple[Path, bool]:
@@ -82,32 +94,53 @@ def open_run(out: str | Path, *, overwrite: bool, resume: bool) -> tuple[Path, b
     out = Path(out)
     check_out_path(out)
     lock_was_there = (out / LOCK).exists()
+    held = False  # whether this call came to hold the folder (only then is the lock file its to remove)
     try:
         if out.is_dir():
-            hold(out)  # before anything is moved aside or resumed; until the run ends (see start_run)
+            _hold_writable(out)  # before anything is moved aside or resumed; until the run ends (see start_run)
+            held = True
         has_content = out.is_dir() and any(p.name != LOCK for p in out.iterdir())
         status = read_status(out) if has_content else None
         has_ckpt = (out / CHECKPOINT).is_file()
         if overwrite and has_content:
             set_aside(out)  # the held lock file moves with it: hold the new folder instead
             release(out)
+            held = False
             has_content, status, has_ckpt = False, None, False
         if resume and not has_ckpt:
             raise RunDirError(f"--resume: {out} holds no checkpoint to resume from")
         if has_content and status is not None and status.get("state") == "done" and not resume:
             raise RunDirError(f"--out {out} holds a finished run; pass --overwrite to replace it or choose "
                               "another --out")
-        if has_content and not has_ckpt and not overwrite:
+        if has_content and not has_ckpt and _is_status(out / STATUS):
+            # a run stopped before its first checkpoint (and nobody holds it): nothing to resume, no result
+            # to lose; it starts again in place, its files overwritten as the new run writes them
+            logger.warning("%s holds a run that stopped before its first checkpoint (%s); starting it again",
+                           out, status.get("state"))
+        elif has_content and not has_ckpt and not overwrite:
             raise RunDirError(f"--out {out} is not empty and holds no resumable run; pass --overwrite or "
                               "choose another --out")
-        out.mkdir(parents=True, exist_ok=True)
-        hold(out)
+        _hold_writable(out)
+        held = True
     except BaseException:
+        if held and not lock_was_there and out.is_dir():  # a refused folder is left as it was found
+            (out / LOCK).unlink(missing_ok=True)  # while still held: nobody else locks the file it names
         release(out)
-        if not lock_was_there and out.is_dir():  # a refused folder is left as it was found
-            (out / LOCK).unlink(missing_ok=True)
         raise
     return out, has_ckpt
+
+
+def _hold_writable(out: Path) -> None:
+    """Make ``out`` (with its parents) and hold it.
+
+    Raises:
+        RunDirError: another process holds it, or it cannot be made or written (a read-only place).
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        hold(out)
+    except OSError as e:
+        raise RunDirError(f"--out {out}: cannot write there ({e.strerror or e}); choose another --out") from None
 
 
 def replaced_folder(out: str | Path) -> Path:
@@ -117,8 +150,9 @@ def replaced_folder(out: str | Path) -> Path:
 
 
 def is_run_folder(folder: Path, marks: tuple[str, ...]) -> bool:
-    """Whether ``folder`` holds one of ``marks``, files only rankalloc writes there."""
-    return any((folder / mark).exists() for mark in marks)
+    """Whether ``folder`` holds one of ``marks``, files only rankalloc writes there (a ``status.json``
+    counts only when it is a rankalloc status, not any file of that name)."""
+    return any(_is_status(folder / mark) if mark == STATUS else (folder / mark).exists() for mark in marks)
 
 
 def status_done(folder: Path) -> bool:
@@ -308,6 +342,25 @@ def fail_run(out: Path, error: BaseException, **extra: Any) -> None:
     aside = replaced_folder(out)
     if aside.is_dir():
         logger.warning("the run that --overwrite was replacing is kept in %s", aside)
+
+
+def read_checkpoint(path: Path, needs: tuple[str, ...], what: str,
+                    fix: str = "pass --overwrite to start again, or choose another --out") -> dict[str, Any]:
+    """The checkpoint file ``path`` of a ``what`` run, holding the keys ``needs``.
+
+    Raises:
+        RunDirError: it cannot be read (cut short, damaged) or was written by another stage.
+    """
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated zip, garbage, empty file: torch raises many kinds
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunDirError(f"{path} cannot be read ({reason}): it is damaged; {fix}") from None
+    if not isinstance(ckpt, dict) or any(key not in ckpt for key in needs):
+        raise RunDirError(f"{path} is not a {what} checkpoint (a folder of another stage?); {fix}")
+    return ckpt
 
 
 def set_status(out: Path, state: str, **extra: Any) -> None:

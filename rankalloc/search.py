@@ -36,6 +36,7 @@ from .config import DATASET_FIELDS, SearchConfig, SearchParams
 from .flags import checked_copy, stage_command, to_dict
 from .data import EpochSampler, TaskData, prepare_task
 from .discretize import discretize
+from .errors import RunDirError
 from .export import SCORES
 from .gate_optimizer import make_gate_optimizer
 from .gates import GATE_KINDS
@@ -158,6 +159,7 @@ def search_loop(cfg: SearchConfig, gated: GatedModel, task: TaskData, budget: in
     initial_cost = p.gate_init * gated.max_cost()  # the expected cost before any gate step, either gates
     ramp = int(p.budget_warmup * steps)
     last_ckpt = str(out / rundir.CHECKPOINT) if (out / rundir.CHECKPOINT).is_file() else None
+    data_fingerprint = task.fingerprint()  # a resume checks that it runs on the same examples
     gated.train()
     gated.set_gate_mode("sample")
     while state.step < steps:
@@ -203,7 +205,7 @@ def search_loop(cfg: SearchConfig, gated: GatedModel, task: TaskData, budget: in
         if (p.checkpoint_every and state.step % p.checkpoint_every == 0) or state.step == steps:
             rngs = distributed.gather(dist_info, rng_state())  # every rank's own random stream
             if dist_info.is_main:
-                save_checkpoint(out, cfg, gated, state, opts, rngs)
+                save_checkpoint(out, cfg, gated, state, opts, rngs, data_fingerprint)
             last_ckpt = str(out / rundir.CHECKPOINT)
     gated.set_temperature(gate_temperature(steps - 1, p, steps, warmup))  # scores are read at the final temperature
     return state
@@ -267,6 +269,9 @@ def run_search(cfg: SearchConfig, command: str | None = None,
     cfg = checked_copy(cfg)  # a config built in Python gets the command line's types and checks, on a copy
     spec = parse_budget(cfg.budget)  # a malformed budget is refused before any model work
     command = command or stage_command("search", cfg)
+    if cfg.resume and not cfg.out:
+        raise RunDirError("--resume needs --out, the folder of the run to continue (without --out every run "
+                          "gets a new folder, runs/search-BUDGET-seedN-TIME)")
     out = Path(cfg.out) if cfg.out else rundir.default_out("search", spec.text, cfg.seed)
     rundir.check_out_path(out)  # before any model work
     dist_info = distributed.init(cfg.device)
@@ -286,7 +291,8 @@ def run_search(cfg: SearchConfig, command: str | None = None,
     opts = make_optimizers(cfg, gated, budget, task, dist_info.world_size)
     out, state = distributed.open_run_on_all(
         dist_info, out, overwrite=cfg.overwrite, resume=cfg.resume, command=command,
-        load=lambda folder: load_checkpoint(folder, cfg, gated, opts, dist_info), step_of=lambda s: s.step)
+        load=lambda folder: load_checkpoint(folder, cfg, gated, opts, dist_info, task.fingerprint()),
+        step_of=lambda s: s.step)
     state = state or SearchState()
     logger.info("search: %d targets, budget %s = %d parameters, r_max %d, %d steps, device %s, out %s",
                 len(targets), spec.text, budget, max(r_max.values()), cfg.steps(), device, out)

@@ -32,8 +32,10 @@ class SearchState:
 
 
 def save_checkpoint(out: Path, cfg: SearchConfig, gated: GatedModel, state: SearchState,
-                    opts: dict[str, Any], rngs: list[dict[str, Any]] | None = None) -> None:
-    """``rngs``: every rank's RNG state, in rank order (default: this process's, a single-process run)."""
+                    opts: dict[str, Any], rngs: list[dict[str, Any]] | None = None,
+                    data_fingerprint: str | None = None) -> None:
+    """``rngs``: every rank's RNG state, in rank order (default: this process's, a single-process run);
+    ``data_fingerprint``: the examples the run trains on, checked when it resumes."""
     rngs = rngs or [rng_state()]
     heads = {name: m.state_dict() for name, m in head_modules(gated.model).items()}
     io.save_torch(out / rundir.CHECKPOINT, {
@@ -42,7 +44,8 @@ def save_checkpoint(out: Path, cfg: SearchConfig, gated: GatedModel, state: Sear
         "weight_opt": opts["weight_opt"].state_dict(), "gate_opt": opts["gate_opt"].state_dict(),
         "sched": opts["sched"].state_dict(), "lagrangian": opts["lagrangian"].state_dict(),
         "weight_sampler": opts["weight_sampler"].state_dict(),
-        "gate_sampler": opts["gate_sampler"].state_dict(), "rng": rngs, "world_size": len(rngs)})
+        "gate_sampler": opts["gate_sampler"].state_dict(), "rng": rngs, "world_size": len(rngs),
+        "data_fingerprint": data_fingerprint})
 
 
 def _budget_key(text: Any) -> tuple[float, bool]:
@@ -51,18 +54,20 @@ def _budget_key(text: Any) -> tuple[float, bool]:
 
 
 def load_checkpoint(out: Path, cfg: SearchConfig, gated: GatedModel, opts: dict[str, Any],
-                    dist_info: distributed.DistInfo = distributed.DistInfo()) -> SearchState:
-    """The checkpoint in ``out`` restored into ``gated`` and ``opts``, checked to belong to this very run.
+                    dist_info: distributed.DistInfo = distributed.DistInfo(),
+                    data_fingerprint: str | None = None) -> SearchState:
+    """The checkpoint in ``out`` restored into ``gated`` and ``opts``, checked to belong to this very run
+    (``data_fingerprint``: :meth:`TaskData.fingerprint` of the examples it runs on).
 
     Raises:
-        RunDirError: it was written with other settings or another number of processes, or this
-            process cannot see the checkpoint rank 0 resumes from.
+        RunDirError: it was written with other settings, examples or number of processes, cannot be
+            read, or this process cannot see the checkpoint rank 0 resumes from.
     """
     path = out / rundir.CHECKPOINT
     if not path.is_file():
         raise RunDirError(f"--resume: process {dist_info.rank} cannot see {path}, which process 0 resumes from; "
                           "give every process one shared --out")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = rundir.read_checkpoint(path, ("config", "step", "adapters"), "search")
     saved = ckpt["config"]
     if "world_size" in ckpt:  # not recorded before per-rank RNG states were kept
         distributed.check_world_size(dist_info, ckpt["world_size"], out)
@@ -74,6 +79,10 @@ def load_checkpoint(out: Path, cfg: SearchConfig, gated: GatedModel, opts: dict[
         if saved[section] != to_dict(cfg)[section]:
             raise RunDirError(f"--resume: the run in {out} was started with other {section} settings; "
                               "use the same config, another --out, or --overwrite")
+    saved_data = ckpt.get("data_fingerprint")  # older checkpoints did not record it
+    if saved_data is not None and data_fingerprint is not None and saved_data != data_fingerprint:
+        raise RunDirError(f"--resume: the run in {out} was started on other examples (the task's data changed "
+                          "since); restore them, or use another --out or --overwrite")
     saved_max = saved.get("max_steps")
     saved_steps = saved["search"]["steps"] if saved_max is None else min(saved["search"]["steps"], saved_max)
     if saved_steps != cfg.steps():  # the budget ramp and the temperature schedule are fractions of the length

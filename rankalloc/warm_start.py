@@ -44,7 +44,8 @@ def warm_start(peft_model: nn.Module, run: str | Path, rank_map: RankMap) -> dic
     checkpoint = run / rundir.CHECKPOINT
     if not checkpoint.is_file():
         raise RunDirError(f"--init-from {run}: no {rundir.CHECKPOINT} there (the search's final weights)")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)  # scores.json: it finished
+    state = rundir.read_checkpoint(checkpoint, ("adapters",), "search",  # scores.json: it finished
+                                   fix=f"give --init-from a finished search, or search again into {run}")
     model = peft_model.get_base_model()
     copied = 0
     with torch.no_grad():

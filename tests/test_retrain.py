@@ -478,3 +478,27 @@ def test_a_rank_map_searched_at_another_scale_says_so(rank_map_file, tmp_path, c
                        "--max-steps", "1"])
     assert "searched with --search.scale 4.0; retraining with --train.scale 2.0" in caplog.text
     assert result.metrics["recipe"]["scale"] == 2.0  # the flag decides; the warning only tells
+
+
+def test_a_resume_checks_the_warm_start_and_the_examples_and_reads_damaged_checkpoints_in_one_line(tmp_path):
+    import torch
+
+    from rankalloc.errors import RunDirError
+    from rankalloc.retrain_loop import load_resumable
+
+    meta = {"method": "rank_map", "steps": 8, "init_from": None, "data_fingerprint": "abc"}
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"meta": dict(meta), "step": 4, "params": {}}, path)
+    assert load_resumable(path, meta, "rank_map")["step"] == 4
+    with pytest.raises(RunDirError, match="started with another --init-from"):
+        load_resumable(path, {**meta, "init_from": "/runs/search"}, "rank_map")
+    with pytest.raises(RunDirError, match="started with other examples"):
+        load_resumable(path, {**meta, "data_fingerprint": "xyz"}, "rank_map")
+    torch.save({"meta": {"method": "rank_map", "steps": 8}, "step": 4, "params": {}}, path)  # an earlier version's
+    assert load_resumable(path, meta, "rank_map")["step"] == 4
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(RunDirError, match="cannot be read"):
+        load_resumable(path, meta, "rank_map")
+    torch.save({"config": {}, "adapters": {}}, path)  # a search's checkpoint
+    with pytest.raises(RunDirError, match="is not a retrain checkpoint"):
+        load_resumable(path, meta, "rank_map")

@@ -395,3 +395,118 @@ def test_discretisation_gap_compares_the_sampled_objective_with_the_hard_map(min
         l0_estimate = evaluate(gated, batches, torch.device("cpu"))["loss"]
     assert abs(g["continuous_loss"] - off) > 2 * abs(l0_estimate - off)  # not the adapter (nearly) switched off
     assert abs(g["continuous_loss"] - g["hard_loss"]) > 1e-2
+
+
+# --------------------------------------------------------------------------------------------------
+# Run folders: from a review of crash safety and resume
+# --------------------------------------------------------------------------------------------------
+def test_overwrite_refuses_another_stage_s_run_and_a_status_file_rankalloc_did_not_write(tmp_path, tiny_gpt2):
+    from rankalloc.config import ExportConfig
+    from rankalloc.errors import RunDirError
+    from rankalloc.export import run_export
+    from rankalloc.rundir import open_run
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "status.json").write_text('{"build": "ok"}')
+    (mine / "thesis.tex").write_text("precious")
+    with pytest.raises(RunDirError, match="not a rankalloc run folder; it is left as it is"):
+        open_run(mine, overwrite=True, resume=False)
+    assert (mine / "thesis.tex").read_text() == "precious"
+    first = run_search(tiny_config(tmp_path, ModelConfig(name=tiny_gpt2), budget="2000", steps=4, r_max=4),
+                       command="test").out
+    other = tiny_config(tmp_path, ModelConfig(name=tiny_gpt2), budget="2000", steps=4, r_max=4)
+    other.out = str(tmp_path / "other")
+    second = run_search(other, command="test").out
+    with pytest.raises(RunDirError, match="holds a search or retrain run, not an export"):
+        run_export(ExportConfig(run=str(first), budget="1500", out=str(second), overwrite=True))
+    assert (second / "scores.json").is_file() and (second / "checkpoint.pt").is_file()
+
+
+def test_a_damaged_checkpoint_or_changed_data_stop_a_resume_in_one_line(tmp_path):
+    import pandas as pd
+
+    from rankalloc.errors import RunDirError
+
+    words = ["awful", "great", "fine", "bad", "superb", "dull", "long", "short"]
+    csv = tmp_path / "reviews.csv"
+    pd.DataFrame({"text": [f"{words[i % 8]} film {i}" for i in range(200)],
+                  "label": [["neg", "pos"][i % 2] for i in range(200)]}).to_csv(csv, index=False)
+
+    def config(**kw):
+        cfg = tiny_config(tmp_path, ModelConfig(num_layers=1), budget="5k", steps=4, r_max=4)
+        cfg.data.task = str(csv)
+        for key, value in kw.items():
+            setattr(cfg, key, value)
+        return cfg
+
+    run_search(config(), command="test")
+    pd.DataFrame({"text": [f"{words[i % 8]} play {i}" for i in range(200)],
+                  "label": [["neg", "pos"][i % 2] for i in range(200)]}).to_csv(csv, index=False)
+    with pytest.raises(RunDirError, match="started on other examples"):
+        run_search(config(resume=True), command="test")
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+    with pytest.raises(RunDirError, match=r"checkpoint.pt cannot be read \(.*\): it is damaged; pass --overwrite"):
+        run_search(config(resume=True), command="test")
+    with pytest.raises(RunDirError, match="--resume needs --out"):
+        run_search(config(resume=True, out=None), command="test")
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_again_in_place(tmp_path, caplog):
+    from rankalloc import rundir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    rundir.set_status(out, "running")
+    (out / "history.json").write_text("[]")
+    with caplog.at_level("WARNING", logger="rankalloc.rundir"):
+        assert rundir.open_run(out, overwrite=False, resume=False) == (out, False)
+    rundir.release(out)
+    assert "stopped before its first checkpoint (running); starting it again" in caplog.text
+
+
+def test_an_out_that_cannot_be_written_is_a_one_line_error(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from rankalloc import rundir
+    from rankalloc.errors import RunDirError
+
+    def read_only(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(RunDirError, match=r"--out .*new: cannot write there \(Permission denied\)"):
+        rundir.open_run(tmp_path / "new", overwrite=False, resume=False)
+
+
+def test_a_run_refused_by_the_lock_leaves_the_holder_s_lock_file(tmp_path, monkeypatch):
+    """Two runs started together on a new --out: the one that loses the lock must not delete the lock
+    file of the one that won (a third run could then take over the live folder)."""
+    import subprocess
+    import sys
+
+    from rankalloc import rundir
+    from rankalloc.errors import RunDirError
+
+    out = tmp_path / "race"
+    holder = ("import sys, time; from rankalloc import rundir; rundir.open_run(sys.argv[1], overwrite=False, "
+              "resume=False); print('held', flush=True); time.sleep(60)")
+    real_hold = rundir.hold
+    winner = []
+
+    def another_process_wins_first(folder):  # the winner locks between this run's look and its lock
+        if not winner:
+            winner.append(subprocess.Popen([sys.executable, "-c", holder, str(out)], stdout=subprocess.PIPE,
+                                           text=True))
+            assert winner[0].stdout.readline().strip() == "held"
+        return real_hold(folder)
+
+    monkeypatch.setattr(rundir, "hold", another_process_wins_first)
+    try:
+        with pytest.raises(RunDirError, match="is in use by a running process"):
+            rundir.open_run(out, overwrite=False, resume=False)
+        assert (out / rundir.LOCK).is_file()
+    finally:
+        winner[0].kill()
+        winner[0].wait()
