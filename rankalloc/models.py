@@ -325,6 +325,25 @@ def _cut_depths(config: Any, cfg: ModelConfig) -> dict[str, int]:
     return cut
 
 
+# How configs name the number of experts a mixture-of-experts router chooses from
+_EXPERT_COUNTS = ("num_experts", "num_local_experts", "moe_num_experts", "n_routed_experts")
+
+
+def _routers(model: nn.Module, chosen: list[tuple[str, nn.Module]]) -> list[str]:
+    """Names among ``chosen`` of mixture-of-experts routers (named gate or router, one output per expert of
+    the config: Mixtral's ``block_sparse_moe.gate``, JetMoE's ``router.layer``) and of scalar gates (one
+    output, as Qwen2-MoE's ``shared_expert_gate``)."""
+    config = getattr(model, "config", None)
+    counts = {getattr(config, key) for key in _EXPERT_COUNTS if isinstance(getattr(config, key, None), int)}
+    counts.discard(0)
+
+    def router_named(name: str) -> bool:
+        return "gate" in name.rsplit(".", 1)[-1] or "router" in name
+
+    return [n for n, m in chosen
+            if linear_shape(m)[1] == 1 or (linear_shape(m)[1] in counts and router_named(n))]
+
+
 def find_targets(model: nn.Module, cfg: ModelConfig) -> list[Target]:
     """Adapter targets in module order; raises ModelError when nothing matches."""
     heads = tuple(f"{h}" for h in head_modules(model))
@@ -364,6 +383,12 @@ def find_targets(model: nn.Module, cfg: ModelConfig) -> list[Target]:
                              f"such module names end in: {', '.join(kinds[:12])}")
     else:
         chosen = [(n, m) for n, m in candidates if any(n.startswith(stack + ".") for stack in stack_names)]
+        routers = _routers(model, chosen)
+        if routers:
+            logger.info("not adapter targets by default: %d mixture-of-experts router(s) and scalar gate(s) (%s, "
+                        "...), which choose experts rather than transform; name them in --model.target_regex to "
+                        "adapt them", len(routers), routers[0])
+            chosen = [(n, m) for n, m in chosen if n not in routers]
         asked = "the default (Linear-like modules inside the transformer blocks)"
         if len(stack_names) > 1:
             logger.info("adapter targets in %d block stacks: %s", len(stack_names), ", ".join(stack_names))

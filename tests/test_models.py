@@ -320,3 +320,20 @@ def test_an_encoder_decoder_with_one_decoder_block_keeps_it():
         decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32, num_labels=3))
     decoder = [t for t in find_targets(model, ModelConfig()) if t.name.startswith("model.decoder.layers.")]
     assert len(decoder) == 10
+
+
+def test_mixture_of_experts_routers_and_scalar_gates_are_not_default_targets():
+    """A router picks experts and a scalar gate weighs the shared expert: LoRA budget there is wasted."""
+    from torch import nn
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    model = Qwen2MoeForCausalLM(Qwen2MoeConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+        shared_expert_intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        num_experts=4, num_experts_per_tok=2))
+    model.model.layers[0].mlp.router_like = nn.Linear(32, 4)  # a router as a plain Linear, named like one
+    kinds = {t.kind for t in find_targets(model, ModelConfig())}
+    assert "mlp.shared_expert.gate_proj" in kinds and "self_attn.q_proj" in kinds
+    assert not {"mlp.shared_expert_gate", "mlp.router_like"} & kinds
+    picked = find_targets(model, ModelConfig(target_regex=r".*shared_expert_gate"))  # asked for: adapted
+    assert len(picked) == 2
