@@ -267,8 +267,10 @@ def make_family(name: str, model_config: Any = None) -> Family:
     if name == "causal_lm":
         if model_config is not None and not is_decoder(model_config):
             raise ModelError(f"--data.family causal_lm needs a decoder (causal language model); model type "
-                             f"{getattr(model_config, 'model_type', None)!r} is a bidirectional encoder, whose "
-                             "attention sees the answer it should predict")
+                             f"{getattr(model_config, 'model_type', None)!r} is "
+                             + ("an encoder-decoder, whose decoder this family does not train"
+                                if getattr(model_config, "is_encoder_decoder", False) else
+                                "a bidirectional encoder, whose attention sees the answer it should predict"))
         return CausalLM()
     if name == "multiple_choice":
         return MultipleChoice(_option_scoring(model_config))

@@ -158,8 +158,9 @@ def load_model(cfg: ModelConfig, num_labels: int = 2, family: Family | None = No
         raise ModelError(f"--model {cfg.name}: its checkpoint's {outside[0]} does not fit the model's shape "
                          f"({len(outside)} such weights outside the task head); only the head may differ")
     if mismatched:
-        logger.warning("--model %s: the checkpoint's task head (%s) has another shape; it starts fresh for %d "
-                       "labels", cfg.name, ", ".join(mismatched), num_labels)
+        logger.warning("--model %s: the checkpoint's task head (%s) has another shape; it starts fresh (%s)",
+                       cfg.name, ", ".join(mismatched),
+                       f"{num_labels} labels" if family.name == "classification" else family.describe())
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     output_names = {n for n, p in model.named_parameters() if output is not None and p is output.weight}
     fresh = [k for k in info.get("missing_keys", []) if k in output_names]

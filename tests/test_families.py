@@ -170,8 +170,12 @@ def test_causal_lm_on_a_bidirectional_encoder_is_refused():
     from rankalloc.errors import ModelError
     from rankalloc.models import load_model_config
 
-    with pytest.raises(ModelError, match="causal_lm needs a decoder.*'bert'"):
+    with pytest.raises(ModelError, match="causal_lm needs a decoder.*'bert' is a bidirectional encoder"):
         make_family("causal_lm", load_model_config(ModelConfig()))
+    from transformers import T5Config
+
+    with pytest.raises(ModelError, match="'t5' is an encoder-decoder, whose decoder this family does not train"):
+        make_family("causal_lm", T5Config(d_model=16, num_layers=1))
 
 
 def test_option_labels_may_be_index_text_or_letter(tmp_path):

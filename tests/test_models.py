@@ -159,7 +159,7 @@ def test_a_checkpoint_with_another_label_count_loads_with_a_fresh_head(tiny_gpt2
     with caplog.at_level("WARNING", logger="rankalloc.models"):
         model = load_model(ModelConfig(name=tiny_gpt2), num_labels=5)
     assert model.score.weight.shape[0] == 5
-    assert "task head (score.weight) has another shape" in caplog.text
+    assert "task head (score.weight) has another shape; it starts fresh (5 labels)" in caplog.text
     torch.testing.assert_close(model.transformer.h[0].mlp.c_fc.weight, saved.transformer.h[0].mlp.c_fc.weight)
 
 
