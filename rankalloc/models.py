@@ -8,6 +8,7 @@ model) is trained normally and never counted in the adapter budget.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import re
@@ -204,8 +205,12 @@ def head_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Top-level children other than the base model that hold parameters (classifier, score, ...).
 
     A language model's output layer (``get_output_embeddings()``, often tied to the input embeddings)
-    is pretrained, not a task head: it is neither trained nor saved with the adapter.
+    is pretrained, not a task head: it is neither trained nor saved with the adapter.  A causal language
+    model has no task head at all: whatever sits between its body and its output layer (ModernBERT's
+    decoder ``lm_head`` transform) is pretrained too.
     """
+    if type(model).__name__ in _causal_lm_classes():
+        return {}
     prefix = getattr(model, "base_model_prefix", None)
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     output_weight = getattr(output, "weight", None)
@@ -215,6 +220,17 @@ def head_modules(model: nn.Module) -> dict[str, nn.Module]:
         prefix = max(children, key=lambda name: sum(p.numel() for p in children[name].parameters()))
     return {name: child for name, child in children.items()
             if name != prefix and not any(p is output_weight for p in child.parameters())}
+
+
+@functools.lru_cache(maxsize=1)
+def _causal_lm_classes() -> frozenset[str]:
+    """Names of transformers' causal-LM classes (what ``AutoModelForCausalLM`` builds)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names: set[str] = set()
+    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        names.update(value if isinstance(value, (list, tuple)) else [value])
+    return frozenset(names)
 
 
 def head_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -337,3 +337,15 @@ def test_mixture_of_experts_routers_and_scalar_gates_are_not_default_targets():
     assert not {"mlp.shared_expert_gate", "mlp.router_like"} & kinds
     picked = find_targets(model, ModelConfig(target_regex=r".*shared_expert_gate"))  # asked for: adapted
     assert len(picked) == 2
+
+
+def test_a_causal_language_model_has_no_task_head():
+    """ModernBERT's decoder keeps a pretrained dense + norm ('lm_head') before its output layer
+    ('decoder'): it is part of the pretrained model, not a head to train outside the budget."""
+    from transformers import ModernBertDecoderConfig, ModernBertDecoderForCausalLM
+
+    model = ModernBertDecoderForCausalLM(ModernBertDecoderConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        pad_token_id=0, eos_token_id=1, bos_token_id=2, cls_token_id=2, sep_token_id=1))
+    assert head_modules(model) == {}
+    assert all(t.name.startswith("model.layers.") for t in find_targets(model, ModelConfig()))
