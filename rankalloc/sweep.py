@@ -37,6 +37,7 @@ import copy
 import hashlib
 import logging
 import os
+import shutil
 import socket
 import sys
 import time
@@ -47,12 +48,14 @@ from typing import Any
 from . import rundir
 from .budget import MAX_ABSOLUTE
 from .config import GATE_EVERY_TUNE_MAX, ExportConfig, RetrainConfig, SearchConfig, SweepConfig
-from .errors import BudgetError, ConfigError, RunDirError
+from .errors import BudgetError, ConfigError, RankallocError, RunDirError
 from .flags import checked_copy, stage_command
 from .sweep_report import sweep_summary, write_reports
 from .sweep_shared import SHARED_SEARCH_FILE, SharedSearch, check_shared_budgets, parse_budgets, run_shared_search
 from .sweep_study import (METHODS, RANKALLOC, delete_study, duplicate_of, make_grid_sampler, open_storage,
                           open_study, point_of, quiet_optuna, recover_crashed, storage_name)
+from .task_files import LOCAL_EXTENSIONS
+from .tasks import BUILTIN_TASKS, load_raw_task
 
 logger = logging.getLogger(__name__)
 
@@ -250,14 +253,25 @@ def run_sweep(cfg: SweepConfig, command: str | None = None) -> SweepResult:
     _check_baseline_points(cfg, budgets)  # every check that needs no study comes before --overwrite acts
     if cfg.shared_search and not cfg.tune:
         check_shared_budgets(cfg, budgets)
+    _check_local_task(cfg)
+    if not cfg.overwrite:
+        _refuse_a_folder_of_another_kind(cfg, out)
+    if cfg.resume and cfg.storage is None and not (out / "sweep.db").is_file():
+        raise ConfigError(f"--resume: no study {cfg.study_name!r} in {out} (it holds no sweep.db)")
     if cfg.overwrite:
         _overwrite(cfg, out)
-    if cfg.storage is None or _file_storage_inside(cfg.storage, out):
-        out.mkdir(parents=True, exist_ok=True)  # the SQLite or journal file lives in it
-    storage = open_storage(cfg, out)  # a storage that cannot be opened is refused before anything is made
-    out.mkdir(parents=True, exist_ok=True)
-    (out / SWEEP_MARKER).touch()
-    study = open_study(cfg, storage, out)
+    new_folder = not out.exists()
+    try:
+        if cfg.storage is None or _file_storage_inside(cfg.storage, out):
+            out.mkdir(parents=True, exist_ok=True)  # the SQLite or journal file lives in it
+        storage = open_storage(cfg, out)  # a storage that cannot be opened is refused before anything is made
+        out.mkdir(parents=True, exist_ok=True)
+        (out / SWEEP_MARKER).touch()
+        study = open_study(cfg, storage, out)
+    except RankallocError:
+        if new_folder and out.is_dir():  # a refused sweep leaves no folder behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     methods = ([] if cfg.tune else [RANKALLOC]) + list(cfg.baseline or [])
     points = [(m, b) for m in methods for b in budgets]
     _check_budget_distribution(study, cfg, budgets)
@@ -296,6 +310,29 @@ def _file_storage_inside(storage: str, out: Path) -> bool:
 
 SWEEP_MARKER = ".rankalloc_sweep"  # written into every sweep folder when the sweep starts
 SWEEP_MARKS = (SWEEP_MARKER, "sweep.db", "sweep.json", SHARED_SEARCH_FILE)
+
+
+def _check_local_task(cfg: SweepConfig) -> None:
+    """A built-in task or a local file or folder is read once before anything is made or replaced, so that
+    a mistyped --task costs nothing (a hub name is left to the first search)."""
+    task = cfg.data.task
+    if task in BUILTIN_TASKS or Path(task).expanduser().exists() or Path(task).suffix.lower() in LOCAL_EXTENSIONS \
+            or task.startswith(("/", "./", "../", "~")):
+        load_raw_task(cfg.data)
+
+
+def _refuse_a_folder_of_another_kind(cfg: SweepConfig, out: Path) -> None:
+    """A sweep writes its study and files into --out: a non-empty folder must be a sweep's (or hold
+    nothing but the --storage file given), never a search run or a folder of one's own."""
+    if not out.is_dir() or rundir.is_run_folder(out, SWEEP_MARKS):
+        return
+    own = {p.name for p in out.iterdir()}
+    if cfg.storage is not None and _file_storage_inside(cfg.storage, out):
+        own -= {Path(cfg.storage.split(":///", 1)[-1].removeprefix("journal:")).name}
+        own = {name for name in own if not name.endswith(".lock")}  # the journal's lock file
+    if own:
+        raise RunDirError(f"--out {out} is not empty and holds no {', '.join(SWEEP_MARKS)}, so it is not a "
+                          "rankalloc sweep folder; it is left as it is: choose a new or empty --out")
 
 
 def _overwrite(cfg: SweepConfig, out: Path) -> None:

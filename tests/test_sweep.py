@@ -166,6 +166,33 @@ def test_a_tuned_trial_running_elsewhere_is_not_started_again(tmp_path, monkeypa
     assert started == [] and len(study.trials) == 1
 
 
+def test_a_refused_sweep_touches_no_folder_and_no_study(tmp_path, capsys):
+    """A sweep writes its study into --out: a search run there is refused and left as it was; a refused
+    --resume makes no folder; a mistyped --task is refused before --overwrite deletes a study."""
+    import optuna
+
+    run = tmp_path / "search-run"
+    run.mkdir()
+    (run / "rank_map.json").write_text("{}")
+    assert sweep.main(SMALL + ["--budgets", "7k", "--out", str(run)]) == 2
+    assert "not a rankalloc sweep folder; it is left as it is" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == ["rank_map.json"]
+    assert sweep.main(SMALL + ["--budgets", "7k", "--resume", "--out", str(tmp_path / "new")]) == 2
+    assert "--resume: no study" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    journal = tmp_path / "studies" / "j.log"
+    journal.parent.mkdir()
+    storage = f"journal:{journal}"
+    study = optuna.create_study(study_name="rankalloc-sweep", directions=["minimize", "maximize"],
+                                storage=optuna.storages.JournalStorage(
+                                    optuna.storages.journal.JournalFileBackend(str(journal))))
+    study.enqueue_trial({"budget": 7000})
+    assert sweep.main(SMALL + ["--budgets", "7k", "--overwrite", "--storage", storage, "--task",
+                               str(tmp_path / "missing.csv"), "--out", str(tmp_path / "sw")]) == 2
+    assert "missing.csv: no such file" in capsys.readouterr().err
+    assert optuna.get_all_study_names(optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(journal)))) == ["rankalloc-sweep"]
+
+
 @pytest.mark.parametrize("extra, fragment", [
     (["--budgets", "500,14k"], "--budgets 500 (500 parameters) is below the smallest non-empty allocation"),
     (["--budgets", "14k", "--shared_budget", "500"], "--shared_budget 500 (500 parameters) is below"),
