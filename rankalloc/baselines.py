@@ -113,7 +113,9 @@ def knapsack_candidates(targets: list[Target], budget: int, budget_text: str | N
         BudgetError: ``budget`` is outside what the candidate ranks can reach.
     """
     r_max = candidate_r_max(targets, budget)
-    check_budget(budget, [t.cost_per_rank for t in targets], r_max.values(), budget_text)
+    check_budget(budget, [t.cost_per_rank for t in targets], r_max.values(), budget_text,
+                 "the random and gradient baselines draw from the search's automatic candidate ranks, which no "
+                 "flag raises")
     return r_max
 
 

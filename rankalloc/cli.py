@@ -58,6 +58,9 @@ def progress_bar(total: int, desc: str, enabled: bool = True) -> tuple[Any, Call
     return bar, on_step
 
 
+BOOL_WORDS = ("true", "false", "1", "0", "yes", "no", "on", "off")  # what a boolean flag's value may be
+
+
 def command_line(stage: str, argv: list[str] | None, without: tuple[str, ...] = ()) -> str:
     """The command as typed; flags in ``without`` (optional-value flags such as ``--overwrite [BOOL]``) are
     left out, with their value."""
@@ -66,7 +69,7 @@ def command_line(stage: str, argv: list[str] | None, without: tuple[str, ...] = 
     while i < len(args):
         flag = args[i].split("=", 1)[0]
         if flag in without:
-            has_value = "=" not in args[i] and i + 1 < len(args) and args[i + 1].lower() in ("true", "false")
+            has_value = "=" not in args[i] and i + 1 < len(args) and args[i + 1].strip().lower() in BOOL_WORDS
             i += 2 if has_value else 1
             continue
         kept.append(args[i])

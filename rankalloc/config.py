@@ -6,6 +6,7 @@ such as ``--search.gate_lr`` means the same everywhere.  Reading YAML and flags 
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,8 +81,7 @@ class DataConfig:
 
         if self.family not in FAMILIES + ("auto",):
             raise ConfigError(f"--data.family must be auto or one of {', '.join(FAMILIES)}, got {self.family!r}")
-        if self.split_seed < 0:
-            raise ConfigError(f"--data.split_seed must be a non-negative integer, got {self.split_seed}")
+        check_seed(self.split_seed, "--data.split_seed")
         if self.max_length <= 0:
             raise ConfigError(f"--data.max_length must be a positive integer, got {self.max_length}")
         if self.batch_size <= 0:
@@ -440,10 +440,20 @@ def check_gate_steps(search: SearchParams, max_steps: int | None, gate_every: li
                               f"multiple in that range (every value up to {last - first})")
 
 
+MAX_SEED = 2**32 - 1  # numpy's legacy generator takes no more
+
+
+def check_seed(seed: int, flag: str = "--seed") -> None:
+    """Raises: ConfigError when ``seed`` is negative or above what every generator takes."""
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"{flag} must be an integer from 0 to {MAX_SEED}, got {seed}")
+
+
 def _validate_common(cfg: Any) -> None:
+    check_seed(cfg.seed)
     if cfg.max_steps is not None and cfg.max_steps <= 0:
         raise ConfigError(f"--max-steps must be a positive integer, got {cfg.max_steps}")
-    if not (cfg.device in ("auto", "cpu", "cuda", "mps") or cfg.device.startswith("cuda:")):
+    if not (cfg.device in ("auto", "cpu", "mps") or re.fullmatch(r"cuda(:\d+)?", cfg.device)):
         raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     if cfg.overwrite and cfg.resume:
         raise ConfigError("--overwrite and --resume exclude each other; give one")

@@ -44,31 +44,55 @@ class Scores:
     data: dict[str, Any]
 
     @classmethod
-    def load(cls, run: str | Path) -> "Scores":
-        """Raises: RunDirError when ``run`` holds no finished search."""
+    def load(cls, run: str | Path, flag: str = "--run") -> "Scores":
+        """Raises: RunDirError (naming ``flag``) when ``run`` holds no finished search."""
         path = Path(run) / SCORES
         if not path.is_file():
-            raise RunDirError(f"--run {run}: no {SCORES} there, so it is not a finished search folder")
+            raise RunDirError(f"{flag} {run}: no {SCORES} there, so it is not a finished search folder")
         try:
             data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise RunDirError(f"--run {run}: {SCORES} is not valid JSON ({e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RunDirError(f"{flag} {run}: {SCORES} is not valid JSON ({e})") from None
         if not isinstance(data, dict) or data.get("format") != "rankalloc.scores" or data.get("version") != 1:
             data = data if isinstance(data, dict) else {}
-            raise RunDirError(f"--run {run}: {SCORES} has format {data.get('format')!r} version "
+            raise RunDirError(f"{flag} {run}: {SCORES} has format {data.get('format')!r} version "
                               f"{data.get('version')!r}; expected 'rankalloc.scores' version 1")
         missing = [key for key in ("modules", "base_params", "searched_budget", "scale", "base_model") if key not in data]
         if missing:
-            raise RunDirError(f"--run {run}: {SCORES} is damaged (no {', '.join(missing)}); rerun the search or "
+            raise RunDirError(f"{flag} {run}: {SCORES} is damaged (no {', '.join(missing)}); rerun the search or "
                               "restore the file")
         try:
+            _check_scores(data)
             targets = [Target(m["name"], m["in_features"], m["out_features"], m["layer"], m["kind"])
                        for m in data["modules"]]
             return cls(targets, {m["name"]: int(m["r_max"]) for m in data["modules"]},
                        {m["name"]: [float(x) for x in m["scores"]] for m in data["modules"]}, data)
-        except (KeyError, TypeError, ValueError) as e:
-            raise RunDirError(f"--run {run}: {SCORES} is damaged ({type(e).__name__}: {e}); rerun the search "
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise RunDirError(f"{flag} {run}: {SCORES} is damaged ({type(e).__name__}: {e}); rerun the search "
                               "or restore the file") from None
+
+
+def _check_scores(data: dict[str, Any]) -> None:
+    """Raises: ValueError or TypeError where a field of scores.json has the wrong type or range."""
+    def positive_int(value: Any, what: str) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{what} must be a positive integer, got {value!r}")
+
+    if not isinstance(data["modules"], list) or not data["modules"]:
+        raise ValueError("modules must be a non-empty list")
+    for key in ("base_params", "searched_budget"):
+        positive_int(data[key], key)
+    if isinstance(data["scale"], bool) or not isinstance(data["scale"], (int, float)):
+        raise TypeError(f"scale must be a number, got {data['scale']!r}")
+    if not isinstance(data["base_model"], str) or not data["base_model"]:
+        raise ValueError(f"base_model must name the model, got {data['base_model']!r}")
+    if not isinstance(data.get("search", {}), dict):
+        raise TypeError(f"search must be a mapping, got {data['search']!r}")
+    for m in data["modules"]:
+        for key in ("in_features", "out_features", "r_max"):
+            positive_int(m[key], f"{m.get('name')!r} {key}")
+        if not isinstance(m["scores"], list):
+            raise TypeError(f"{m['name']!r} scores must be a list")
 
 
 def export_rank_map(scores: Scores, budget: int, max_rank: int | None = None,

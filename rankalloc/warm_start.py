@@ -37,7 +37,7 @@ def warm_start(peft_model: nn.Module, run: str | Path, rank_map: RankMap) -> dic
             than the search had.
     """
     run = Path(run)
-    scores = Scores.load(run)
+    scores = Scores.load(run, flag="--init-from")
     if scores.data.get("model_fingerprint") != rank_map.model_fingerprint:
         raise RankMapError(f"--init-from {run}: that search ran on another model (fingerprint "
                            f"{scores.data.get('model_fingerprint')}) than the rank map ({rank_map.model_fingerprint})")

