@@ -79,6 +79,9 @@ def _text_columns(cfg: DataConfig) -> list[str]:
 
 def _load_local(cfg: DataConfig, path: Path) -> RawTask:
     reject_hub_config(cfg, "local file")
+    if not path.exists():
+        raise DataError(f"--task {cfg.task}: no such file (give a {'/'.join(LOCAL_EXTENSIONS)} file, a built-in "
+                        "task or a datasets folder)")
     table = read_table(path, _text_columns(cfg))
     family = resolve_family(cfg, table)
     train = select_columns(table, cfg, family, str(path))
@@ -88,6 +91,8 @@ def _load_local(cfg: DataConfig, path: Path) -> RawTask:
         if eval_path.suffix.lower() not in LOCAL_EXTENSIONS:
             raise DataError(f"--data.eval_file {cfg.eval_file}: unknown file extension {eval_path.suffix!r}; "
                             f"use one of {', '.join(LOCAL_EXTENSIONS)}")
+        if not eval_path.exists():
+            raise DataError(f"--data.eval_file {cfg.eval_file}: no such file")
         evaluation = select_columns(read_table(eval_path, _text_columns(cfg)), cfg, family, str(eval_path))
     wheres = f"{path} column {cfg.label_column!r}", f"{cfg.eval_file} column {cfg.label_column!r}"
     if family == "classification":

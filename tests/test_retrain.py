@@ -502,3 +502,18 @@ def test_a_resume_checks_the_warm_start_and_the_examples_and_reads_damaged_check
     torch.save({"config": {}, "adapters": {}}, path)  # a search's checkpoint
     with pytest.raises(RunDirError, match="is not a retrain checkpoint"):
         load_resumable(path, meta, "rank_map")
+
+
+def test_an_out_holding_the_rank_map_s_run_is_refused(rank_map_file, tmp_path):
+    """--overwrite there would set the search aside and delete it once the retrain finishes."""
+    import shutil
+
+    from rankalloc.errors import RunDirError
+
+    search = tmp_path / "search"
+    search.mkdir()
+    shutil.copy(rank_map_file, search / "rank_map.json")
+    for out in (search, tmp_path):
+        with pytest.raises(RunDirError, match=r"holds the run of --rank-map .*; choose a folder outside it"):
+            _run(["--rank-map", str(search / "rank_map.json"), *SMALL, "--out", str(out), "--overwrite"])
+    assert sorted(p.name for p in search.iterdir()) == ["rank_map.json"]
