@@ -100,6 +100,7 @@ def open_run(out: str | Path, *, overwrite: bool, resume: bool) -> tuple[Path, b
         if out.is_dir():
             _hold_writable(out)  # before anything is moved aside or resumed; until the run ends (see start_run)
             held = True
+            _remove_partial_writes(out)
         has_content = out.is_dir() and any(p.name != LOCK for p in out.iterdir())
         status = read_status(out) if has_content else None
         has_ckpt = (out / CHECKPOINT).is_file()
@@ -129,6 +130,15 @@ def open_run(out: str | Path, *, overwrite: bool, resume: bool) -> tuple[Path, b
         release(out)
         raise
     return out, has_ckpt
+
+
+def _remove_partial_writes(out: Path) -> None:
+    """Delete the temporary files of writes a killed run left half done (``io.atomic_path``'s
+    ``.NAME.XXXX.tmpSUFFIX``): nobody else writes the folder while this process holds it."""
+    for partial in out.glob(".*.tmp*"):
+        if partial.is_file() and partial.name.count(".") >= 3:
+            logger.info("removing %s, left by a write that was cut short", partial.name)
+            partial.unlink(missing_ok=True)
 
 
 def _hold_writable(out: Path) -> None:

@@ -525,3 +525,16 @@ def test_a_run_refused_by_the_lock_leaves_the_holder_s_lock_file(tmp_path, monke
     finally:
         winner[0].kill()
         winner[0].wait()
+
+
+def test_a_write_cut_short_leaves_no_temporary_file_behind_a_rerun(tmp_path):
+    from rankalloc import rundir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    rundir.set_status(out, "running")
+    (out / ".checkpoint.pt.k3j2x.tmp.pt").write_bytes(b"half")
+    (out / ".rankalloc.lock").write_text("")
+    rundir.open_run(out, overwrite=False, resume=False)
+    rundir.release(out)
+    assert sorted(p.name for p in out.iterdir()) == [".rankalloc.lock", "status.json"]
