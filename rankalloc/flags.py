@@ -127,6 +127,8 @@ def _apply(obj: Any, dotted: str, raw: Any, flag: str) -> None:
             raise ConfigError(f"unknown config key {flag!s} (in {where} the keys are: {allowed})")
         if i == len(parts) - 1:
             if _is_section(hints[part]):
+                if raw is None:  # a YAML section whose fields are all commented out: nothing to set
+                    return
                 raise ConfigError(f"{flag} is a section; set its fields, e.g. {flag}.<field>")
             setattr(target, part, coerce(raw, hints[part], flag))
         else:

@@ -130,6 +130,8 @@ def test_unknown_yaml_key_is_named(tmp_path):
     cfg.write_text("search:\n  steps: many\n")
     with pytest.raises(ConfigError, match="search.steps .* must be an integer"):
         load_yaml(SearchConfig, cfg)
+    cfg.write_text("search:\n  # steps: 4\n")  # a section whose fields are all commented out: no change
+    assert load_yaml(SearchConfig, cfg).search == SearchConfig().search
     cfg.write_text("- a list\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_yaml(SearchConfig, cfg)
