@@ -428,16 +428,22 @@ GATE_EVERY_TUNE_MAX = 4  # the largest gate_every a tuned sweep tries
 
 
 def check_gate_steps(search: SearchParams, max_steps: int | None, gate_every: list[int], flag: str) -> None:
-    """Refuse a ``gate_every`` that leaves a run with no gate step: its gates would never train.  A gate step
-    follows weight step ``n`` (counted from 1) when ``n`` is a multiple of ``gate_every`` and lies after
-    the warm-up (which ``--max-steps`` shrinks in proportion)."""
+    """Refuse a ``gate_every`` that leaves a run with no gate step once its cost target is the budget: the
+    gates would never learn under the budget, nor the projection hold it.  A gate step follows weight
+    step ``n`` (counted from 1) when ``n`` is a multiple of ``gate_every`` and lies after the warm-up
+    (which ``--max-steps`` shrinks in proportion); the target is the budget from weight step
+    ``warm-up + int(budget_warmup * steps) + 1`` on, counted on the run's own length."""
     last = search.steps if max_steps is None else min(search.steps, max_steps)
     first = search.warmup_steps * last // search.steps
+    at_budget = first + max(int(search.budget_warmup * last), 0)
     for k in gate_every:
-        if last // k <= first // k:  # no multiple of k in first+1 .. last
-            raise ConfigError(f"{flag} {k} leaves no gate step in this run: gate steps follow weight steps "
-                              f"{first + 1} to {last} whose number is a multiple of it; allowed: any value with a "
-                              f"multiple in that range (every value up to {last - first})")
+        if last // k <= at_budget // k:  # no multiple of k in at_budget+1 .. last
+            what = (f"weight steps {at_budget + 1} to {last}" if at_budget < last else
+                    f"no weight step (warm-up {first} and budget ramp {at_budget - first} fill all {last})")
+            raise ConfigError(f"{flag} {k} leaves no gate step at the budget in this run: the cost target reaches "
+                              f"the budget for {what}, and a gate step follows those whose number is a "
+                              f"multiple of it; allowed: a smaller value, a shorter --search.budget_warmup or "
+                              f"--search.warmup_steps, or a longer run")
 
 
 MAX_SEED = 2**32 - 1  # numpy's legacy generator takes no more
