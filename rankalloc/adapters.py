@@ -132,7 +132,7 @@ class GatedModel(nn.Module):
         the offset shifts is the gates' own choice: every logit for hard-concrete gates, a tilt by rank
         for nested ones.)
         """
-        lo, hi = -24.0, 24.0
+        lo, hi = -100.0, 100.0  # twice the logit bound: from any gates to any reachable target
         for _ in range(iterations):
             mid = 0.5 * (lo + hi)
             cost = sum(float(layer.gates.keep_prob_shifted(mid).sum()) * self._costs[name]
@@ -144,9 +144,10 @@ class GatedModel(nn.Module):
         self.clamp_gates_()
         return offset
 
-    def clamp_gates_(self, bound: float = 12.0) -> None:
+    def clamp_gates_(self) -> None:
+        """Bound every gate's logits as its kind does (see ``clamp_`` of each gate class)."""
         for layer in self.layers.values():
-            layer.gates.clamp_(bound)
+            layer.gates.clamp_()
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """LoRA weights and gates only (the base model is frozen and reloaded from its source)."""

@@ -100,8 +100,10 @@ class RankGates(_Gates):
         mask[kept_components(self.keep_prob().detach(), rank)] = 1.0
         self.hard_mask.copy_(mask)
 
-    def clamp_(self, bound: float = 12.0) -> None:
-        """Keep ``log_alpha`` bounded so no gate saturates beyond recovery or overflows."""
+    def clamp_(self, bound: float = 50.0) -> None:
+        """Keep ``log_alpha`` finite and bounded.  The bound lies far beyond where gate steps and cost
+        projections take the logits (P(keep) < 1e-21 there), so clipping never ties distinct scores, which
+        would make the knapsack fall back to component order (at 12 a projection did)."""
         with torch.no_grad():
             self.log_alpha.clamp_(-bound, bound)
 

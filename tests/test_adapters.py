@@ -142,3 +142,22 @@ def test_gated_layers_expose_the_base_weight_for_model_code_that_reads_it():
     torch.testing.assert_close(out.logits, before)  # B = 0 at the start: the base model's output
     out.loss.backward()
     assert layer.lora_A.grad is not None or layer.lora_B.grad is not None
+
+
+def test_a_projection_far_down_keeps_the_components_apart():
+    """Shifting logits -8..7 by about -10 to meet a small target must keep four distinct, ordered scores;
+    clipping at -12 tied them, and the knapsack then fell back to component order."""
+    import torch
+    from torch import nn
+
+    from rankalloc.adapters import GatedModel
+    from rankalloc.models import Target
+
+    gated = GatedModel(nn.Sequential(nn.Linear(16, 16)), [Target("0", 16, 16, 0, "a")], {"0": 8}, 1.0)
+    with torch.no_grad():
+        gated.layers["0"].gates.log_alpha.copy_(torch.tensor([-8., -7, -6, -5, 4, 5, 6, 7]))
+    target = 0.02 * gated.max_cost()
+    gated.project_cost_(target)
+    logits = gated.layers["0"].gates.log_alpha.detach()
+    assert torch.all(logits[1:] > logits[:-1]) and float(logits[0]) < -12
+    assert float(gated.expected_cost()) == pytest.approx(target, rel=1e-6)
