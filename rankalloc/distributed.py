@@ -40,6 +40,8 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owns_group: bool = False   # whether init made the process group (then shutdown ends it)
+    log_level: int = logging.NOTSET  # the rankalloc logger's level before init quietened other ranks
 
     @property
     def is_main(self) -> bool:
@@ -57,16 +59,27 @@ def init(device_spec: str = "auto", timeout_s: float = 300.0) -> DistInfo:
         return DistInfo()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device_spec != "cpu" and torch.cuda.is_available()
-    if not dist.is_initialized():
+    owns_group = not dist.is_initialized()  # a group the caller made is the caller's to end
+    if owns_group:
         if use_cuda:
             torch.cuda.set_device(local)
         dist.init_process_group("nccl" if use_cuda else "gloo",
                                 timeout=datetime.timedelta(seconds=timeout_s))
-    info = DistInfo(rank, world, local)
+    info = DistInfo(rank, world, local, owns_group, logging.getLogger("rankalloc").level)
     if not info.is_main:  # one voice: rank 0 logs, the others only warn
         logging.getLogger("rankalloc").setLevel(logging.WARNING)
     logger.info("distributed: %d processes, backend %s", world, dist.get_backend())
     return info
+
+
+def launched_command(command: str, info: DistInfo) -> str:
+    """``command`` (``python -m rankalloc.STAGE ...``) as the launcher ran it: under torchrun, with its
+    process count, since the global batch and each process's random stream depend on it."""
+    if not info.enabled or not command.startswith("python -m "):
+        return command
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
+    nodes = f"--nnodes {info.world_size // per_node} " if per_node != info.world_size else ""
+    return f"torchrun {nodes}--nproc_per_node {per_node} -m " + command[len("python -m "):]
 
 
 def device_for(info: DistInfo, device: torch.device) -> torch.device:
@@ -110,12 +123,14 @@ def mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value / info.world_size
 
 
-def on_main(info: DistInfo, fn: Callable[[], T]) -> T | None:
+def on_main(info: DistInfo, fn: Callable[[], T],
+            others: str = "rank 0 stopped before training (its error says why); this rank stops with it") -> T | None:
     """Run ``fn`` on rank 0 alone (e.g. open the run folder) and return its result there (None elsewhere).
 
     Every rank learns whether it succeeded, so that when rank 0 fails with a user error (a refused
-    ``--out``) the others stop at once with a line pointing at it, instead of waiting at a barrier for the
-    process-group timeout.  Doubles as the barrier after ``fn``.
+    ``--out``) the others stop at once with ``others``, instead of waiting at a barrier for the
+    process-group timeout.  Doubles as the barrier after ``fn``: no rank returns before rank 0's outputs
+    exist (a script that runs the next stage on every rank finds them).
     """
     result, error = None, None
     if info.is_main:
@@ -123,7 +138,7 @@ def on_main(info: DistInfo, fn: Callable[[], T]) -> T | None:
             result = fn()
         except Exception as e:  # re-raised below, after the other ranks have been told
             error = e
-    stop_together(info, error, "rank 0 stopped before training (its error says why); this rank stops with it")
+    stop_together(info, error, others)
     return result
 
 
@@ -214,5 +229,8 @@ def open_run_on_all(info: DistInfo, out: Path, *, overwrite: bool, resume: bool,
 
 
 def shutdown(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
+    """End what ``init`` began: the process group it made (not one the caller made), the quiet logger."""
+    if info.enabled and info.owns_group and dist.is_initialized():
         dist.destroy_process_group()
+    if info.enabled and not info.is_main:
+        logging.getLogger("rankalloc").setLevel(info.log_level)

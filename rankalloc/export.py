@@ -141,7 +141,7 @@ def write_export(out: Path, run: str, scores: Scores, rm: RankMap, max_rank: int
 
 
 def run_export(cfg: ExportConfig) -> tuple[Path, RankMap]:
-    cfg = checked_copy(cfg)  # a config built in Python gets the command line's types and checks, on a copy
+    cfg = checked_copy(cfg, ExportConfig)  # built in Python: the command line's types and checks, on a copy
     scores = Scores.load(cfg.run)
     spec = parse_budget(cfg.budget) if cfg.budget else None
     budget = spec.resolve(scores.data["base_params"]) if spec else scores.data["searched_budget"]

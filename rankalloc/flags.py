@@ -263,7 +263,7 @@ def parse_args(cls: type, argv: list[str] | None, prog: str, description: str,
     return cfg, ns
 
 
-def checked_copy(cfg: Any) -> Any:
+def checked_copy(cfg: Any, expected: type | None = None) -> Any:
     """A stage config built in Python, as the command line would have built it: a copy with every field of
     the flag's type, validated.
 
@@ -272,8 +272,13 @@ def checked_copy(cfg: Any) -> Any:
     stage that fills in defaults (e.g. the task from a rank map) leaves it as it was.
 
     Raises:
-        ConfigError: a field of the wrong type, named by its flag, or a value ``validate()`` refuses.
+        ConfigError: a config of another class than ``expected``, a field of the wrong type, named by its
+            flag, or a value ``validate()`` refuses.
     """
+    if expected is not None and type(cfg) is not expected:
+        article = "an" if expected.__name__[0] in "AEIOU" else "a"
+        raise ConfigError(f"this stage takes {article} {expected.__name__}, got {type(cfg).__name__} (build one "
+                          f"with rankalloc.{expected.__name__}(...))")
     cfg = _typed_copy(copy.deepcopy(cfg))
     cfg.validate()
     return cfg

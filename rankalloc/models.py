@@ -136,7 +136,7 @@ def load_model(cfg: ModelConfig, num_labels: int = 2, family: Family | None = No
     path = resolve_model_path(cfg.name)
     config = _family_config(cfg, family, num_labels, label_names)
     _use_tokenizer_padding(config, family, pad_token_id, cfg.name)
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # the "newly initialised head" notice is expected here
     hf_logging.disable_progress_bar()
     try:
@@ -151,6 +151,8 @@ def load_model(cfg: ModelConfig, num_labels: int = 2, family: Family | None = No
                          f"({_first_line(e)})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:  # the caller's setting, as it was
+            hf_logging.enable_progress_bar()
     mismatched = [entry[0] if isinstance(entry, (tuple, list)) else str(entry)
                   for entry in info.get("mismatched_keys", [])]
     heads = tuple(head_modules(model))

@@ -172,7 +172,7 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
         RankallocError: bad rank map, budget, data, model, config or run folder (one-line messages).
     """
     t0 = time.time()
-    cfg = checked_copy(cfg)  # a config built in Python gets the command line's types and checks, on a copy
+    cfg = checked_copy(cfg, RetrainConfig)  # built in Python: the command line's types and checks, on a copy
     command = command or stage_command("retrain", cfg)
     rank_map = RankMap.load(cfg.rank_map) if cfg.rank_map else None  # format errors before any model work
     if cfg.out:
@@ -192,6 +192,7 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
     method = cfg.baseline or "rank_map"
 
     dist_info = distributed.init(cfg.device)
+    command = distributed.launched_command(command, dist_info)
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     task = prepare_task(cfg.data, tokenizer, cfg.seed, load_model_config(cfg.model), gate_split=False)
@@ -241,42 +242,50 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
         history = train(peft_model, task.train, steps, lr, cfg, device, method == "adalora", on_step, dist_info,
                         task.family, checkpoint=out / rundir.CHECKPOINT, resume=resume, meta=meta)
         wall["train"] = time.time() - t
-        if not dist_info.is_main:  # identical weights on every rank: rank 0 evaluates and writes
+
+        def evaluate_and_save() -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+            """Rank 0 alone (identical weights on every rank): evaluate, save, write the metrics."""
+            t = time.time()
+            logits, labels = predict(peft_model, task.eval, cfg.data.eval_batch_size, device, task.family)
+            metric = task.family.primary_metric
+            scores = {"metric": metric, **task.family.metrics(logits, labels, task.num_labels)}
+            scores["score"] = scores[metric]
+            wall["eval"] = time.time() - t
+            logger.info("eval on %d examples: %s", len(labels),
+                        "  ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float)))
+
+            t = time.time()
+            trained, adapter = describe_adapter(peft_model, method, targets, rank_map, budget, cfg)
+            checks = save_outputs(out, cfg, peft_model, tokenizer, task, logits, device)
+            trained.save(out / "rank_map.json")
+            wall["save"] = time.time() - t
+            wall["total"] = time.time() - t0
+
+            metrics = {
+                "method": method, "task": task.name, "family": task.family.name, "base_model": cfg.model.name,
+                "label_names": list(task.label_names), **scores,
+                "eval_examples": int(len(labels)), "train_examples": len(task.train), "steps": steps,
+                "final_train_loss": float(np.mean([r["train_loss"] for r in history[-cfg.train.log_every:]])),
+                **adapter, "budget": int(budget), "budget_used": adapter["adapter_params"] / budget,
+                "ranks": trained.ranks, "warm_start": warm,
+                "resumed_from_step": resume["step"] if resume else None,
+                "checks": checks, "wall_time_s": wall, "peak_memory_mb": peak_memory(device),
+                "device": str(device), "seed": cfg.seed, "world_size": dist_info.world_size,
+                "recipe": to_dict(cfg.train) | {"lr_used": lr, "batch_size": cfg.data.batch_size,
+                                                "max_length": cfg.data.max_length, "optimizer": "AdamW",
+                                                "schedule": "linear warm-up, then linear decay to 0"},
+                "config": to_dict(cfg), "rankalloc_version": __version__, "command": command,
+            }
+            io.write_json(out / "history.json", history)
+            io.write_json(out / "metrics.json", metrics)
+            (out / rundir.CHECKPOINT).unlink(missing_ok=True)  # the adapter holds the result now
+            return metrics, logits, labels
+
+        done = distributed.on_main(dist_info, evaluate_and_save, "rank 0 stopped while evaluating and saving "
+                                   "(its error says why); this rank stops with it")
+        if not dist_info.is_main:  # the others return once rank 0's outputs exist
             return None
-
-        t = time.time()
-        logits, labels = predict(peft_model, task.eval, cfg.data.eval_batch_size, device, task.family)
-        metric = task.family.primary_metric
-        scores = {"metric": metric, **task.family.metrics(logits, labels, task.num_labels)}
-        scores["score"] = scores[metric]
-        wall["eval"] = time.time() - t
-        logger.info("eval on %d examples: %s", len(labels),
-                    "  ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float)))
-
-        t = time.time()
-        rank_map, adapter = describe_adapter(peft_model, method, targets, rank_map, budget, cfg)
-        checks = save_outputs(out, cfg, peft_model, tokenizer, task, logits, device)
-        rank_map.save(out / "rank_map.json")
-        wall["save"] = time.time() - t
-        wall["total"] = time.time() - t0
-
-        metrics = {
-            "method": method, "task": task.name, "family": task.family.name, "base_model": cfg.model.name,
-            "label_names": list(task.label_names), **scores,
-            "eval_examples": int(len(labels)), "train_examples": len(task.train), "steps": steps,
-            "final_train_loss": float(np.mean([r["train_loss"] for r in history[-cfg.train.log_every:]])),
-            **adapter, "budget": int(budget), "budget_used": adapter["adapter_params"] / budget,
-            "ranks": rank_map.ranks, "warm_start": warm, "resumed_from_step": resume["step"] if resume else None,
-            "checks": checks, "wall_time_s": wall, "peak_memory_mb": peak_memory(device),
-            "device": str(device), "seed": cfg.seed,
-            "recipe": to_dict(cfg.train) | {"lr_used": lr, "batch_size": cfg.data.batch_size,
-                                            "max_length": cfg.data.max_length, "optimizer": "AdamW",
-                                            "schedule": "linear warm-up, then linear decay to 0"},
-            "config": to_dict(cfg), "rankalloc_version": __version__, "command": command,
-        }
-        io.write_json(out / "history.json", history)
-        io.write_json(out / "metrics.json", metrics)
-        (out / rundir.CHECKPOINT).unlink(missing_ok=True)  # the adapter holds the result now
+        metrics, logits, labels = done
     except BaseException as e:
         if dist_info.is_main:
             rundir.fail_run(out, e, command=command)

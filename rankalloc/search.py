@@ -266,7 +266,7 @@ def run_search(cfg: SearchConfig, command: str | None = None,
         RankallocError: bad budget, data, model, config or run folder (one-line messages).
     """
     t0 = time.time()
-    cfg = checked_copy(cfg)  # a config built in Python gets the command line's types and checks, on a copy
+    cfg = checked_copy(cfg, SearchConfig)  # built in Python: the command line's types and checks, on a copy
     spec = parse_budget(cfg.budget)  # a malformed budget is refused before any model work
     command = command or stage_command("search", cfg)
     if cfg.resume and not cfg.out:
@@ -275,6 +275,7 @@ def run_search(cfg: SearchConfig, command: str | None = None,
     out = Path(cfg.out) if cfg.out else rundir.default_out("search", spec.text, cfg.seed)
     rundir.check_out_path(out)  # before any model work
     dist_info = distributed.init(cfg.device)
+    command = distributed.launched_command(command, dist_info)
     set_seed(cfg.seed)  # the same seed on every rank: sampled gates agree across ranks
     tokenizer = load_tokenizer(cfg.model)
     task = prepare_task(cfg.data, tokenizer, cfg.seed, load_model_config(cfg.model))
@@ -298,10 +299,12 @@ def run_search(cfg: SearchConfig, command: str | None = None,
                 len(targets), spec.text, budget, max(r_max.values()), cfg.steps(), device, out)
     try:
         state = search_loop(cfg, gated, task, budget, device, out, state, opts, on_step, dist_info)
-        if not dist_info.is_main:  # rank 0 alone discretises and writes
+        result = distributed.on_main(  # rank 0 alone discretises and writes; the others wait for its files
+            dist_info, lambda: finish(cfg, gated, task, targets, r_max, budget, base_params, device, out, state,
+                                      opts, command, t0, dist_info.world_size),
+            "rank 0 stopped while writing the results (its error says why); this rank stops with it")
+        if not dist_info.is_main:
             return None
-        result = finish(cfg, gated, task, targets, r_max, budget, base_params, device, out, state, opts,
-                        command, t0, dist_info.world_size)
     except BaseException as e:
         if dist_info.is_main:
             rundir.fail_run(out, e, command=command)
@@ -350,7 +353,7 @@ def finish(cfg: SearchConfig, gated: GatedModel, task: TaskData, targets: list[T
     summary = {"budget": budget, "total_params": rm.total_params,
                "head_params": sum(p.numel() for m in head_modules(gated.model).values() for p in m.parameters()),
                "base_model": cfg.model.name, "task": task.name, "label_names": list(task.label_names),
-               "seed": cfg.seed, "steps": state.step,
+               "seed": cfg.seed, "world_size": world_size, "steps": state.step,
                "final_lambda": lam, "final_cost_ratio": final_ratio, "wall_time_s": time.time() - t0,
                "gap": gap, "command": command, "r_max": max(r_max.values()),
                "gates": GATE_KINDS[cfg.search.gates].description, "peak_memory_mb": peak_memory(device),

@@ -245,7 +245,10 @@ def run_sweep(cfg: SweepConfig, command: str | None = None) -> SweepResult:
         RankallocError: bad budgets, storage, settings or data (one-line messages).
     """
     t0 = time.time()
-    cfg = checked_copy(cfg)  # a config built in Python gets the command line's types and checks, on a copy
+    cfg = checked_copy(cfg, SweepConfig)  # built in Python: the command line's types and checks, on a copy
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("a sweep does not run under torchrun: its workers are separate processes that share "
+                          "--storage (start one per GPU, e.g. CUDA_VISIBLE_DEVICES=N python -m rankalloc.sweep ...)")
     command = command or stage_command("sweep", cfg)
     budgets = parse_budgets(cfg.budgets or [])
     out = Path(cfg.out) if cfg.out else Path("runs") / f"sweep-{_safe(cfg.study_name)}"

@@ -68,6 +68,12 @@ def warm_start(peft_model: nn.Module, run: str | Path, rank_map: RankMap) -> dic
         for head, head_state in state["heads"].items():
             wrapper = model.get_submodule(head)
             target = wrapper.modules_to_save[ADAPTER] if hasattr(wrapper, "modules_to_save") else wrapper
+            shapes = {k: tuple(v.shape) for k, v in target.state_dict().items()}
+            searched = {k: tuple(v.shape) for k, v in head_state.items()}
+            if shapes != searched:  # e.g. a search on 2 classes, a retrain on 3
+                raise RankMapError(f"--init-from {run}: the search's task head {head} has other shapes "
+                                   f"({searched}) than this retrain's ({shapes}); retrain on the searched task, "
+                                   "or drop --init-from")
             target.load_state_dict(head_state)
             heads += len(head_state)
     logger.info("warm start from %s: %d adapted modules and %d head tensors from the search's step %d", run,

@@ -178,3 +178,41 @@ def test_a_killed_two_process_search_resumes_each_ranks_random_stream(tmp_path):
     _, _, history_resumed = _final(tmp_path / "killed")
     assert [r["train_loss"] for r in history_resumed] == [r["train_loss"] for r in history_whole]
     assert [r["val_loss"] for r in history_resumed] == [r["val_loss"] for r in history_whole]
+
+
+def test_a_script_chains_stages_on_every_rank_in_its_own_process_group(tmp_path, tiny_llama):
+    """A torchrun script that made its own process group: search then retrain on every rank. No rank may
+    return before rank 0's files exist, the group stays the script's, and the runs record the launcher."""
+    script = tmp_path / "chain.py"
+    script.write_text(f"""
+import json, sys
+import torch.distributed as dist
+from rankalloc import RetrainConfig, SearchConfig, run_retrain, run_search
+from rankalloc.config import DataConfig, ModelConfig, SearchParams
+
+dist.init_process_group("gloo")
+data = dict(task="tweets", max_train_examples=160, max_eval_examples=32, max_length=24, batch_size=8)
+run_search(SearchConfig(budget="1500", device="cpu", out={str(tmp_path / "s")!r}, max_steps=4,
+                        model=ModelConfig(name={tiny_llama!r}), data=DataConfig(**data),
+                        search=SearchParams(r_max=4, warmup_steps=2, gap_batches=1)))
+run_retrain(RetrainConfig(rank_map={str(tmp_path / "s" / "rank_map.json")!r}, device="cpu", max_steps=2,
+                          out={str(tmp_path / "r")!r}, model=ModelConfig(name={tiny_llama!r}),
+                          data=DataConfig(**data)))
+dist.barrier()  # the script's group is still there
+print("chained", dist.get_rank(), flush=True)
+""")
+    proc = subprocess.run(_torchrun(2, [str(script)]), cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("chained") == 2
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert metrics["world_size"] == summary["world_size"] == 2
+    assert metrics["command"].startswith("torchrun --nproc_per_node 2 -m rankalloc.retrain ")
+
+
+def test_a_sweep_under_torchrun_is_refused_in_one_line(tmp_path):
+    proc = subprocess.run(_torchrun(2, ["-m", "rankalloc.sweep", "--budgets", "7k", "--out", str(tmp_path / "sw")]),
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "a sweep does not run under torchrun" in proc.stderr
+    assert not (tmp_path / "sw").exists()

@@ -349,3 +349,11 @@ def test_a_causal_language_model_has_no_task_head():
         pad_token_id=0, eos_token_id=1, bos_token_id=2, cls_token_id=2, sep_token_id=1))
     assert head_modules(model) == {}
     assert all(t.name.startswith("model.layers.") for t in find_targets(model, ModelConfig()))
+
+
+def test_loading_a_model_leaves_the_caller_s_progress_bars_as_they_were(minilm_1layer):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()
+    load_model(ModelConfig(num_layers=1), num_labels=2)
+    assert hf_logging.is_progress_bar_enabled()

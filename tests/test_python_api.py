@@ -54,6 +54,9 @@ def test_python_values_get_the_command_lines_types_on_a_copy(tmp_path):
     ("run_search", lambda: rankalloc.SearchConfig(budget="10k", overwrite=True, resume=True), "exclude each other"),
     ("run_retrain", lambda: rankalloc.RetrainConfig(), "exactly one of --rank-map"),
     ("run_sweep", lambda: rankalloc.SweepConfig(), "--budgets is required"),
+    ("run_retrain", lambda: rankalloc.SearchConfig(budget="20k"), "this stage takes a RetrainConfig, got SearchConfig"),
+    ("run_search", lambda: rankalloc.RetrainConfig(baseline="uniform", budget="20k"), "takes a SearchConfig"),
+    ("run_export", lambda: {"run": "x"}, "takes an ExportConfig, got dict"),
 ])
 def test_a_config_built_in_python_gets_the_command_line_checks(tmp_path, monkeypatch, stage, cfg, message):
     monkeypatch.chdir(tmp_path)

@@ -10,7 +10,7 @@ import torch
 
 from rankalloc.config import DataConfig, ModelConfig, RetrainConfig
 from rankalloc.flags import load_yaml, parse_args
-from rankalloc.errors import BudgetError, ConfigError
+from rankalloc.errors import BudgetError, ConfigError, RankMapError
 from rankalloc.models import find_targets, load_model
 from rankalloc.rank_map import RankMap
 
@@ -315,6 +315,10 @@ def test_warm_start_reproduces_the_searched_model_with_hard_gates(tmp_path, retr
     with torch.no_grad():
         expected, got = gated.model(**batch).logits, peft_model(**batch).logits
     assert torch.allclose(got, expected, atol=1e-5) and not torch.allclose(fresh, expected, atol=1e-3)
+    five = load_model(model_cfg, num_labels=5)  # a retrain on a task with other classes than the search's
+    other, _ = build_adapter(cfg, five, find_targets(five, model_cfg), rank_map, rank_map.budget, None, 10)
+    with pytest.raises(RankMapError, match="the search's task head classifier has other shapes"):
+        warm_start(other, run, rank_map)
 
 
 def test_warm_start_needs_a_rank_map_and_a_search_of_the_same_model(tmp_path):
