@@ -37,7 +37,6 @@ import copy
 import hashlib
 import logging
 import os
-import shutil
 import socket
 import sys
 import time
@@ -268,13 +267,13 @@ def run_sweep(cfg: SweepConfig, command: str | None = None) -> SweepResult:
         if cfg.storage is None or _file_storage_inside(cfg.storage, out):
             out.mkdir(parents=True, exist_ok=True)  # the SQLite or journal file lives in it
         storage = open_storage(cfg, out)  # a storage that cannot be opened is refused before anything is made
-        out.mkdir(parents=True, exist_ok=True)
-        (out / SWEEP_MARKER).touch()
-        study = open_study(cfg, storage, out)
     except RankallocError:
-        if new_folder and out.is_dir():  # a refused sweep leaves no folder behind
-            shutil.rmtree(out, ignore_errors=True)
+        if new_folder and out.is_dir() and not any(out.iterdir()):  # a refused sweep leaves no folder behind
+            out.rmdir()  # (only an empty one: a worker started alongside may already use it)
         raise
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SWEEP_MARKER).touch()
+    study = open_study(cfg, storage, out)
     methods = ([] if cfg.tune else [RANKALLOC]) + list(cfg.baseline or [])
     points = [(m, b) for m in methods for b in budgets]
     _check_budget_distribution(study, cfg, budgets)
