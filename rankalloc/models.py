@@ -462,6 +462,11 @@ def resolve_device(spec: str) -> torch.device:
         return torch.device("cpu")
     if spec.startswith("cuda") and not torch.cuda.is_available():
         raise ModelError(f"--device {spec}: CUDA is not available on this machine (use --device cpu or auto)")
+    if spec.startswith("cuda:") and int(spec.split(":", 1)[1]) >= torch.cuda.device_count():
+        raise ModelError(f"--device {spec}: this machine has {torch.cuda.device_count()} GPU(s); allowed: cuda:0 to "
+                         f"cuda:{torch.cuda.device_count() - 1}")
+    if spec == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ModelError("--device mps: Apple's MPS backend is not available here (use --device cpu or auto)")
     return torch.device(spec)
 
 

@@ -175,6 +175,7 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
     cfg = checked_copy(cfg, RetrainConfig)  # built in Python: the command line's types and checks, on a copy
     command = command or stage_command("retrain", cfg)
     rank_map = RankMap.load(cfg.rank_map) if cfg.rank_map else None  # format errors before any model work
+    resolve_device(cfg.device)  # a device this machine lacks is refused before any model work
     if cfg.out:
         rundir.check_out_path(cfg.out)
         _refuse_an_out_holding_the_inputs(cfg)

@@ -268,6 +268,7 @@ def run_search(cfg: SearchConfig, command: str | None = None,
     t0 = time.time()
     cfg = checked_copy(cfg, SearchConfig)  # built in Python: the command line's types and checks, on a copy
     spec = parse_budget(cfg.budget)  # a malformed budget is refused before any model work
+    resolve_device(cfg.device)  # a device this machine lacks is refused before any model work
     command = command or stage_command("search", cfg)
     if cfg.resume and not cfg.out:
         raise RunDirError("--resume needs --out, the folder of the run to continue (without --out every run "

@@ -192,3 +192,18 @@ def test_the_recorded_command_drops_a_boolean_flag_with_its_value(value):
 
     assert command_line("sweep", ["--budgets", "41k", "--overwrite", value, "--out", "x"],
                         without=("--overwrite", "--resume")) == "python -m rankalloc.sweep --budgets 41k --out x"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("device, fragment", [("cuda", "CUDA is not available"), ("cuda:1", "CUDA is not available"),
+                                              ("mps", "MPS backend is not available")])
+def test_a_device_this_machine_lacks_is_refused_before_any_model_work(capsys, monkeypatch, device, fragment):
+    import torch
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the device must be refused before the model loads")
+
+    monkeypatch.setattr(search, "load_tokenizer", no_model)
+    assert_one_line_refusal(*run_main(capsys, ["--budget", "1k", "--device", device]), fragment)
