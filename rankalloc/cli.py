@@ -8,7 +8,9 @@ from __future__ import annotations
 import importlib
 import logging
 import shlex
+import signal
 import sys
+import threading
 from typing import Any, Callable
 
 from .errors import RankallocError
@@ -77,10 +79,21 @@ def command_line(stage: str, argv: list[str] | None, without: tuple[str, ...] = 
     return f"python -m rankalloc.{stage} " + " ".join(shlex.quote(a) for a in kept)
 
 
+class Terminated(BaseException):
+    """SIGTERM (a launcher or scheduler stopping the job): unwinds like Ctrl-C, so the run is marked
+    failed and its folder let go before the process ends."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
 def run_stage(stage: str, argv: list[str] | None = None) -> int:
     """Parse flags for ``stage``, run it, and turn user errors into one line and exit status 2."""
     setup_logging()
     module = importlib.import_module(f"rankalloc.{stage}")
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return int(module.cli(argv) or 0)
     except RankallocError as e:
@@ -89,3 +102,9 @@ def run_stage(stage: str, argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"rankalloc {stage}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"rankalloc {stage}: terminated (SIGTERM); rerun the same command to resume", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)

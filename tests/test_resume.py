@@ -162,3 +162,32 @@ def test_the_folder_lock_is_let_go_when_a_status_write_fails_and_skipped_where_u
     assert "cannot lock the run folder" in caplog.text
     rundir.finish_run(out, command="y")
     assert json.loads((out / "status.json").read_text())["state"] == "done"
+
+
+def test_sigterm_marks_the_run_failed_and_lets_the_folder_go(tmp_path):
+    """A scheduler or launcher stops a job with SIGTERM: the run unwinds as on Ctrl-C (status failed, lock
+    released, exit 143), so the folder's state is true and a rerun may take it."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "rankalloc.search", "--budget", "5k", "--model.num_layers", "1", "--device", "cpu",
+            "--out", str(out), "--search.steps", "400", "--search.warmup_steps", "2", "--search.checkpoint_every",
+            "2", "--data.max_train_examples", "160", "--data.max_eval_examples", "32", "--data.max_length", "16",
+            "--data.batch_size", "8", "--search.gap_batches", "1"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "checkpoint.pt").is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "terminated (SIGTERM); rerun the same command to resume" in err
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "failed" and "Terminated" in status["error"]
+    resumed = subprocess.run(argv[:argv.index("--search.steps") + 1] + ["6"] + argv[argv.index("--search.steps") + 2:]
+                             + ["--overwrite"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]  # the folder was let go: --overwrite may take it
