@@ -14,6 +14,7 @@ import threading
 from typing import Any, Callable
 
 from .errors import RankallocError
+from .flags import FALSE_WORDS, TRUE_WORDS
 
 EXIT_USER_ERROR = 2
 
@@ -60,9 +61,6 @@ def progress_bar(total: int, desc: str, enabled: bool = True) -> tuple[Any, Call
     return bar, on_step
 
 
-BOOL_WORDS = ("true", "false", "1", "0", "yes", "no", "on", "off")  # what a boolean flag's value may be
-
-
 def command_line(stage: str, argv: list[str] | None, without: tuple[str, ...] = ()) -> str:
     """The command as typed; flags in ``without`` (optional-value flags such as ``--overwrite [BOOL]``) are
     left out, with their value."""
@@ -71,7 +69,7 @@ def command_line(stage: str, argv: list[str] | None, without: tuple[str, ...] = 
     while i < len(args):
         flag = args[i].split("=", 1)[0]
         if flag in without:
-            has_value = "=" not in args[i] and i + 1 < len(args) and args[i + 1].strip().lower() in BOOL_WORDS
+            has_value = "=" not in args[i] and i + 1 < len(args) and args[i + 1].strip().lower() in TRUE_WORDS + FALSE_WORDS
             i += 2 if has_value else 1
             continue
         kept.append(args[i])

@@ -149,10 +149,7 @@ def run_export(cfg: ExportConfig) -> tuple[Path, RankMap]:
         + (f"-{cfg.rounding}" if cfg.rounding else "")
     out = Path(cfg.out) if cfg.out else Path(cfg.run) / "exports" / label
     rm = export_rank_map(scores, budget, cfg.max_rank, spec.text if spec else None, cfg.rounding)
-    run = Path(cfg.run).resolve()
-    if out.resolve() == run or run.is_relative_to(out.resolve()):
-        raise RunDirError(f"--out {out} holds the search run {cfg.run} itself; choose a folder outside it "
-                          f"(default: {Path(cfg.run) / 'exports' / label})")
+    rundir.check_out_outside(out, [("the search run of --run", cfg.run)])  # default: RUN/exports/LABEL
     rundir.check_out_path(out)
     replacing = out.exists() and any(out.iterdir())
     if replacing:

@@ -60,6 +60,9 @@ def _type_name(tp: Any) -> str:
     return name + (" or null" if optional else "")
 
 
+TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")  # a boolean flag's values
+
+
 def coerce(value: Any, tp: Any, flag: str) -> Any:
     """Turn a YAML value or a command-line string into ``tp``; raise ConfigError naming ``flag``."""
     inner, optional = _unwrap_optional(tp)
@@ -73,9 +76,9 @@ def coerce(value: Any, tp: Any, flag: str) -> Any:
             if isinstance(value, bool):
                 return value
             low = str(value).strip().lower()
-            if low in ("true", "1", "yes", "on"):
+            if low in TRUE_WORDS:
                 return True
-            if low in ("false", "0", "no", "off"):
+            if low in FALSE_WORDS:
                 return False
             raise ValueError
         if inner is int:

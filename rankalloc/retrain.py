@@ -178,7 +178,9 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
     resolve_device(cfg.device)  # a device this machine lacks is refused before any model work
     if cfg.out:
         rundir.check_out_path(cfg.out)
-        _refuse_an_out_holding_the_inputs(cfg)
+        inputs = [("the run of --rank-map", Path(cfg.rank_map).parent)] if cfg.rank_map else []
+        inputs += [("the run of --init-from", cfg.init_from)] if cfg.init_from else []
+        rundir.check_out_outside(cfg.out, inputs)  # --overwrite would delete the search it reads
     elif cfg.resume:
         raise RunDirError("--resume needs --out, the folder of the run to continue (without --out every run "
                           "gets a new folder, runs/retrain-METHOD-BUDGET-seedN-TIME)")
@@ -295,21 +297,6 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
         distributed.shutdown(dist_info)
     rundir.finish_run(out, command=command)
     return RetrainResult(out, metrics, logits, labels)
-
-
-def _refuse_an_out_holding_the_inputs(cfg: RetrainConfig) -> None:
-    """--out must not be (or hold) the search the rank map or --init-from comes from: --overwrite would
-    set that search aside and delete it once the retrain finishes.
-
-    Raises:
-        RunDirError: naming the input inside --out.
-    """
-    out = Path(cfg.out).resolve()
-    inputs = [("--rank-map", Path(cfg.rank_map).resolve().parent)] if cfg.rank_map else []
-    inputs += [("--init-from", Path(cfg.init_from).resolve())] if cfg.init_from else []
-    for flag, folder in inputs:
-        if folder == out or folder.is_relative_to(out):
-            raise RunDirError(f"--out {cfg.out} holds the run of {flag} ({folder}); choose a folder outside it")
 
 
 def describe_adapter(peft_model: nn.Module, method: str, targets: list[Target], rank_map: RankMap | None,

@@ -69,6 +69,20 @@ def check_out_path(out: str | Path) -> None:
             return
 
 
+def check_out_outside(out: str | Path, inputs: list[tuple[str, str | Path]]) -> None:
+    """Refuse an ``--out`` that is, or holds, a folder this stage reads (``(what, folder)`` pairs): an
+    ``--overwrite`` there would set that folder aside and delete it once the run finishes.
+
+    Raises:
+        RunDirError: naming the input inside ``--out``.
+    """
+    here = Path(out).resolve()
+    for what, folder in inputs:
+        folder = Path(folder).resolve()
+        if folder == here or folder.is_relative_to(here):
+            raise RunDirError(f"--out {out} holds {what} ({folder}); choose a folder outside it")
+
+
 def _is_status(path: Path) -> bool:
     """Whether ``path`` is a status file rankalloc wrote (not any file of that name)."""
     try:

@@ -53,8 +53,7 @@ from .sweep_report import sweep_summary, write_reports
 from .sweep_shared import SHARED_SEARCH_FILE, SharedSearch, check_shared_budgets, parse_budgets, run_shared_search
 from .sweep_study import (METHODS, RANKALLOC, delete_study, duplicate_of, make_grid_sampler, open_storage,
                           open_study, point_of, quiet_optuna, recover_crashed, storage_name)
-from .task_files import LOCAL_EXTENSIONS
-from .tasks import BUILTIN_TASKS, load_raw_task
+from .tasks import check_task_source
 
 logger = logging.getLogger(__name__)
 
@@ -302,12 +301,18 @@ def run_sweep(cfg: SweepConfig, command: str | None = None) -> SweepResult:
     return SweepResult(out, rows, summary)
 
 
-def _file_storage_inside(storage: str, out: Path) -> bool:
-    """Whether ``--storage`` is a SQLite or journal file inside ``out`` (which a first run has yet to make)."""
+def _storage_file(storage: str) -> Path | None:
+    """The file of a SQLite or journal ``--storage`` (None for a database server)."""
     path = storage[len("journal:"):] if storage.startswith("journal:") else (
         storage.split("sqlite:///", 1)[1] if storage.startswith("sqlite:///") else
         storage if "://" not in storage else "")
-    return bool(path) and Path(path).resolve().parent == out.resolve()
+    return Path(path) if path else None
+
+
+def _file_storage_inside(storage: str, out: Path) -> bool:
+    """Whether ``--storage`` is a SQLite or journal file inside ``out`` (which a first run has yet to make)."""
+    path = _storage_file(storage)
+    return path is not None and path.resolve().parent == out.resolve()
 
 
 SWEEP_MARKER = ".rankalloc_sweep"  # written into every sweep folder when the sweep starts
@@ -315,12 +320,9 @@ SWEEP_MARKS = (SWEEP_MARKER, "sweep.db", "sweep.json", SHARED_SEARCH_FILE)
 
 
 def _check_local_task(cfg: SweepConfig) -> None:
-    """A built-in task or a local file or folder is read once before anything is made or replaced, so that
-    a mistyped --task costs nothing (a hub name is left to the first search)."""
-    task = cfg.data.task
-    if task in BUILTIN_TASKS or Path(task).expanduser().exists() or Path(task).suffix.lower() in LOCAL_EXTENSIONS \
-            or task.startswith(("/", "./", "../", "~")):
-        load_raw_task(cfg.data)
+    """A mistyped --task (a missing file or folder, an unprepared built-in) is refused before anything is
+    made or replaced; the data itself is read once, by the first search."""
+    check_task_source(cfg.data)
 
 
 def _refuse_a_folder_of_another_kind(cfg: SweepConfig, out: Path) -> None:
@@ -330,7 +332,7 @@ def _refuse_a_folder_of_another_kind(cfg: SweepConfig, out: Path) -> None:
         return
     own = {p.name for p in out.iterdir()}
     if cfg.storage is not None and _file_storage_inside(cfg.storage, out):
-        own -= {Path(cfg.storage.split(":///", 1)[-1].removeprefix("journal:")).name}
+        own -= {_storage_file(cfg.storage).name}
         own = {name for name in own if not name.endswith(".lock")}  # the journal's lock file
     if own:
         raise RunDirError(f"--out {out} is not empty and holds no {', '.join(SWEEP_MARKS)}, so it is not a "

@@ -307,7 +307,7 @@ def _options(df: pd.DataFrame, columns: list[str], where: str) -> pd.Series:
             value = df[columns[0]].iloc[i]
             if isinstance(value, str):
                 value = _parsed_list(value)
-            if value is None or (isinstance(value, float) and math.isnan(value)):
+            if _is_missing(value):
                 rows.append(None)
                 continue
             if not isinstance(value, (list, tuple, np.ndarray)):

@@ -79,9 +79,6 @@ def _text_columns(cfg: DataConfig) -> list[str]:
 
 def _load_local(cfg: DataConfig, path: Path) -> RawTask:
     reject_hub_config(cfg, "local file")
-    if not path.exists():
-        raise DataError(f"--task {cfg.task}: no such file (give a {'/'.join(LOCAL_EXTENSIONS)} file, a built-in "
-                        "task or a datasets folder)")
     table = read_table(path, _text_columns(cfg))
     family = resolve_family(cfg, table)
     train = select_columns(table, cfg, family, str(path))

@@ -65,6 +65,26 @@ class BuiltinTask:
 # --------------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------------
+def check_task_source(cfg: DataConfig) -> None:
+    """Refuse, without reading it, a task whose source is missing: a local file or folder that is not
+    there, or a built-in that needs ``prepare`` first.  A hub name is left to the loading.
+
+    Raises:
+        DataError: as :func:`load_raw_task` would, naming the flag and what to run.
+    """
+    task = cfg.task
+    if task in BUILTIN_TASKS:
+        if task in SDIST_SOURCES and not is_prepared(task):
+            BUILTIN_TASKS[task].load()  # raises the "not prepared: run ..." message
+        return
+    path, suffix = Path(task).expanduser(), Path(task).suffix.lower()
+    path_like = task.startswith(("/", "./", "../", "~")) and suffix not in _FILE_LIKE_SUFFIXES
+    local = suffix in LOCAL_EXTENSIONS or path_like
+    if local and not path.exists():  # (a missing file of another kind is named by its extension, below)
+        raise DataError(f"--task {task}: no such file or folder (give a {'/'.join(LOCAL_EXTENSIONS)} file, "
+                        f"a built-in task ({', '.join(BUILTIN_TASKS)}), a datasets folder or a hub name)")
+
+
 def load_raw_task(cfg: DataConfig) -> RawTask:
     """Load ``cfg.task`` as raw frames.
 
@@ -73,6 +93,7 @@ def load_raw_task(cfg: DataConfig) -> RawTask:
             what is wrong and what is allowed).
     """
     task = cfg.task
+    check_task_source(cfg)
     if cfg.family == "causal_lm" and cfg.choice_columns and task not in BUILTIN_TASKS:
         # a multiple-choice source trained on its right answers: read it as what it is, then convert
         raw = load_raw_task(replace(cfg, family="multiple_choice"))
@@ -99,9 +120,6 @@ def load_raw_task(cfg: DataConfig) -> RawTask:
                             f"use one of {', '.join(LOCAL_EXTENSIONS)})")
         raise DataError(f"--task {task}: unknown file extension {suffix!r}; use one of "
                         f"{', '.join(LOCAL_EXTENSIONS)}")
-    if task.startswith(("/", "./", "../", "~")) and not path.exists():
-        raise DataError(f"--task {task}: no such file or folder (give a {'/'.join(LOCAL_EXTENSIONS)} file, "
-                        f"a built-in task ({', '.join(BUILTIN_TASKS)}) or a datasets hub name)")
     if _is_saved_dataset(path):
         return _load_saved(cfg, path)
     _reject_eval_file(cfg, "datasets hub")
