@@ -26,7 +26,8 @@ from rankalloc.adapters import GatedModel  # noqa: E402
 from rankalloc.config import DataConfig, ModelConfig  # noqa: E402
 from rankalloc.data import EpochSampler, prepare_task  # noqa: E402
 from rankalloc.lagrangian import Lagrangian  # noqa: E402
-from rankalloc.models import find_targets, head_modules, load_model, load_tokenizer  # noqa: E402
+from rankalloc.models import load_model, load_tokenizer  # noqa: E402
+from rankalloc.targets import find_targets, head_modules  # noqa: E402
 from rankalloc.search import gate_step, weight_step  # noqa: E402
 
 

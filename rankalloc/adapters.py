@@ -18,7 +18,7 @@ from torch import nn
 
 from .families import Classification, Family, Output
 from .gates import MODES, make_gates
-from .models import Target, head_parameters, linear_shape
+from .targets import Target, head_parameters, linear_shape
 
 
 class GatedLoRA(nn.Module):

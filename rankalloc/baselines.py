@@ -37,7 +37,7 @@ from .budget import candidate_r_max, check_budget
 from .config import TrainParams
 from .discretize import discretize
 from .errors import BudgetError
-from .models import Target
+from .targets import Target
 from .sensitivity import component_scores
 
 ADAPTER = "default"

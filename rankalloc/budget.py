@@ -115,7 +115,7 @@ def auto_r_max(budget: int, costs: Iterable[int], factor: float = 2.5, floor: in
 def candidate_r_max(targets: Iterable[Any], budget: int, r_max: int | None = None) -> dict[str, int]:
     """Each target's largest candidate rank: ``r_max`` (automatic when ``None``) capped by the module's size.
 
-    ``targets`` are :class:`~rankalloc.models.Target` s (``name``, ``cost_per_rank``, ``max_rank``).  The
+    ``targets`` are :class:`~rankalloc.targets.Target` s (``name``, ``cost_per_rank``, ``max_rank``).  The
     search and the baselines that reuse its knapsack (random and gradient scores) all draw their
     candidates from here, so they compare like with like.
     """

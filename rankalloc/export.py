@@ -23,7 +23,7 @@ from .config import ExportConfig
 from .discretize import discretize
 from .errors import RunDirError
 from .flags import checked_copy
-from .models import Target
+from .targets import Target
 from .rank_map import RankMap
 
 SCORES = "scores.json"

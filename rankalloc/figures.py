@@ -16,7 +16,7 @@ from .io import save_figure
 from .tables import _as_float, _layer_label, human_params, rank_table
 
 if TYPE_CHECKING:
-    from .models import Target
+    from .targets import Target
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,8 @@ from typing import Any
 
 from . import io
 from .errors import RankMapError
-from .models import Target, fingerprint, hub_id
+from .models import hub_id
+from .targets import Target, fingerprint
 
 FORMAT = "rankalloc.rank_map"
 VERSION = 1
@@ -219,6 +220,6 @@ def _alpha(scale: float, rank: int) -> float | int:
 def _module_shapes(targets_or_model: Any) -> dict[str, tuple[int, int]]:
     if isinstance(targets_or_model, list):
         return {t.name: (t.in_features, t.out_features) for t in targets_or_model}
-    from .models import is_linear_like, linear_shape
+    from .targets import is_linear_like, linear_shape
 
     return {n: linear_shape(m) for n, m in targets_or_model.named_modules() if n and is_linear_like(m)}

@@ -19,7 +19,7 @@ from .tables import (_as_float, _count, _kind_params, _layer_params, _md_escape,
                      markdown_rank_table)
 
 if TYPE_CHECKING:
-    from .models import Target
+    from .targets import Target
 
 logger = logging.getLogger(__name__)
 

@@ -41,8 +41,8 @@ from .flags import checked_copy, coerce, stage_command, to_dict
 from .data import Split, TaskData, prepare_task
 from .errors import ModelError, RankMapError, RunDirError
 from .families import Classification, Family
-from .models import (BUILTIN_MODELS, Target, count_parameters, find_targets, head_modules, load_model,
-                     load_model_config, load_tokenizer, resolve_device, stores_fan_in_fan_out)
+from .models import BUILTIN_MODELS, count_parameters, load_model, load_model_config, load_tokenizer, resolve_device
+from .targets import Target, find_targets, head_modules, stores_fan_in_fan_out
 from .rank_map import RankMap
 from .retrain_loop import load_resumable, predict, train
 from .sensitivity import gradient_spectra

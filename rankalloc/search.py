@@ -41,8 +41,8 @@ from .export import SCORES
 from .gate_optimizer import make_gate_optimizer
 from .gates import GATE_KINDS
 from .lagrangian import Lagrangian
-from .models import (BUILTIN_MODELS, Target, count_parameters, find_targets, head_modules, load_model,
-                     load_model_config, load_tokenizer, resolve_device, stores_fan_in_fan_out)
+from .models import BUILTIN_MODELS, count_parameters, load_model, load_model_config, load_tokenizer, resolve_device
+from .targets import Target, find_targets, head_modules, stores_fan_in_fan_out
 from .rank_map import RankMap
 from .search_checkpoint import SearchState, load_checkpoint, save_checkpoint
 from .tasks import BUILTIN_TASKS

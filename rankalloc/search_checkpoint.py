@@ -16,7 +16,7 @@ from .budget import parse_budget
 from .config import SearchConfig
 from .errors import RunDirError
 from .flags import to_dict
-from .models import head_modules
+from .targets import head_modules
 from .training import rng_state, set_rng_state
 
 logger = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from torch import nn
 
 from .data import EpochSampler, Split
 from .families import Family
-from .models import Target
+from .targets import Target
 from .training import to_device
 
 #: added to the seed of the sampler, so the scoring batches are not the retrain's first batches

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:  # models imports torch; only the type is needed here
-    from .models import Target
+    from .targets import Target
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,8 @@ from rankalloc.adapters import GatedModel, remove_gated_lora
 from rankalloc.config import ModelConfig
 from rankalloc.gates import RankGates
 from rankalloc.lagrangian import Lagrangian
-from rankalloc.models import find_targets, load_model
+from rankalloc.models import load_model
+from rankalloc.targets import find_targets
 
 
 def _batch(n=4, length=10):
@@ -151,7 +152,7 @@ def test_a_projection_far_down_keeps_the_components_apart():
     from torch import nn
 
     from rankalloc.adapters import GatedModel
-    from rankalloc.models import Target
+    from rankalloc.targets import Target
 
     gated = GatedModel(nn.Sequential(nn.Linear(16, 16)), [Target("0", 16, 16, 0, "a")], {"0": 8}, 1.0)
     with torch.no_grad():

@@ -5,8 +5,8 @@ import pytest
 
 from rankalloc.config import ModelConfig
 from rankalloc.errors import ModelError
-from rankalloc.models import (find_targets, fingerprint, head_modules, load_model, resolve_model_path,
-                              skeleton_targets)
+from rankalloc.models import load_model, resolve_model_path, skeleton_targets
+from rankalloc.targets import find_targets, fingerprint, head_modules
 
 
 def test_minilm_targets_are_the_six_projections_per_block(minilm_1layer):

@@ -11,7 +11,7 @@ from rankalloc.adapters import GatedModel
 from rankalloc.config import DataConfig, ModelConfig, SearchConfig, SearchParams
 from rankalloc.errors import ConfigError
 from rankalloc.gates import NestedRankGates
-from rankalloc.models import find_targets
+from rankalloc.targets import find_targets
 from rankalloc.rank_map import RankMap
 from rankalloc.search import run_search
 

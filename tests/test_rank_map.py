@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rankalloc.errors import RankMapError
-from rankalloc.models import find_targets
+from rankalloc.targets import find_targets
 from rankalloc.rank_map import RankMap
 
 
@@ -70,7 +70,7 @@ def test_module_names_are_literal_in_the_rank_pattern():
     """peft reads rank_pattern keys as regexes: unescaped, `attn.out` would also give its rank to `attn_out`."""
     from peft import LoraConfig, get_peft_model
 
-    from rankalloc.models import Target
+    from rankalloc.targets import Target
 
     block = torch.nn.ModuleDict({"attn": torch.nn.ModuleDict({"out": torch.nn.Linear(8, 8)}),
                                  "attn_out": torch.nn.Linear(8, 8)})

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from rankalloc.models import Target
+from rankalloc.targets import Target
 from rankalloc.figures import plot_pareto, plot_rank_heatmap, plot_trajectory
 from rankalloc.report import write_search_report
 from rankalloc.tables import human_params, markdown_rank_table, rank_table

@@ -11,7 +11,8 @@ import torch
 from rankalloc.config import DataConfig, ModelConfig, RetrainConfig
 from rankalloc.flags import load_yaml, parse_args
 from rankalloc.errors import BudgetError, ConfigError, RankMapError
-from rankalloc.models import find_targets, load_model
+from rankalloc.models import load_model
+from rankalloc.targets import find_targets
 from rankalloc.rank_map import RankMap
 
 pytestmark = [pytest.mark.filterwarnings("ignore:The following rank_pattern keys did not match"),

@@ -12,7 +12,7 @@ from rankalloc.budget import parse_budget
 from rankalloc.config import DataConfig, ModelConfig, SearchConfig, SearchParams
 from rankalloc.errors import BudgetError, ConfigError
 from rankalloc.lagrangian import Lagrangian
-from rankalloc.models import find_targets
+from rankalloc.targets import find_targets
 from rankalloc.rank_map import RankMap
 from rankalloc.search import cost_target, gate_step, run_search, weight_step
 

@@ -10,7 +10,8 @@ import torch
 from rankalloc.config import DataConfig, ModelConfig
 from rankalloc.errors import BudgetError
 from rankalloc.families import Classification
-from rankalloc.models import Target, find_targets, load_model, load_tokenizer
+from rankalloc.models import load_model, load_tokenizer
+from rankalloc.targets import Target, find_targets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")

@@ -1,0 +1,231 @@
+"""The projections that get adapters, found structurally for any architecture.
+
+Targets are never found by BERT names: the transformer's block stack is the ``nn.ModuleList`` holding
+the most parameters (``bert.encoder.layer``, ``transformer.h``, ``model.layers``, ...; an
+encoder-decoder's second stack too), and by default every Linear-like module inside them (``nn.Linear``
+or transformers' GPT-2 ``Conv1D``) is a target, except mixture-of-experts routers.  The task head
+(top-level children other than the base model) is trained normally and never counted in the adapter
+budget.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from .config import ModelConfig
+from .errors import ModelError
+
+logger = logging.getLogger("rankalloc.models")  # one logger for model loading and targeting, as before the split
+
+
+@dataclass(frozen=True)
+class Target:
+    """One adapter target: a Linear-like module with ``in_features`` inputs and ``out_features`` outputs."""
+
+    name: str
+    in_features: int
+    out_features: int
+    layer: int | None  # index in the block stack, None if outside it
+    kind: str  # name relative to its block, e.g. "attention.self.query"
+
+    @property
+    def cost_per_rank(self) -> int:
+        """Parameters of one rank of LoRA on this module: a row of A plus a column of B."""
+        return self.in_features + self.out_features
+
+    @property
+    def max_rank(self) -> int:
+        return min(self.in_features, self.out_features)
+
+
+def head_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Top-level children other than the base model that hold parameters (classifier, score, ...).
+
+    A language model's output layer (``get_output_embeddings()``, often tied to the input embeddings)
+    is pretrained, not a task head: it is neither trained nor saved with the adapter.  A causal language
+    model has no task head at all: whatever sits between its body and its output layer (ModernBERT's
+    decoder ``lm_head`` transform) is pretrained too.
+    """
+    if type(model).__name__ in _causal_lm_classes():
+        return {}
+    prefix = getattr(model, "base_model_prefix", None)
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    output_weight = getattr(output, "weight", None)
+    children = {name: child for name, child in model.named_children() if any(True for _ in child.parameters())}
+    if prefix not in children and children:  # the body is not under the class's prefix (Llama-4 text keeps
+        # it in 'model', not 'language_model'): the largest child is the body
+        prefix = max(children, key=lambda name: sum(p.numel() for p in children[name].parameters()))
+    return {name: child for name, child in children.items()
+            if name != prefix and not any(p is output_weight for p in child.parameters())}
+
+
+@functools.lru_cache(maxsize=1)
+def _causal_lm_classes() -> frozenset[str]:
+    """Names of transformers' causal-LM classes (what ``AutoModelForCausalLM`` builds)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names: set[str] = set()
+    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        names.update(value if isinstance(value, (list, tuple)) else [value])
+    return frozenset(names)
+
+
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for m in head_modules(model).values() for p in m.parameters()]
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """``nn.Linear`` or transformers' ``Conv1D`` (GPT-2), which stores its weight as (in, out)."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def stores_fan_in_fan_out(model: nn.Module, targets: list[Target]) -> bool:
+    """Whether the targets keep their weight as (in, out) (GPT-2's ``Conv1D``): peft's ``fan_in_fan_out``."""
+    names = {t.name for t in targets}
+    return any(type(getattr(m, "base_layer", m)).__name__ == "Conv1D"  # a wrapped target: its base layer
+               for n, m in model.named_modules() if n in names)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a Linear-like module."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    w = module.weight  # Conv1D: weight is (in, out)
+    return int(w.shape[0]), int(w.shape[1])
+
+
+def block_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """The stacks of transformer blocks, in module order: the ModuleList holding the most parameters,
+    plus every other ModuleList (not nested in one already chosen, nor holding one) whose blocks are at
+    least a fifth the size of that one's - an encoder-decoder's second stack (BART's
+    ``model.decoder.layers``, T5's ``decoder.block``), however few blocks it has (distilbart-12-1's one
+    decoder block), but not a block's own small lists (experts, heads)."""
+    heads = tuple(head_modules(model))
+    lists = [(name, module, sum(p.numel() for p in module.parameters()))
+             for name, module in model.named_modules()
+             if isinstance(module, nn.ModuleList) and len(module) > 0 and not name.startswith(heads)]
+    if not lists:
+        return []
+    _, largest_list, largest = max(lists, key=lambda item: item[2])
+    block_size = largest / len(largest_list)
+    chosen: list[tuple[str, nn.ModuleList]] = []
+    for name, module, n in sorted(lists, key=lambda item: -item[2]):
+        if not n or n / len(module) < block_size / 5:
+            continue
+        if any(name.startswith(c + ".") or c.startswith(name + ".") for c, _ in chosen):
+            continue
+        chosen.append((name, module))
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return sorted(chosen, key=lambda item: order[item[0]])
+
+
+# How configs name the number of experts a mixture-of-experts router chooses from
+_EXPERT_COUNTS = ("num_experts", "num_local_experts", "moe_num_experts", "n_routed_experts")
+
+
+def _routers(model: nn.Module, chosen: list[tuple[str, nn.Module]]) -> list[str]:
+    """Names among ``chosen`` of mixture-of-experts routers (named gate or router, one output per expert of
+    the config: Mixtral's ``block_sparse_moe.gate``, JetMoE's ``router.layer``) and of scalar gates (one
+    output, as Qwen2-MoE's ``shared_expert_gate``)."""
+    config = getattr(model, "config", None)
+    counts = {getattr(config, key) for key in _EXPERT_COUNTS if isinstance(getattr(config, key, None), int)}
+    counts.discard(0)
+
+    def router_named(name: str) -> bool:
+        return "gate" in name.rsplit(".", 1)[-1] or "router" in name
+
+    return [n for n, m in chosen
+            if linear_shape(m)[1] == 1 or (linear_shape(m)[1] in counts and router_named(n))]
+
+
+def find_targets(model: nn.Module, cfg: ModelConfig) -> list[Target]:
+    """Adapter targets in module order; raises ModelError when nothing matches."""
+    heads = tuple(f"{h}" for h in head_modules(model))
+    stack_names = [name for name, _ in block_stacks(model)]
+    # nn.MultiheadAttention reads its out_proj's weight directly, bypassing the module's forward, so
+    # LoRA there would be inert yet charged to the budget
+    inside_mha = tuple(n + "." for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention))
+    candidates, inert = [], []
+    for name, module in model.named_modules():
+        if not name or not is_linear_like(module):
+            continue
+        if any(name == h or name.startswith(h + ".") for h in heads):
+            continue
+        if inside_mha and name.startswith(inside_mha):
+            inert.append(name)
+            continue
+        candidates.append((name, module))
+    if inert:
+        logger.info("not adapter targets: %d Linear module(s) inside nn.MultiheadAttention (%s, ...), which reads "
+                    "their weights directly, so LoRA there would do nothing", len(inert), inert[0])
+    if cfg.target_regex is not None:
+        try:
+            pattern = re.compile(cfg.target_regex)
+        except re.error as e:
+            raise ModelError(f"--model.target_regex {cfg.target_regex!r} is not a valid regex ({e})") from None
+        chosen = [(n, m) for n, m in candidates if pattern.fullmatch(n)]
+        asked = f"--model.target_regex {cfg.target_regex!r}"
+    elif cfg.target_modules is not None:
+        suffixes = list(cfg.target_modules)
+        chosen = [(n, m) for n, m in candidates if any(_has_suffix(n, s) for s in suffixes)]
+        asked = f"--model.target_modules {','.join(suffixes)}"
+        unmatched = [s for s in suffixes if not any(_has_suffix(n, s) for n, _ in chosen)]
+        if chosen and unmatched:  # a typo would silently narrow the targets (and so the budget's meaning)
+            kinds = sorted({_layer_and_kind(n, stack_names)[1] for n, _ in candidates})
+            raise ModelError(f"--model.target_modules: {', '.join(unmatched)} match(es) no module of {cfg.name} that "
+                             f"can take an adapter (Linear-like, outside the task head and nn.MultiheadAttention); "
+                             f"such module names end in: {', '.join(kinds[:12])}")
+    else:
+        chosen = [(n, m) for n, m in candidates if any(n.startswith(stack + ".") for stack in stack_names)]
+        routers = _routers(model, chosen)
+        if routers:
+            logger.info("not adapter targets by default: %d mixture-of-experts router(s) and scalar gate(s) (%s, "
+                        "...), which choose experts rather than transform; name them in --model.target_regex to "
+                        "adapt them", len(routers), routers[0])
+            chosen = [(n, m) for n, m in chosen if n not in routers]
+        asked = "the default (Linear-like modules inside the transformer blocks)"
+        if len(stack_names) > 1:
+            logger.info("adapter targets in %d block stacks: %s", len(stack_names), ", ".join(stack_names))
+    if not chosen:
+        sample = ", ".join(n for n, _ in candidates[:8]) or "none"
+        why = (f" ({len(inert)} inside nn.MultiheadAttention, e.g. {inert[0]}, are never targets: it reads their "
+               "weights directly, so LoRA there would do nothing)") if inert else ""
+        raise ModelError(f"no adapter targets match {asked}; Linear-like modules of this model include: {sample}{why}")
+    targets = []
+    for name, module in chosen:
+        d_in, d_out = linear_shape(module)
+        layer, kind = _layer_and_kind(name, stack_names)
+        targets.append(Target(name, d_in, d_out, layer, kind))
+    return targets
+
+
+def _has_suffix(name: str, suffix: str) -> bool:
+    """``--model.target_modules`` matching: the whole name or its last dotted parts (as peft matches)."""
+    return name == suffix or name.endswith("." + suffix)
+
+
+def _layer_and_kind(name: str, stack_names: list[str]) -> tuple[int | None, str]:
+    """Block index and module kind (``attention.self.query``); with several stacks the kind names its
+    stack (``model.decoder.layers.self_attn.q_proj``), so encoder and decoder kinds stay apart."""
+    for stack_name in stack_names:
+        if name.startswith(stack_name + "."):
+            rest = name[len(stack_name) + 1:]
+            index, _, kind = rest.partition(".")
+            if index.isdigit():
+                kind = kind or name
+                return int(index), (f"{stack_name}.{kind}" if len(stack_names) > 1 else kind)
+    m = re.search(r"\.(\d+)\.(.+)$", name)
+    if m:
+        return int(m.group(1)), m.group(2)
+    return None, name
+
+
+def fingerprint(targets: list[Target]) -> str:
+    """A short hash of target names and shapes: equal fingerprints mean a rank map fits."""
+    lines = "\n".join(f"{t.name}:{t.in_features}:{t.out_features}" for t in sorted(targets, key=lambda t: t.name))
+    return hashlib.sha256(lines.encode()).hexdigest()[:16]
