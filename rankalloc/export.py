@@ -151,22 +151,47 @@ def run_export(cfg: ExportConfig) -> tuple[Path, RankMap]:
     rm = export_rank_map(scores, budget, cfg.max_rank, spec.text if spec else None, cfg.rounding)
     rundir.check_out_outside(out, [("the search run of --run", cfg.run)])  # default: RUN/exports/LABEL
     rundir.check_out_path(out)
-    replacing = out.exists() and any(out.iterdir())
-    if replacing:
-        if not cfg.overwrite:
-            raise RunDirError(f"--out {out} exists; pass --overwrite to replace it")
-        if rundir.is_run_folder(out, (rundir.STATUS, rundir.CHECKPOINT, SCORES)):  # rank_map.json is in those too
-            raise RunDirError(f"--overwrite: --out {out} holds a search or retrain run, not an export; it is left "
-                              "as it is: choose another --out")
-        rundir.set_aside(out, marks=EXPORT_MARKS, finished=lambda f: (f / "rank_map.json").is_file())
+    replacing = _hold_export_folder(out, cfg.overwrite)
     try:
         write_export(out, cfg.run, scores, rm, cfg.max_rank)
     except BaseException:
+        rundir.release(out)
         if replacing and rundir.restore_replaced(out):
             logger.warning("export failed; the previous export is back in %s", out)
         raise
     rundir.drop_replaced(out)
+    rundir.release(out)
     return out, rm
+
+
+def _hold_export_folder(out: Path, overwrite: bool) -> bool:
+    """Hold ``out`` for this export (two exports, or an export and a run, never write one folder together),
+    setting a previous export aside under ``overwrite``; return whether one was set aside.
+
+    Raises:
+        RunDirError: another process holds ``out``; it holds something without ``overwrite``; it holds a
+            search or retrain run, or a folder that is not an export.  A lock file this made is removed then.
+    """
+    lock_was_there = (out / rundir.LOCK).exists()
+    try:
+        if out.is_dir():
+            rundir.hold_writable(out)
+        replacing = out.is_dir() and any(p.name != rundir.LOCK for p in out.iterdir())
+        if replacing:
+            if not overwrite:
+                raise RunDirError(f"--out {out} exists; pass --overwrite to replace it")
+            if rundir.is_run_folder(out, (rundir.STATUS, rundir.CHECKPOINT, SCORES)):  # they hold rank_map.json too
+                raise RunDirError(f"--overwrite: --out {out} holds a search or retrain run, not an export; it is "
+                                  "left as it is: choose another --out")
+            rundir.set_aside(out, marks=EXPORT_MARKS, finished=lambda f: (f / "rank_map.json").is_file())
+            rundir.release(out)  # the held lock file moved aside with the old export
+        rundir.hold_writable(out)
+    except BaseException:
+        if not lock_was_there and out.is_dir() and rundir.holds(out):
+            (out / rundir.LOCK).unlink(missing_ok=True)
+        rundir.release(out)
+        raise
+    return replacing
 
 
 DESCRIPTION = """Re-export a finished search at another budget or rank cap (no new search).

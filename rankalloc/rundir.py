@@ -112,7 +112,7 @@ def open_run(out: str | Path, *, overwrite: bool, resume: bool) -> tuple[Path, b
     held = False  # whether this call came to hold the folder (only then is the lock file its to remove)
     try:
         if out.is_dir():
-            _hold_writable(out)  # before anything is moved aside or resumed; until the run ends (see start_run)
+            hold_writable(out)  # before anything is moved aside or resumed; until the run ends (see start_run)
             held = True
             _remove_partial_writes(out)
         has_content = out.is_dir() and any(p.name != LOCK for p in out.iterdir())
@@ -136,7 +136,7 @@ def open_run(out: str | Path, *, overwrite: bool, resume: bool) -> tuple[Path, b
         elif has_content and not has_ckpt and not overwrite:
             raise RunDirError(f"--out {out} is not empty and holds no resumable run; pass --overwrite or "
                               "choose another --out")
-        _hold_writable(out)
+        hold_writable(out)
         held = True
     except BaseException:
         if held and not lock_was_there and out.is_dir():  # a refused folder is left as it was found
@@ -155,8 +155,8 @@ def _remove_partial_writes(out: Path) -> None:
             partial.unlink(missing_ok=True)
 
 
-def _hold_writable(out: Path) -> None:
-    """Make ``out`` (with its parents) and hold it.
+def hold_writable(out: Path) -> None:
+    """Make ``out`` (with its parents) and hold it (``release`` lets go).
 
     Raises:
         RunDirError: another process holds it, or it cannot be made or written (a read-only place).
@@ -340,6 +340,11 @@ def start_run(out: Path, **extra: Any) -> None:
     except BaseException:
         release(out)
         raise
+
+
+def holds(out: Path) -> bool:
+    """Whether this process holds ``out``."""
+    return _lock_key(out) in _LOCKS
 
 
 def release(out: Path) -> None:

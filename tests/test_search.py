@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 import json
 
 import pytest
@@ -174,7 +176,7 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tmp_path, tiny_gpt2)
                      command="test").out
     with pytest.raises(RunDirError, match="not a rankalloc run folder"):
         run_export(ExportConfig(run=str(run), budget="1500", out=str(mine), overwrite=True))
-    assert (mine / "notes.txt").read_text() == "precious"
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]  # not even a lock file left behind
     with pytest.raises(RunDirError, match="holds the search run"):  # would delete scores.json and checkpoint.pt
         run_export(ExportConfig(run=str(run), budget="1500", out=str(run), overwrite=True))
     assert (run / "scores.json").is_file()
@@ -208,6 +210,36 @@ def test_an_export_killed_midway_can_be_overwritten(tmp_path, tiny_gpt2, monkeyp
         run_export(ExportConfig(run=str(run), budget="1M", out=str(tmp_path / "big")))
     with pytest.raises(BudgetError, match=r"\(raise --max-rank, or search again"):
         run_export(ExportConfig(run=str(run), budget="1M", max_rank=1, out=str(tmp_path / "big")))
+
+
+def test_an_export_folder_held_by_another_process_is_refused(tmp_path, tiny_gpt2):
+    """Two exports (or an export and a run) never write one folder together: the second is refused in one
+    line, with or without --overwrite, and the first one's files stay as they are."""
+    from rankalloc.config import ExportConfig
+    from rankalloc.errors import RunDirError
+    from rankalloc.export import run_export
+
+    run = run_search(tiny_config(tmp_path, ModelConfig(name=tiny_gpt2), budget="2000", steps=4, r_max=4),
+                     command="test").out
+    out = tmp_path / "export"
+    run_export(ExportConfig(run=str(run), budget="1500", out=str(out)))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".rankalloc.lock"}
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from rankalloc import rundir; rundir.hold_writable(Path(sys.argv[1])); "
+                               "print('held', flush=True); time.sleep(60)", str(out)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for overwrite in (False, True):
+            with pytest.raises(RunDirError, match=rf"--out .* is in use by a running process \(pid {holder.pid} "):
+                run_export(ExportConfig(run=str(run), budget="1800", out=str(out), overwrite=overwrite))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".rankalloc.lock"} == before
+    assert not (tmp_path / "export.replaced").exists()
+    _, rm = run_export(ExportConfig(run=str(run), budget="1800", out=str(out), overwrite=True))  # free again
+    assert rm.budget == 1800 and json.loads((out / "rank_map.json").read_text())["budget"] == 1800
 
 
 def test_overwrite_keeps_the_previous_run_until_its_replacement_finishes(tmp_path, tiny_gpt2, monkeypatch):
@@ -498,8 +530,6 @@ def test_an_out_that_cannot_be_written_is_a_one_line_error(tmp_path, monkeypatch
 def test_a_run_refused_by_the_lock_leaves_the_holder_s_lock_file(tmp_path, monkeypatch):
     """Two runs started together on a new --out: the one that loses the lock must not delete the lock
     file of the one that won (a third run could then take over the live folder)."""
-    import subprocess
-    import sys
 
     from rankalloc import rundir
     from rankalloc.errors import RunDirError
