@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         lines = ["usage: rankalloc <stage> [flags]   (rankalloc <stage> --help for a stage's flags)", "", "stages:"]
         lines += [f"  {name:8s} {text}" for name, text in STAGES.items()]
-        print("\n".join(lines))
+        print("\n".join(lines), file=sys.stdout if args else sys.stderr)  # a missing stage is an error (argparse's way)
         return 0 if args else 2
     if args[0] in ("-V", "--version"):
         from . import __version__

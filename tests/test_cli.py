@@ -207,3 +207,19 @@ def test_a_device_this_machine_lacks_is_refused_before_any_model_work(capsys, mo
 
     monkeypatch.setattr(search, "load_tokenizer", no_model)
     assert_one_line_refusal(*run_main(capsys, ["--budget", "1k", "--device", device]), fragment)
+
+
+def test_the_stage_dispatcher_says_what_it_accepts(capsys):
+    """`rankalloc` alone is an error (usage on stderr, exit 2, as argparse does); `--help` is not (stdout,
+    exit 0); an unknown stage is a one-line error naming the stages."""
+    from rankalloc.__main__ import STAGES, main
+
+    assert main([]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("usage: rankalloc <stage>")
+    assert main(["--help"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and all(stage in captured.out for stage in STAGES)
+    assert main(["serach"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "rankalloc: error: unknown stage 'serach'; stages: " + ", ".join(STAGES)
