@@ -29,12 +29,12 @@ commands that reproduce each point), ``trials.csv``, ``pareto.png``, ``sweep.jso
 
 This module is the stage and its worker loop; storages, the study, the grid and crash recovery are in
 :mod:`rankalloc.sweep_study`, budgets, commands and the shared search in :mod:`rankalloc.sweep_shared`,
-and the reports in :mod:`rankalloc.sweep_report`.
+the reports in :mod:`rankalloc.sweep_report`, and the guards of ``--out``/``--overwrite`` in
+:mod:`rankalloc.sweep_folder`.
 """
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import os
 import socket
@@ -47,11 +47,13 @@ from typing import Any
 from . import rundir
 from .budget import MAX_ABSOLUTE
 from .config import GATE_EVERY_TUNE_MAX, ExportConfig, RetrainConfig, SearchConfig, SweepConfig
-from .errors import BudgetError, ConfigError, RankallocError, RunDirError
+from .errors import BudgetError, ConfigError, RankallocError
 from .flags import checked_copy, stage_command
 from .sweep_report import sweep_summary, write_reports
-from .sweep_shared import SHARED_SEARCH_FILE, SharedSearch, check_shared_budgets, parse_budgets, run_shared_search
-from .sweep_study import (METHODS, RANKALLOC, delete_study, duplicate_of, make_grid_sampler, open_storage,
+from .sweep_folder import (SWEEP_MARKER, file_storage_inside, overwrite_sweep_folder,
+                           refuse_a_folder_of_another_kind, safe_name)
+from .sweep_shared import SharedSearch, check_shared_budgets, parse_budgets, run_shared_search
+from .sweep_study import (METHODS, RANKALLOC, duplicate_of, make_grid_sampler, open_storage,
                           open_study, point_of, quiet_optuna, recover_crashed, storage_name)
 from .tasks import check_task_source
 
@@ -112,7 +114,7 @@ class Sweep:
                 raise optuna.TrialPruned(f"duplicate of trial {dup}")
         self.ran += 1
         # trial numbers count per study, and several studies may share one folder (and its shared search)
-        folder = self.out / "trials" / _safe(cfg.study_name) / f"{trial.number:04d}-{method}-{budget}"
+        folder = self.out / "trials" / safe_name(cfg.study_name) / f"{trial.number:04d}-{method}-{budget}"
         logger.info("trial %d: %s at %s parameters -> %s", trial.number, method, f"{budget:,}", folder)
         t0 = time.time()
         commands, timings = [], {}
@@ -249,21 +251,21 @@ def run_sweep(cfg: SweepConfig, command: str | None = None) -> SweepResult:
                           "--storage (start one per GPU, e.g. CUDA_VISIBLE_DEVICES=N python -m rankalloc.sweep ...)")
     command = command or stage_command("sweep", cfg)
     budgets = parse_budgets(cfg.budgets or [])
-    out = Path(cfg.out) if cfg.out else Path("runs") / f"sweep-{_safe(cfg.study_name)}"
+    out = Path(cfg.out) if cfg.out else Path("runs") / f"sweep-{safe_name(cfg.study_name)}"
     rundir.check_out_path(out)
     _check_baseline_points(cfg, budgets)  # every check that needs no study comes before --overwrite acts
     if cfg.shared_search and not cfg.tune:
         check_shared_budgets(cfg, budgets)
-    _check_local_task(cfg)
+    check_task_source(cfg.data)  # a mistyped --task is refused before anything is made or replaced
     if not cfg.overwrite:
-        _refuse_a_folder_of_another_kind(cfg, out)
+        refuse_a_folder_of_another_kind(cfg, out)
     if cfg.resume and cfg.storage is None and not (out / "sweep.db").is_file():
         raise ConfigError(f"--resume: no study {cfg.study_name!r} in {out} (it holds no sweep.db)")
     if cfg.overwrite:
-        _overwrite(cfg, out)
+        overwrite_sweep_folder(cfg, out)
     new_folder = not out.exists()
     try:
-        if cfg.storage is None or _file_storage_inside(cfg.storage, out):
+        if cfg.storage is None or file_storage_inside(cfg.storage, out):
             out.mkdir(parents=True, exist_ok=True)  # the SQLite or journal file lives in it
         storage = open_storage(cfg, out)  # a storage that cannot be opened is refused before anything is made
     except RankallocError:
@@ -301,97 +303,6 @@ def run_sweep(cfg: SweepConfig, command: str | None = None) -> SweepResult:
     return SweepResult(out, rows, summary)
 
 
-def _storage_file(storage: str) -> Path | None:
-    """The file of a SQLite or journal ``--storage`` (None for a database server)."""
-    path = storage[len("journal:"):] if storage.startswith("journal:") else (
-        storage.split("sqlite:///", 1)[1] if storage.startswith("sqlite:///") else
-        storage if "://" not in storage else "")
-    return Path(path) if path else None
-
-
-def _file_storage_inside(storage: str, out: Path) -> bool:
-    """Whether ``--storage`` is a SQLite or journal file inside ``out`` (which a first run has yet to make)."""
-    path = _storage_file(storage)
-    return path is not None and path.resolve().parent == out.resolve()
-
-
-SWEEP_MARKER = ".rankalloc_sweep"  # written into every sweep folder when the sweep starts
-SWEEP_MARKS = (SWEEP_MARKER, "sweep.db", "sweep.json", SHARED_SEARCH_FILE)
-
-
-def _check_local_task(cfg: SweepConfig) -> None:
-    """A mistyped --task (a missing file or folder, an unprepared built-in) is refused before anything is
-    made or replaced; the data itself is read once, by the first search."""
-    check_task_source(cfg.data)
-
-
-def _refuse_a_folder_of_another_kind(cfg: SweepConfig, out: Path) -> None:
-    """A sweep writes its study and files into --out: a non-empty folder must be a sweep's (or hold
-    nothing but the --storage file given), never a search run or a folder of one's own."""
-    if not out.is_dir() or rundir.is_run_folder(out, SWEEP_MARKS):
-        return
-    own = {p.name for p in out.iterdir()}
-    if cfg.storage is not None and _file_storage_inside(cfg.storage, out):
-        own -= {_storage_file(cfg.storage).name}
-        own = {name for name in own if not name.endswith(".lock")}  # the journal's lock file
-    if own:
-        raise RunDirError(f"--out {out} is not empty and holds no {', '.join(SWEEP_MARKS)}, so it is not a "
-                          "rankalloc sweep folder; it is left as it is: choose a new or empty --out")
-
-
-def _overwrite(cfg: SweepConfig, out: Path) -> None:
-    """``--overwrite``: the old sweep folder (its SQLite study with it) waits in ``OUT.replaced`` until this
-    sweep finishes; a study in a storage of its own (--storage) is deleted, as it cannot be set aside."""
-    has_content = out.is_dir() and any(out.iterdir())
-    if has_content and not rundir.is_run_folder(out, SWEEP_MARKS):
-        raise RunDirError(f"--overwrite: {out} is not empty and holds no {', '.join(SWEEP_MARKS)}, so it is "
-                          "not a rankalloc sweep folder; it is left as it is (and so is the study): choose a "
-                          "new or empty --out")
-    _refuse_overwrite_while_running(cfg, out)
-    _refuse_overwrite_of_other_studies(cfg, out)
-    rundir.check_not_running(out / "search")  # a worker's shared search runs before any trial exists
-    if has_content:
-        rundir.set_aside(out, marks=SWEEP_MARKS, finished=lambda f: (f / "sweep.json").is_file())
-    if cfg.storage is not None:
-        out.mkdir(parents=True, exist_ok=True)  # the storage may live in it
-        delete_study(cfg, out)
-
-
-def _refuse_overwrite_while_running(cfg: SweepConfig, out: Path) -> None:
-    """A second worker started with the same --overwrite would set aside the first one's live sweep."""
-    import optuna
-
-    if cfg.storage is None and not (out / "sweep.db").is_file():
-        return
-    try:
-        with quiet_optuna():
-            study = optuna.load_study(study_name=cfg.study_name, storage=open_storage(cfg, out))
-    except KeyError:  # no such study: nothing runs
-        return
-    recover_crashed(study, cfg)  # trials of dead workers do not count
-    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-    if running:
-        raise RunDirError(f"--overwrite: study {cfg.study_name!r} has {len(running)} trial(s) running in other "
-                          "workers; start further workers without --overwrite (only the first one may pass it), or "
-                          "stop them first")
-
-
-def _refuse_overwrite_of_other_studies(cfg: SweepConfig, out: Path) -> None:
-    """Several studies may share one folder (its SQLite file, its shared search, ``trials/<study>``); setting
-    the folder aside for one of them would delete the others with it."""
-    others = {p.name for p in (out / "trials").iterdir() if p.is_dir()} if (out / "trials").is_dir() else set()
-    others.discard(_safe(cfg.study_name))
-    if cfg.storage is None and (out / "sweep.db").is_file():
-        import optuna
-
-        with quiet_optuna():
-            others |= set(optuna.get_all_study_names(storage=open_storage(cfg, out))) - {cfg.study_name}
-    if others:
-        raise RunDirError(f"--overwrite: {out} also holds the stud{'y' if len(others) == 1 else 'ies'} "
-                          f"{', '.join(sorted(others))}, which replacing the folder would delete; give study "
-                          f"{cfg.study_name!r} its own --out, or delete the folder yourself")
-
-
 def _check_baseline_points(cfg: SweepConfig, budgets: list[int]) -> None:
     """Every baseline must fit every budget (uniform needs rank 1 everywhere): refuse before any trial, or a
     sweep would stop at its first unfit point after the others ran, and stop there again on every rerun."""
@@ -424,15 +335,6 @@ def _check_budget_distribution(study: Any, cfg: SweepConfig, budgets: list[int])
                 raise ConfigError(f"study {cfg.study_name!r} holds {kind} of other budgets; a tuned study keeps "
                                   "its --budgets list: use another --study-name") from None
             return
-
-
-def _safe(name: str) -> str:
-    """A folder name for a study name; a name that had to change gets a hash of the original, so that two
-    studies ("a/b", "a_b") never share trial folders."""
-    safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name)
-    if safe != name or safe in ("", ".", ".."):
-        safe = f"{safe}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
-    return safe
 
 
 DESCRIPTION = """An optuna study of adapter parameters versus accuracy over budgets (and baselines).

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from rankalloc import sweep, sweep_shared, sweep_study
+from rankalloc import sweep, sweep_folder, sweep_shared, sweep_study
 from rankalloc.config import ExportConfig, RetrainConfig, SearchConfig, SweepConfig, TrainParams
 from rankalloc.flags import parse_args, stage_command
 from rankalloc.errors import BudgetError
@@ -206,8 +206,8 @@ def test_budgets_the_shared_search_cannot_serve_are_refused_before_it_runs(tmp_p
 
 def test_study_names_get_folders_of_their_own():
     names = ["a/b", "a_b", "a b", "..", ".", "rankalloc-sweep"]
-    folders = [sweep._safe(n) for n in names]
-    assert len(set(folders)) == len(names) and sweep._safe("rankalloc-sweep") == "rankalloc-sweep"
+    folders = [sweep_folder.safe_name(n) for n in names]
+    assert len(set(folders)) == len(names) and sweep_folder.safe_name("rankalloc-sweep") == "rankalloc-sweep"
     assert all("/" not in f and f not in (".", "..") for f in folders)
 
 
