@@ -9,36 +9,32 @@ same recipe (:class:`~rankalloc.config.TrainParams`); only the adapter shape dif
 keeps its own learning rate and budget schedule, as its authors tune it).
 
 Outputs in ``--out``: ``adapter/`` (an ordinary peft adapter), ``metrics.json``, ``history.json``, ``rank_map.json``
-(the ranks trained; for AdaLoRA the ranks it kept), ``merged/`` with ``--merge``, and ``status.json``.
+(the ranks trained; for AdaLoRA the ranks it kept), ``merged/`` with ``--merge``, and ``status.json``; the
+adapter and merged model are written and checked by :mod:`rankalloc.retrain_outputs`.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-import math
 import os
 import re
-import shutil
 import sys
 import time
 import typing
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from . import __version__, distributed, io, rundir
-from .baselines import (adalora_config, adalora_summary, gradient_ranks, install_param_budget, random_ranks,
-                        uniform_rank)
+from .baselines import adalora_config, gradient_ranks, install_param_budget, random_ranks, uniform_rank
 from .budget import parse_budget
 from .config import DATASET_FIELDS, DataConfig, RetrainConfig
 from .flags import checked_copy, coerce, stage_command, to_dict
-from .data import Split, TaskData, prepare_task
+from .data import Split, prepare_task
 from .errors import ModelError, RankMapError, RunDirError
 from .families import Classification, Family
 from .models import BUILTIN_MODELS, count_parameters, load_model, load_model_config, load_tokenizer, resolve_device
@@ -46,13 +42,13 @@ from .targets import Target, find_targets, head_modules, stores_fan_in_fan_out
 from .rank_map import RankMap
 from .retrain_loop import load_resumable, predict, train
 from .sensitivity import gradient_spectra
-from .training import peak_memory, set_seed, to_device
+from .training import peak_memory, set_seed
+from .retrain_outputs import describe_adapter, save_outputs
 from .warm_start import warm_start
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "minilm-l6"
-RELOAD_TOLERANCE = 1e-3  # largest logit difference of the saved adapter (or merged model) before a warning
 
 
 @dataclass
@@ -148,14 +144,6 @@ def retrain_targets(model: nn.Module, cfg: RetrainConfig, rank_map: RankMap | No
         return find_targets(model, named)
     except ModelError:  # none of the map's modules exist here: check_against names the first one
         return find_targets(model, cfg.model)
-
-
-def saved_adapter_params(folder: Path) -> int:
-    """Adapter parameters stored in ``folder/adapter_model.safetensors`` (LoRA/AdaLoRA tensors only)."""
-    from safetensors import safe_open
-
-    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
-        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if "lora_" in k)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -297,102 +285,6 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
         distributed.shutdown(dist_info)
     rundir.finish_run(out, command=command)
     return RetrainResult(out, metrics, logits, labels)
-
-
-def describe_adapter(peft_model: nn.Module, method: str, targets: list[Target], rank_map: RankMap | None,
-                     budget: int, cfg: RetrainConfig) -> tuple[RankMap, dict[str, Any]]:
-    """The ranks trained (for AdaLoRA: those it kept) as a rank map, and the parameter counts.
-
-    ``adapter_params`` counts real parameters: every LoRA tensor of the model, or for AdaLoRA its
-    unmasked triplets at ``d_in + d_out`` each (``adalora`` also gives the count with singular values).
-    """
-    heads = {"head_params": sum(q.numel() for n, q in peft_model.named_parameters() if ".modules_to_save." in n)}
-    if method != "adalora":
-        return rank_map, {"adapter_params": sum(q.numel() for n, q in peft_model.named_parameters() if "lora_" in n),
-                          **heads}
-    summary = adalora_summary(peft_model, targets, budget)
-    kept = summary["kept_ranks"]
-    base = io.recorded_location(cfg.model.name, BUILTIN_MODELS)
-    rank_map = RankMap.from_ranks(targets, {t.name: kept.get(t.name, 0) for t in targets}, base_model=base,
-                                  budget=budget, search={"baseline": "adalora", "num_layers": cfg.model.num_layers})
-    logger.info("AdaLoRA kept %d parameters (%d with singular values): %.2f%% of the budget, %s it",
-                summary["kept_params"], summary["kept_params_with_singular_values"],
-                100 * summary["kept_params"] / budget, summary["vs_budget"])
-    return rank_map, {"adapter_params": summary["kept_params"], **heads, "adalora": summary}
-
-
-def save_outputs(out: Path, cfg: RetrainConfig, peft_model: nn.Module, tokenizer: Any, task: TaskData,
-                 logits: np.ndarray, device: torch.device) -> dict[str, Any]:
-    """Write ``adapter/`` (and ``merged/``), and check that each reproduces the trained logits."""
-    with _atomic_dir(out / "adapter") as tmp, _quiet_peft():
-        peft_model.save_pretrained(str(tmp))
-    probe = task.eval.batch(slice(0, min(len(task.eval), cfg.data.eval_batch_size)))
-    checks = {"saved_adapter_params": saved_adapter_params(out / "adapter"),
-              "reload_max_abs_diff": _reload_difference(cfg, task, tokenizer, out / "adapter", probe, logits,
-                                                        device)}
-    if cfg.merge:
-        merged = peft_model.merge_and_unload()
-        checks["merged_max_abs_diff"] = _max_diff(merged, task.family, probe, logits, device)
-        with _atomic_dir(out / "merged") as tmp:
-            merged.save_pretrained(str(tmp))
-            tokenizer.save_pretrained(str(tmp))
-    if cfg.model.num_layers is not None:  # peft loads an adapter onto any depth without a word
-        logger.warning("the adapter fits %s cut to its first %d blocks (--model.num_layers): load it on a base "
-                       "cut the same way (config num_hidden_layers=%d), not on the full model", cfg.model.name,
-                       cfg.model.num_layers, cfg.model.num_layers)
-    for name in ("reload_max_abs_diff", "merged_max_abs_diff"):
-        if checks.get(name, 0.0) > RELOAD_TOLERANCE:
-            logger.warning("%s: the saved model's logits differ from the trained model's by %.2g (more than %g); "
-                           "check the peft and transformers versions before using it", name, checks[name],
-                           RELOAD_TOLERANCE)
-    return checks
-
-
-def _reload_difference(cfg: RetrainConfig, task: TaskData, tokenizer: Any, folder: Path, probe: dict[str, torch.Tensor],
-                       logits: np.ndarray, device: torch.device) -> float:
-    """Largest logit difference between the trained model and its saved adapter on a fresh base."""
-    from peft import PeftModel
-
-    base = load_model(cfg.model, task.num_labels, task.family, tokenizer.pad_token_id, task.label_names)
-    with _quiet_peft():
-        reloaded = PeftModel.from_pretrained(base, str(folder)).to(device)
-    return _max_diff(reloaded, task.family, probe, logits, device)
-
-
-@torch.no_grad()
-def _max_diff(model: nn.Module, family: Family, probe: dict[str, torch.Tensor], logits: np.ndarray,
-              device: torch.device) -> float:
-    model.eval()
-    got = family.forward(model, to_device(probe, device)).logits.float().cpu().numpy()
-    return float(np.abs(got - logits[: len(got)]).max())
-
-
-@contextlib.contextmanager
-def _quiet_peft() -> Iterator[None]:
-    """Silence two peft warnings that are false alarms here: AdaLoRA modules pruned to rank 0 save
-    zero-sized tensors (not unsharded ZeRO-3 shards), and AdaLoRA's own ``rank_pattern`` (masks, applied
-    by its loader) does not match LoRA's ``rank_pattern`` key syntax."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*LoRA tensor\(s\) have invalid shape")
-        warnings.filterwarnings("ignore", message=r".*rank_pattern keys did not match")
-        yield
-
-
-@contextlib.contextmanager
-def _atomic_dir(path: Path) -> Iterator[Path]:
-    """Fill a temporary folder beside ``path``, then rename it into place (readers never see half)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 DESCRIPTION = """Train a fixed-rank peft adapter from a rank map (or a baseline at the same budget) and evaluate it.
