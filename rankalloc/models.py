@@ -106,8 +106,7 @@ def load_model(cfg: ModelConfig, num_labels: int = 2, family: Family | None = No
 
     family = family or Classification()
     path = resolve_model_path(cfg.name)
-    config = _family_config(cfg, family, num_labels, label_names)
-    _use_tokenizer_padding(config, family, pad_token_id, cfg.name)
+    config = load_model_config(cfg, **config_overrides(cfg, family, num_labels, pad_token_id, label_names))
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # the "newly initialised head" notice is expected here
     hf_logging.disable_progress_bar()
@@ -117,7 +116,7 @@ def load_model(cfg: ModelConfig, num_labels: int = 2, family: Family | None = No
         # underflows (eps 1e-8) to inf/NaN in the first step
         model, info = family.model_class().from_pretrained(path, config=config, output_loading_info=True,
                                                            ignore_mismatched_sizes=True,
-                                                           **{_dtype_kwarg(): torch.float32})
+                                                           **{dtype_kwarg(): torch.float32})
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelError(f"--model {cfg.name}: cannot load its weights as {family.describe()} "
                          f"({_first_line(e)})") from None
@@ -149,25 +148,7 @@ def load_model(cfg: ModelConfig, num_labels: int = 2, family: Family | None = No
     return model
 
 
-def _use_tokenizer_padding(config: Any, family: Family, pad_token_id: int | None, name: str) -> None:
-    """Give ``config`` the tokenizer's padding id when it has none.  A decoder's task head (classifier,
-    regressor, choice head) finds each example's last real token by ``config.pad_token_id``, so there a
-    different id is replaced too: with it the head would silently pool a padding position."""
-    from transformers import AutoModelForCausalLM
-
-    current = getattr(config, "pad_token_id", None)
-    if pad_token_id is None or current == pad_token_id:
-        return
-    if current is None:
-        config.pad_token_id = pad_token_id
-    elif family.model_class() is not AutoModelForCausalLM and is_decoder(config):
-        logger.info("--model %s: its config's pad_token_id %s is not the tokenizer's padding id %s; using %s, "
-                    "by which the task head finds each example's last token", name, current, pad_token_id,
-                    pad_token_id)
-        config.pad_token_id = pad_token_id
-
-
-def _dtype_kwarg() -> str:
+def dtype_kwarg() -> str:
     """``from_pretrained``'s name for the weights' dtype (``torch_dtype`` before transformers 4.56)."""
     import transformers
     from packaging.version import Version
@@ -181,7 +162,7 @@ def skeleton_targets(cfg: ModelConfig, family: Family | None = None) -> list[Tar
     from transformers import AutoModel, AutoModelForCausalLM
 
     family = family or Classification()
-    config = _family_config(cfg, family, num_labels=2)
+    config = load_model_config(cfg, **config_overrides(cfg, family, num_labels=2))
     # Some decoders have no sequence-classification class (Cohere, Granite, ...); the targets lie in the
     # body, so a causal-LM or a bare model gives the same shapes (under other name prefixes).
     for model_class in (family.model_class(), AutoModelForCausalLM, AutoModel):
@@ -201,14 +182,31 @@ def skeleton_targets(cfg: ModelConfig, family: Family | None = None) -> list[Tar
 _DECODER_DEPTHS = ("num_decoder_layers", "decoder_layers")
 
 
-def _family_config(cfg: ModelConfig, family: Family, num_labels: int, label_names: list[str] | None = None) -> Any:
-    """The model's transformers config with the family's head settings and ``--model.num_layers``, which
-    keeps the first N blocks of every block stack: an encoder-decoder's decoder too (all of it when it
-    has N blocks or fewer)."""
+def config_overrides(cfg: ModelConfig, family: Family, num_labels: int, pad_token_id: int | None = None,
+                     label_names: list[str] | None = None) -> dict[str, Any]:
+    """What the model's own config is loaded with: the family's head settings (label count and names),
+    ``--model.num_layers`` (which keeps the first N blocks of every block stack: an encoder-decoder's decoder
+    too, all of it when it has N blocks or fewer), and the tokenizer's padding id where the config has
+    none or, for a decoder's task head, another.  The same keyword arguments rebuild the trained base model
+    with ``from_pretrained`` (a saved adapter records them)."""
     kwargs = family.config_kwargs(num_labels, label_names)
+    stock = load_model_config(cfg)
     if cfg.num_layers is not None:
-        kwargs.update(_cut_depths(load_model_config(cfg), cfg))
-    return load_model_config(cfg, **kwargs)
+        kwargs.update(_cut_depths(stock, cfg))
+    current = getattr(stock, "pad_token_id", None)
+    if pad_token_id is not None and current != pad_token_id:
+        from transformers import AutoModelForCausalLM
+
+        if current is None:
+            kwargs["pad_token_id"] = pad_token_id
+        elif family.model_class() is not AutoModelForCausalLM and is_decoder(stock):
+            # a decoder's task head (classifier, regressor, choice head) finds each example's last real token
+            # by config.pad_token_id: with another id it would silently pool a padding position
+            logger.info("--model %s: its config's pad_token_id %s is not the tokenizer's padding id %s; using %s, "
+                        "by which the task head finds each example's last token", cfg.name, current, pad_token_id,
+                        pad_token_id)
+            kwargs["pad_token_id"] = pad_token_id
+    return kwargs
 
 
 def _cut_depths(config: Any, cfg: ModelConfig) -> dict[str, int]:

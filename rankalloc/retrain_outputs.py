@@ -7,6 +7,7 @@ a user would and records the largest logit difference from the trained model.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -24,7 +25,7 @@ from .baselines import adalora_summary
 from .config import RetrainConfig
 from .data import TaskData
 from .families import Family
-from .models import BUILTIN_MODELS, load_model
+from .models import BUILTIN_MODELS, config_overrides, dtype_kwarg, hub_id, resolve_model_path
 from .rank_map import RankMap
 from .targets import Target
 from .training import to_device
@@ -64,25 +65,39 @@ def describe_adapter(peft_model: nn.Module, method: str, targets: list[Target], 
     return rank_map, {"adapter_params": summary["kept_params"], **heads, "adalora": summary}
 
 
+BASE_MODEL_KWARGS = "base_model_kwargs.json"  # in adapter/: the config settings that rebuild the trained base
+
+
 def save_outputs(out: Path, cfg: RetrainConfig, peft_model: nn.Module, tokenizer: Any, task: TaskData,
                  logits: np.ndarray, device: torch.device) -> dict[str, Any]:
-    """Write ``adapter/`` (and ``merged/``), and check that each reproduces the trained logits."""
-    with _atomic_dir(out / "adapter") as tmp, _quiet_peft():
-        peft_model.save_pretrained(str(tmp))
+    """Write ``adapter/`` (and ``merged/``), and check that each reproduces the trained logits.
+
+    The adapter folder also holds the tokenizer (its padding) and ``base_model_kwargs.json``, the config
+    settings the base model was loaded with (label count and names, a cut depth, a padding id the model's
+    own config lacks); its ``README.md`` says how to load it.  The reload check loads it that way.
+    """
+    kwargs = config_overrides(cfg.model, task.family, task.num_labels, tokenizer.pad_token_id, task.label_names)
+    with _atomic_dir(out / "adapter") as tmp, _quiet_peft(), _named_as_published(peft_model, cfg.model.name):
+        # no embedding is an adapter target and the vocabulary is never resized: without this, peft asks the
+        # hub whether the base's vocabulary changed (a network call, which fails offline)
+        peft_model.save_pretrained(str(tmp), save_embedding_layers=False)
+        tokenizer.save_pretrained(str(tmp))
+        io.write_json(tmp / BASE_MODEL_KWARGS, kwargs)
+        _add_loading_note(tmp / "README.md", hub_id(cfg.model.name), task.family)
     probe = task.eval.batch(slice(0, min(len(task.eval), cfg.data.eval_batch_size)))
     checks = {"saved_adapter_params": saved_adapter_params(out / "adapter"),
-              "reload_max_abs_diff": _reload_difference(cfg, task, tokenizer, out / "adapter", probe, logits,
-                                                        device)}
+              "reload_max_abs_diff": _reload_difference(cfg, task, out / "adapter", probe, logits, device)}
     if cfg.merge:
         merged = peft_model.merge_and_unload()
         checks["merged_max_abs_diff"] = _max_diff(merged, task.family, probe, logits, device)
         with _atomic_dir(out / "merged") as tmp:
             merged.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
-    if cfg.model.num_layers is not None:  # peft loads an adapter onto any depth without a word
-        logger.warning("the adapter fits %s cut to its first %d blocks (--model.num_layers): load it on a base "
-                       "cut the same way (config num_hidden_layers=%d), not on the full model", cfg.model.name,
-                       cfg.model.num_layers, cfg.model.num_layers)
+    changed = sorted(set(kwargs) & {"num_hidden_layers", "pad_token_id"})
+    if changed:  # peft loads an adapter onto a stock base without a word, and its logits then differ
+        logger.warning("the adapter fits %s loaded with %s: load its base with adapter/%s (see adapter/README.md), "
+                       "not with the model's own config", cfg.model.name,
+                       ", ".join(f"{key}={kwargs[key]}" for key in changed), BASE_MODEL_KWARGS)
     for name in ("reload_max_abs_diff", "merged_max_abs_diff"):
         if checks.get(name, 0.0) > RELOAD_TOLERANCE:
             logger.warning("%s: the saved model's logits differ from the trained model's by %.2g (more than %g); "
@@ -91,12 +106,69 @@ def save_outputs(out: Path, cfg: RetrainConfig, peft_model: nn.Module, tokenizer
     return checks
 
 
-def _reload_difference(cfg: RetrainConfig, task: TaskData, tokenizer: Any, folder: Path, probe: dict[str, torch.Tensor],
-                       logits: np.ndarray, device: torch.device) -> float:
-    """Largest logit difference between the trained model and its saved adapter on a fresh base."""
-    from peft import PeftModel
+@contextlib.contextmanager
+def _named_as_published(peft_model: nn.Module, name: str) -> Iterator[None]:
+    """While saving, a built-in model alias is recorded as its hub id (peft would write the local folder the
+    alias resolves to, which means nothing on another machine); a folder or hub id stays as given."""
+    published = hub_id(name)
+    if published == name:
+        yield
+        return
+    configs = list(peft_model.peft_config.values())
+    base_config = peft_model.get_base_model().config
+    before = [c.base_model_name_or_path for c in configs], base_config._name_or_path
+    for c in configs:
+        c.base_model_name_or_path = published
+    base_config._name_or_path = published
+    try:
+        yield
+    finally:
+        for c, old in zip(configs, before[0]):
+            c.base_model_name_or_path = old
+        base_config._name_or_path = before[1]
 
-    base = load_model(cfg.model, task.num_labels, task.family, tokenizer.pad_token_id, task.label_names)
+
+def _add_loading_note(card: Path, base: str, family: Family) -> None:
+    """Append to peft's model card how to rebuild the trained model (peft alone would load the adapter on a
+    base with the model's own config: another label count, depth or padding id)."""
+    model_class = family.model_class().__name__
+    note = f"""
+## Loading (written by rankalloc)
+
+The base model was loaded with the config settings in `{BASE_MODEL_KWARGS}` (label count and names, a cut
+depth, a padding id); load it with them, then the adapter, and tokenize with the tokenizer saved here:
+
+```python
+import json
+from peft import PeftModel
+from transformers import AutoTokenizer, {model_class}
+
+kwargs = json.load(open("adapter/{BASE_MODEL_KWARGS}"))
+base = {model_class}.from_pretrained("{base}", ignore_mismatched_sizes=True, **kwargs)
+model = PeftModel.from_pretrained(base, "adapter")
+tokenizer = AutoTokenizer.from_pretrained("adapter")
+```
+"""
+    text = card.read_text() if card.is_file() else ""
+    io.write_text(card, text.rstrip("\n") + "\n" + note)
+
+
+def _reload_difference(cfg: RetrainConfig, task: TaskData, folder: Path, probe: dict[str, torch.Tensor],
+                       logits: np.ndarray, device: torch.device) -> float:
+    """Largest logit difference between the trained model and its saved adapter, loaded as its model card
+    says: the base model with the recorded config settings, then the adapter."""
+    from peft import PeftModel
+    from transformers.utils import logging as hf_logging
+
+    kwargs = json.loads((folder / BASE_MODEL_KWARGS).read_text())
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a fresh head's "newly initialised" notice: the adapter holds the head
+    try:
+        base = task.family.model_class().from_pretrained(resolve_model_path(cfg.model.name),
+                                                         ignore_mismatched_sizes=True,
+                                                         **{dtype_kwarg(): torch.float32}, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     with _quiet_peft():
         reloaded = PeftModel.from_pretrained(base, str(folder)).to(device)
     return _max_diff(reloaded, task.family, probe, logits, device)

@@ -106,6 +106,42 @@ def test_saved_adapter_and_merged_model_reproduce_the_trained_logits(rank_map_ru
     names = rank_map_run.metrics["label_names"]  # the saved model names the task's classes
     assert names == ["negative", "neutral", "positive"]
     assert merged.config.id2label == dict(enumerate(names)) and merged.config.label2id["neutral"] == 1
+    adapter = rank_map_run.out / "adapter"  # the built-in alias is recorded by its hub id, not a local folder
+    published = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert published == "sentence-transformers/all-MiniLM-L6-v2"
+    assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in (adapter / "README.md").read_text()
+    assert json.loads((adapter / "base_model_kwargs.json").read_text())["num_hidden_layers"] == 1
+
+
+def test_a_saved_adapter_loaded_as_its_model_card_says_gives_the_trained_logits(tmp_path):
+    """A decoder whose config pads with another id than its tokenizer (as Llama-2's): the retrain pools by
+    the tokenizer's id, so the adapter on a stock base pools a padding position.  The adapter folder records
+    the settings (and the tokenizer) that rebuild the trained model, and its model card shows the call."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, GPT2Config
+
+    from conftest import _save_random
+
+    model = _save_random(tmp_path / "gpt2-pad5", GPT2Config(vocab_size=30522, n_positions=128, n_embd=32, n_layer=2,
+                                                            n_head=2, num_labels=3, pad_token_id=5))
+    out = tmp_path / "run"
+    result = _run(["--baseline", "uniform", "--budget", "2048", "--model", model, "--out", str(out), "--device",
+                   "cpu", "--max-steps", "3"] + [f"--data.{k}={v}" for k, v in DATA.items()])
+    adapter = out / "adapter"
+    kwargs = json.loads((adapter / "base_model_kwargs.json").read_text())
+    assert kwargs["pad_token_id"] == 0 and kwargs["num_labels"] == 3 and kwargs["id2label"]["1"] == "neutral"
+    card = (adapter / "README.md").read_text()
+    assert "AutoModelForSequenceClassification.from_pretrained(" in card and "base_model_kwargs.json" in card
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    batch = tokenizer(["short", "a longer text that makes the other one padded"], padding=True, return_tensors="pt")
+
+    def logits(**settings):
+        base = AutoModelForSequenceClassification.from_pretrained(model, ignore_mismatched_sizes=True, **settings)
+        with torch.no_grad():
+            return PeftModel.from_pretrained(base, str(adapter)).eval()(**batch).logits
+
+    assert not torch.allclose(logits(), logits(**kwargs), atol=1e-4)  # the stock config pools a padding position
+    assert result.metrics["checks"]["reload_max_abs_diff"] <= 1e-5  # measured by loading as the card says
 
 
 def test_metrics_json_has_the_documented_keys(rank_map_run):
