@@ -110,8 +110,11 @@ def export_rank_map(scores: Scores, budget: int, max_rank: int | None = None,
     search = dict(scores.data.get("search", {}))
     search.update({"exported_from_budget": searched, "export_ratio": budget / searched, "max_rank": max_rank,
                    "rounding": rounding})
+    peft = {"task_type": scores.data.get("peft_task_type", "SEQ_CLS"),
+            "modules_to_save": list(scores.data.get("modules_to_save") or []),
+            "fan_in_fan_out": bool(scores.data.get("fan_in_fan_out", False)), "scale": scores.data["scale"]}
     return RankMap.from_ranks(scores.targets, dict(zip((t.name for t in scores.targets), ranks)),
-                              base_model=scores.data["base_model"], budget=budget, search=search)
+                              base_model=scores.data["base_model"], budget=budget, search=search, peft=peft)
 
 
 def write_export(out: Path, run: str, scores: Scores, rm: RankMap, max_rank: int | None) -> None:
@@ -133,10 +136,7 @@ def write_export(out: Path, run: str, scores: Scores, rm: RankMap, max_rank: int
         f"- rank cap: {max_rank or 'none'}; parameters used: {rm.total_params:,} "
         f"({100 * rm.total_params / budget:.2f}% of the budget)", "",
         markdown_rank_table(scores.targets, rm.ranks), "", "![ranks](ranks.png)", ""]))
-    rm.write_adapter_config(out / "adapter_config.json", scores.data["scale"],
-                            modules_to_save=scores.data.get("modules_to_save"),
-                            task_type=scores.data.get("peft_task_type", "SEQ_CLS"),
-                            fan_in_fan_out=bool(scores.data.get("fan_in_fan_out", False)))
+    rm.write_adapter_config(out / "adapter_config.json")  # as the map records it (its peft section)
     rm.save(out / "rank_map.json")
 
 

@@ -4,8 +4,12 @@
 {"format": "rankalloc.rank_map", "version": 1, "base_model": "...", "model_fingerprint": "...",
  "budget": 500000, "total_params": 499968,
  "modules": {"<full.module.name>": {"rank": 12, "in_features": 384, "out_features": 384}},
- "search": {"task": "...", "seed": 0, "steps": 0, "final_lambda": 0.0, "rankalloc_version": "..."}}
+ "search": {"task": "...", "seed": 0, "steps": 0, "final_lambda": 0.0, "rankalloc_version": "..."},
+ "peft": {"task_type": "SEQ_CLS", "modules_to_save": ["classifier"], "fan_in_fan_out": false, "scale": 2.0}}
 ```
+
+``peft`` (optional; older maps lack it) records how the run built its adapter beyond the ranks, so that
+``RankMap.load(path).lora_config()`` alone builds what the run trained.
 
 A rank map is checked against a model before use: every module must exist with the recorded shape,
 ranks must lie in ``[0, min(d_in, d_out)]``; the first mismatch is named in a one-line error.
@@ -26,6 +30,7 @@ from .targets import Target, fingerprint
 
 FORMAT = "rankalloc.rank_map"
 VERSION = 1
+RECORDED = object()  # lora_config's "take the map's recorded value" (None is a valid task type)
 
 
 @dataclass
@@ -35,14 +40,17 @@ class RankMap:
     budget: int
     modules: dict[str, dict[str, int]]
     search: dict[str, Any] = field(default_factory=dict)
+    # how peft builds the adapter beyond the ranks: task_type, modules_to_save (the task head), fan_in_fan_out,
+    # scale (alpha / r); the defaults of lora_config, so that the map alone builds what its run trained
+    peft: dict[str, Any] = field(default_factory=dict)
 
     # ---- construction -----------------------------------------------------------------------------
     @classmethod
     def from_ranks(cls, targets: list[Target], ranks: dict[str, int], *, base_model: str, budget: int,
-                   search: dict[str, Any] | None = None) -> "RankMap":
+                   search: dict[str, Any] | None = None, peft: dict[str, Any] | None = None) -> "RankMap":
         modules = {t.name: {"rank": int(ranks[t.name]), "in_features": t.in_features,
                             "out_features": t.out_features} for t in targets}
-        return cls(base_model, fingerprint(targets), int(budget), modules, dict(search or {}))
+        return cls(base_model, fingerprint(targets), int(budget), modules, dict(search or {}), dict(peft or {}))
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -55,7 +63,8 @@ class RankMap:
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": VERSION, "base_model": self.base_model,
                 "model_fingerprint": self.model_fingerprint, "budget": self.budget,
-                "total_params": self.total_params, "modules": self.modules, "search": self.search}
+                "total_params": self.total_params, "modules": self.modules, "search": self.search,
+                **({"peft": self.peft} if self.peft else {})}
 
     def save(self, path: str | Path) -> None:
         io.write_json(path, self.to_dict())
@@ -115,7 +124,8 @@ class RankMap:
             raise RankMapError(f"{source}: 'search' must be a mapping of search settings, got {search!r}")
         if not isinstance(data["base_model"], str) or not data["base_model"]:
             raise RankMapError(f"{source}: base_model must be a model name or folder, got {data['base_model']!r}")
-        rm = cls(data["base_model"], str(data["model_fingerprint"]), budget, clean, dict(search))
+        rm = cls(data["base_model"], str(data["model_fingerprint"]), budget, clean, dict(search),
+                 _checked_peft(data.get("peft") or {}, source))
         if "total_params" in data and data["total_params"] != rm.total_params:
             raise RankMapError(f"{source}: total_params {data['total_params']} disagrees with the ranks "
                                f"({rm.total_params}); the file was edited or corrupted")
@@ -140,15 +150,21 @@ class RankMap:
                                    f"model's {fp}")
 
     # ---- export ------------------------------------------------------------------------------------
-    def lora_config(self, scale: float = 2.0, *, task_type: str | None = "SEQ_CLS",
+    def lora_config(self, scale: float | None = None, *, task_type: Any = RECORDED,
                     modules_to_save: list[str] | None = None, dropout: float = 0.0,
-                    fan_in_fan_out: bool = False) -> dict[str, Any]:
+                    fan_in_fan_out: bool | None = None) -> dict[str, Any]:
         """Keyword arguments of ``peft.LoraConfig`` that build exactly these ranks.
 
         ``lora_alpha = scale * r`` for every module, so the LoRA scale ``alpha / r`` is the same
         constant for every rank.  Rank-0 modules are left out of ``target_modules`` (no adapter).
         ``fan_in_fan_out``: the targets store their weight as (in, out), as GPT-2's ``Conv1D`` does.
+        Each argument left out takes the map's recorded value (``peft``: the run's task type, task head,
+        weight layout and scale); a map without them gives ``SEQ_CLS``, no head, (out, in) and scale 2.
         """
+        scale = self.peft.get("scale", 2.0) if scale is None else scale
+        task_type = self.peft.get("task_type", "SEQ_CLS") if task_type is RECORDED else task_type
+        modules_to_save = self.peft.get("modules_to_save") if modules_to_save is None else modules_to_save
+        fan_in_fan_out = self.peft.get("fan_in_fan_out", False) if fan_in_fan_out is None else fan_in_fan_out
         kept = {name: m["rank"] for name, m in self.modules.items() if m["rank"] > 0}
         if not kept:
             raise RankMapError("the rank map gives every module rank 0: there is nothing to train")
@@ -195,8 +211,9 @@ class RankMap:
                                    "peft did not apply this module's rank_pattern key"
                                    + ("; rankalloc needs peft >= 0.15, which matches anchored keys" if old_peft else ""))
 
-    def write_adapter_config(self, path: str | Path, scale: float = 2.0, **kwargs: Any) -> dict[str, Any]:
-        """Write a peft ``adapter_config.json`` (``LoraConfig(**cfg).to_dict()``) and return it."""
+    def write_adapter_config(self, path: str | Path, scale: float | None = None, **kwargs: Any) -> dict[str, Any]:
+        """Write a peft ``adapter_config.json`` (``LoraConfig(**cfg).to_dict()``, arguments as
+        :meth:`lora_config`'s) and return it."""
         from peft import LoraConfig
 
         cfg = LoraConfig(**self.lora_config(scale, **kwargs)).to_dict()
@@ -204,6 +221,30 @@ class RankMap:
         cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
         io.write_json(path, cfg)
         return cfg
+
+
+def _checked_peft(peft: Any, source: str) -> dict[str, Any]:
+    """The ``peft`` section of a rank map file, checked.
+
+    Raises:
+        RankMapError: not a mapping, or a field of the wrong type.
+    """
+    def wrong(key: str, allowed: str) -> RankMapError:
+        return RankMapError(f"{source}: peft.{key} must be {allowed}, got {peft[key]!r}")
+
+    if not isinstance(peft, dict):
+        raise RankMapError(f"{source}: 'peft' must be a mapping of peft settings, got {peft!r}")
+    if peft.get("task_type") is not None and not isinstance(peft["task_type"], str):
+        raise wrong("task_type", "a peft task type (e.g. SEQ_CLS) or null")
+    heads = peft.get("modules_to_save")
+    if heads is not None and not (isinstance(heads, list) and all(isinstance(h, str) for h in heads)):
+        raise wrong("modules_to_save", "a list of module names")
+    if "fan_in_fan_out" in peft and not isinstance(peft["fan_in_fan_out"], bool):
+        raise wrong("fan_in_fan_out", "true or false")
+    scale = peft.get("scale", 2.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise wrong("scale", "a positive number")
+    return dict(peft)
 
 
 def _anchored(name: str) -> str:

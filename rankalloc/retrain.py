@@ -103,9 +103,9 @@ def build_adapter(cfg: RetrainConfig, model: nn.Module, targets: list[Target], r
                                       search={"baseline": "gradient", "seed": cfg.seed,
                                               "gradient_batches": p.gradient_batches,
                                               "num_layers": cfg.model.num_layers})
-    lora = LoraConfig(**rank_map.lora_config(p.scale, task_type=family.peft_task_type, modules_to_save=heads,
-                                             dropout=p.lora_dropout,
-                                             fan_in_fan_out=stores_fan_in_fan_out(model, targets)))
+    rank_map.peft = {"task_type": family.peft_task_type, "modules_to_save": heads,  # what this run trains
+                     "fan_in_fan_out": stores_fan_in_fan_out(model, targets), "scale": p.scale}
+    lora = LoraConfig(**rank_map.lora_config(dropout=p.lora_dropout))
     peft_model = get_peft_model(model, lora)
     rank_map.check_built(peft_model)
     return peft_model, rank_map

@@ -57,8 +57,12 @@ def describe_adapter(peft_model: nn.Module, method: str, targets: list[Target], 
     summary = adalora_summary(peft_model, targets, budget)
     kept = summary["kept_ranks"]
     base = io.recorded_location(cfg.model.name, BUILTIN_MODELS)
+    built = peft_model.peft_config["default"]
+    task_type = getattr(built.task_type, "value", built.task_type)
     rank_map = RankMap.from_ranks(targets, {t.name: kept.get(t.name, 0) for t in targets}, base_model=base,
-                                  budget=budget, search={"baseline": "adalora", "num_layers": cfg.model.num_layers})
+                                  budget=budget, search={"baseline": "adalora", "num_layers": cfg.model.num_layers},
+                                  peft={"task_type": task_type, "modules_to_save": sorted(built.modules_to_save or []),
+                                        "fan_in_fan_out": bool(built.fan_in_fan_out), "scale": cfg.train.scale})
     logger.info("AdaLoRA kept %d parameters (%d with singular values): %.2f%% of the budget, %s it",
                 summary["kept_params"], summary["kept_params_with_singular_values"],
                 100 * summary["kept_params"] / budget, summary["vs_budget"])

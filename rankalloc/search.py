@@ -331,14 +331,16 @@ def finish(cfg: SearchConfig, gated: GatedModel, task: TaskData, targets: list[T
     base_model = io.recorded_location(cfg.model.name, BUILTIN_MODELS)
     data = {k: getattr(cfg.data, k) for k in DATASET_FIELDS}
     data.update({k: io.recorded_location(data[k], BUILTIN_TASKS) for k in ("task", "eval_file")})
-    rm = RankMap.from_ranks(targets, ranks, base_model=base_model, budget=budget, search={
+    heads = sorted(head_modules(gated.model))
+    fan_in_fan_out = stores_fan_in_fan_out(gated.model, targets)
+    rm = RankMap.from_ranks(targets, ranks, base_model=base_model, budget=budget, peft={
+        "task_type": task.family.peft_task_type, "modules_to_save": heads, "fan_in_fan_out": fan_in_fan_out,
+        "scale": cfg.search.scale}, search={
         "task": task.name, "family": task.family.name, "seed": cfg.seed, "steps": state.step, "final_lambda": lam,
         "final_cost_ratio": final_ratio, "r_max": max(r_max.values()), "scale": cfg.search.scale,
         "rounding": cfg.search.rounding, "gates": cfg.search.gates,
         "num_layers": cfg.model.num_layers, "rankalloc_version": __version__,
         "data": data})
-    heads = sorted(head_modules(gated.model))
-    fan_in_fan_out = stores_fan_in_fan_out(gated.model, targets)
     io.write_json(out / SCORES, {
         "format": "rankalloc.scores", "version": 1, "base_model": base_model,
         "model_fingerprint": rm.model_fingerprint, "searched_budget": budget, "base_params": base_params, "scale": cfg.search.scale,
@@ -361,9 +363,7 @@ def finish(cfg: SearchConfig, gated: GatedModel, task: TaskData, targets: list[T
                "gate_loss_at_budget": ("held-out loss + Lagrangian" if cfg.search.lagrangian_at_budget else
                                        "held-out loss alone (λ frozen from the first step at the budget)")}
     write_search_report(out, targets=targets, ranks=ranks, r_max=r_max, history=state.history, summary=summary)
-    rm.write_adapter_config(out / "adapter_config.json", cfg.search.scale, modules_to_save=heads,
-                            task_type=task.family.peft_task_type,
-                            fan_in_fan_out=fan_in_fan_out)
+    rm.write_adapter_config(out / "adapter_config.json")  # as the map records it (its peft section)
     io.write_json(out / "summary.json", summary)
     rm.save(out / "rank_map.json")  # last: its presence means every other output is there
     logger.info("rank map: %d / %d parameters (%.2f%% of the budget), gap %.4f -> %s",

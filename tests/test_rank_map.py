@@ -124,6 +124,10 @@ def _valid(targets):
     (lambda d: {**d, "budget": True}, "budget must be a positive integer, got True"),
     (lambda d: {**d, "search": "abc"}, "'search' must be a mapping"),
     (lambda d: {**d, "base_model": 3}, "base_model must be a model name or folder"),
+    (lambda d: {**d, "peft": [1]}, "'peft' must be a mapping"),
+    (lambda d: {**d, "peft": {"scale": "two"}}, "peft.scale must be a positive number, got 'two'"),
+    (lambda d: {**d, "peft": {"modules_to_save": "classifier"}}, "peft.modules_to_save must be a list"),
+    (lambda d: {**d, "peft": {"fan_in_fan_out": "yes"}}, "peft.fan_in_fan_out must be true or false"),
 ])
 def test_malformed_files_are_refused(tmp_path, targets, mutate, fragment):
     with pytest.raises(RankMapError, match=fragment):

@@ -105,6 +105,12 @@ def test_tiny_search_on_random_gpt2(tmp_path, tiny_gpt2):
 
     exported, _ = run_export(ExportConfig(run=str(out), budget="1500"))
     assert json.loads((exported / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    for folder in (out, exported):  # the map alone builds what its adapter_config.json builds (head included)
+        written = json.loads((folder / "adapter_config.json").read_text())
+        from_map = RankMap.load(folder / "rank_map.json").lora_config()
+        assert from_map["modules_to_save"] == written["modules_to_save"] == ["score"]
+        assert from_map["fan_in_fan_out"] is True and from_map["task_type"] == written["task_type"] == "SEQ_CLS"
+        assert from_map["alpha_pattern"] == written["alpha_pattern"] and from_map["lora_alpha"] == written["lora_alpha"]
 
 
 def test_tiny_search_on_random_llama(tmp_path, tiny_llama):
