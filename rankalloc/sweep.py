@@ -51,9 +51,9 @@ from .errors import BudgetError, ConfigError, RankallocError
 from .flags import checked_copy, stage_command
 from .sweep_report import sweep_summary, write_reports
 from .sweep_folder import (SWEEP_MARKER, file_storage_inside, overwrite_sweep_folder,
-                           refuse_a_folder_of_another_kind, safe_name)
+                           refuse_a_folder_of_another_kind, safe_name, storage_file)
 from .sweep_shared import SharedSearch, check_shared_budgets, parse_budgets, run_shared_search
-from .sweep_study import (METHODS, RANKALLOC, duplicate_of, make_grid_sampler, open_storage,
+from .sweep_study import (METHODS, RANKALLOC, check_study_exists, duplicate_of, make_grid_sampler, open_storage,
                           open_study, point_of, quiet_optuna, recover_crashed, storage_name)
 from .tasks import check_task_source
 
@@ -261,6 +261,8 @@ def run_sweep(cfg: SweepConfig, command: str | None = None) -> SweepResult:
         refuse_a_folder_of_another_kind(cfg, out)
     if cfg.resume and cfg.storage is None and not (out / "sweep.db").is_file():
         raise ConfigError(f"--resume: no study {cfg.study_name!r} in {out} (it holds no sweep.db)")
+    if cfg.resume and cfg.storage is not None and storage_file(cfg.storage) and not storage_file(cfg.storage).is_file():
+        raise ConfigError(f"--resume: --storage {cfg.storage} does not exist, so it holds no study to join")
     if cfg.overwrite:
         overwrite_sweep_folder(cfg, out)
     new_folder = not out.exists()
@@ -268,6 +270,8 @@ def run_sweep(cfg: SweepConfig, command: str | None = None) -> SweepResult:
         if cfg.storage is None or file_storage_inside(cfg.storage, out):
             out.mkdir(parents=True, exist_ok=True)  # the SQLite or journal file lives in it
         storage = open_storage(cfg, out)  # a storage that cannot be opened is refused before anything is made
+        if cfg.resume:
+            check_study_exists(cfg, storage, out)
     except RankallocError:
         if new_folder and out.is_dir() and not any(out.iterdir()):  # a refused sweep leaves no folder behind
             out.rmdir()  # (only an empty one: a worker started alongside may already use it)

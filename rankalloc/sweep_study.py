@@ -185,9 +185,8 @@ def open_study(cfg: SweepConfig, storage: Any, out: Path) -> Any:
     """
     import optuna
 
-    exists = cfg.study_name in optuna.get_all_study_names(storage)
-    if cfg.resume and not exists:
-        raise ConfigError(f"--resume: no study {cfg.study_name!r} in {storage_name(cfg, out)}")
+    if cfg.resume:
+        check_study_exists(cfg, storage, out)
     try:  # creating is atomic: of workers starting together, one creates the study and records its settings
         study = optuna.create_study(storage=storage, study_name=cfg.study_name, directions=list(DIRECTIONS))
         created = True
@@ -209,6 +208,14 @@ def open_study(cfg: SweepConfig, storage: Any, out: Path) -> Any:
                 raise ConfigError(f"study {cfg.study_name!r} was run with --{key} {old.get(key)!r}, not "
                                   f"{new.get(key)!r}; use the same settings, another --study-name, or --overwrite")
     return study
+
+
+def check_study_exists(cfg: SweepConfig, storage: Any, out: Path) -> None:
+    """Raises: ConfigError (``--resume``) when ``storage`` holds no study of ``--study-name``."""
+    import optuna
+
+    if cfg.study_name not in optuna.get_all_study_names(storage):
+        raise ConfigError(f"--resume: no study {cfg.study_name!r} in {storage_name(cfg, out)}")
 
 
 def storage_name(cfg: SweepConfig, out: Path) -> str:

@@ -179,6 +179,18 @@ def test_a_refused_sweep_touches_no_folder_and_no_study(tmp_path, capsys):
     assert sorted(p.name for p in run.iterdir()) == ["rank_map.json"]
     assert sweep.main(SMALL + ["--budgets", "7k", "--resume", "--out", str(tmp_path / "new")]) == 2
     assert "--resume: no study" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for name in ("j.log", "s.db"):  # a study file of another name: a missing one is not made
+        where = f"journal:{elsewhere / name}" if name.endswith(".log") else f"sqlite:///{elsewhere / name}"
+        assert sweep.main(SMALL + ["--budgets", "7k", "--resume", "--storage", where, "--out",
+                                   str(tmp_path / "new")]) == 2
+        assert "--resume: --storage" in capsys.readouterr().err
+    optuna.create_study(study_name="another", storage=f"sqlite:///{elsewhere / 's.db'}")
+    assert sweep.main(SMALL + ["--budgets", "7k", "--resume", "--storage", f"sqlite:///{elsewhere / 's.db'}",
+                               "--out", str(tmp_path / "new")]) == 2  # a study file without this study
+    assert "--resume: no study 'rankalloc-sweep'" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists() and sorted(p.name for p in elsewhere.iterdir()) == ["s.db"]
     journal = tmp_path / "studies" / "j.log"
     journal.parent.mkdir()
     storage = f"journal:{journal}"
