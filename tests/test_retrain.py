@@ -519,6 +519,11 @@ def test_a_rank_map_searched_at_another_scale_says_so(rank_map_file, tmp_path, c
                        "--max-steps", "1"])
     assert "searched with --search.scale 4.0; retraining with --train.scale 2.0" in caplog.text
     assert result.metrics["recipe"]["scale"] == 2.0  # the flag decides; the warning only tells
+    deeper = [a if a != "1" or SMALL[i - 1] != "--model.num_layers" else "2" for i, a in enumerate(SMALL)]
+    with caplog.at_level("WARNING", logger="rankalloc"):  # a 1-block map on 2 blocks: the second gets nothing
+        result = _run(["--rank-map", str(rank_map_file), "--out", str(tmp_path / "r2"), *deeper, "--max-steps", "1"])
+    assert "searched on the first 1 blocks, this retrain runs the first 2 blocks" in caplog.text
+    assert all(".layer.0." in name for name in result.metrics["ranks"])
 
 
 def test_a_resume_checks_the_warm_start_and_the_examples_and_reads_damaged_checkpoints_in_one_line(tmp_path):
