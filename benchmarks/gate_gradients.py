@@ -4,8 +4,9 @@ gradient of the gate logits into its held-out-loss part and its Lagrangian (cost
     python benchmarks/gate_gradients.py --budget 82944 --task tweets --seed 0 --out runs/gate-gradients \
         --data.max_train_examples 4000 --data.max_eval_examples 2000 --data.max_length 64 --data.batch_size 32
 
-Any search flag works.  Writes ``benchmarks/results/gate_gradients/<task>-<budget>-s<seed>.json``: per gate
-step, the mean |gradient| of each part over all gate logits, and lambda.
+Any search flag works.  Writes ``benchmarks/results/gate_gradients/<task>-<budget>-s<seed>.json`` (``.runN.json``
+when that file exists: a result is never overwritten; the file records its command): per gate step, the mean
+|gradient| of each part over all gate logits, and lambda.
 """
 from __future__ import annotations
 
@@ -46,10 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     cfg, _ = parse_args(SearchConfig, argv, "gate_gradients", __doc__)
     search.run_search(cfg, "python benchmarks/gate_gradients.py " + " ".join(argv or sys.argv[1:]))
     out = HERE / "results" / "gate_gradients" / f"{cfg.data.task}-{search.parse_budget(cfg.budget).text}-s{cfg.seed}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    n = 2
+    while out.exists():  # a committed result (made with other flags, perhaps) is never overwritten
+        out = out.with_name(f"{out.stem.rsplit('.run', 1)[0]}.run{n}.json")
+        n += 1
     out.write_text(json.dumps({"command": "python benchmarks/gate_gradients.py " + " ".join(argv or sys.argv[1:]),
                                "steps": rows}, indent=1) + "\n")
     for row in rows[::5]:
         print(" ".join(f"{k} {v:.3g}" for k, v in row.items()))
+    print(f"written: {out}")
     return 0
 
 

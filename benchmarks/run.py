@@ -6,7 +6,7 @@ Every cell runs the real command-line stages in subprocesses, under one recipe s
 interrupted benchmark resumes where it stopped.  ``benchmarks/summarize.py`` turns the files into
 the table and the plot.
 
-    python benchmarks/run.py --quick            # ~15-25 min on 2 CPU cores: tweets, one budget, one seed
+    python benchmarks/run.py --quick            # ~11-12 min on 2 CPU cores alone: tweets, one budget, one seed
     python benchmarks/run.py                    # the full grid (hours on CPU; minutes per cell on a GPU)
     python benchmarks/run.py --methods random   # the search's ablation: random scores, the same knapsack
     python benchmarks/run.py --methods gradient # one-shot gradient-sensitivity scores, the same knapsack

@@ -4,7 +4,8 @@
 
 A search step is a weight step + a gate step + a dual step (two forward/backward passes); a LoRA step
 is one forward/backward. Both run on the same batches of the default task, alternating A/B blocks to
-cancel drift of the machine. Prints a JSON line and writes benchmarks/results/step_cost.json.
+cancel drift of the machine. Prints a JSON line and writes benchmarks/results/step_cost.json
+(step_cost.runN.json when that exists: a result is never overwritten).
 """
 from __future__ import annotations
 
@@ -88,8 +89,12 @@ def main(argv=None) -> int:
               "ratio_search_over_lora": round(s / l, 3),
               "date": time.strftime("%Y-%m-%d")}
     print(json.dumps(result))
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "step_cost.json").write_text(json.dumps(result, indent=2) + "\n")
+    out, n = HERE / "results" / "step_cost.json", 2
+    out.parent.mkdir(exist_ok=True)
+    while out.exists():  # a committed result (made with other flags, perhaps) is never overwritten
+        out, n = out.with_name(f"step_cost.run{n}.json"), n + 1
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written: {out}")
     return 0
 
 

@@ -9,6 +9,7 @@ e.g. a uniform baseline on hand-picked targets that ran in its own grid; rankall
 from __future__ import annotations
 
 import argparse
+import shlex
 import json
 import statistics
 import sys
@@ -135,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     metric = "/".join(sorted({p["metric"] for p in points}))
     plot_pareto(grid / "accuracy_vs_params.png", points, title=f"{metric} vs adapter parameters ({args.grid})",
                 metric=metric)
+    this = "python benchmarks/summarize.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     text = "\n".join([f"# Benchmark results: {args.grid}", "",
+                      f"- this table: `{this}` (another `--with` set rewrites it with other columns)",
                       *[f"- command: `{c}` (git {g}, {d})" for c, g, d in runs],
                       f"- machine: {meta.get('machine', '?')}",
                       f"- recipe (all methods): `{' '.join(meta.get('recipe', []))}` "

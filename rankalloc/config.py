@@ -100,9 +100,10 @@ class DataConfig:
 
 @dataclass
 class SearchParams:
-    r_max: int | None = _f(None, "Largest rank any layer may get during the search; null = automatic "
+    r_max: int | None = _f(None, "Largest rank any layer may get during the search; auto or null = automatic "
                            "(the smallest power of two at or above 2.5x the uniform rank that the budget "
-                           "affords, at least 4, at most 64: 4x the uniform rank at r = 1, 2, 4, 8).")
+                           "affords, at least 4, at most 64: 4x the uniform rank at r = 1, 2, 4, 8; above a "
+                           "uniform rank of 51, the power of two at or above 1.25x it).")
     scale: float = _f(2.0, "LoRA scale s = alpha / r, the same for every rank (alpha = scale * r).")
     steps: int = _f(30, "Weight steps of the search (each followed by a gate step once gates move). 30 matched "
                     "60 and 180 in accuracy at a half and a sixth of the cost (benchmarks/LOG.md).")

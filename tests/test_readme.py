@@ -65,3 +65,31 @@ def test_readme_pipeline_commands_run(tmp_path):
         assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr[-3000:]}"
     assert (tmp_path / "runs" / "s" / "rank_map.json").is_file()
     assert (tmp_path / "runs" / "r" / "adapter" / "adapter_config.json").is_file()
+    _the_peft_snippets_build_the_searched_ranks(tmp_path)
+
+
+def _the_peft_snippets_build_the_searched_ranks(run_folder: Path) -> None:
+    """The README's peft snippet and its one-line Python route, run as written on the pipeline's search,
+    build adapters of exactly the rank map's size."""
+    from peft import LoraConfig, get_peft_model
+
+    from rankalloc.rank_map import RankMap
+
+    snippet = next(block for block in re.findall(r"```python\n(.*?)```", README, flags=re.S)
+                   if "runs/s/adapter_config.json" in block)
+    one_line = re.search(r"`(LoraConfig\(\*\*RankMap\.load\(\"runs/s/rank_map.json\"\)\.lora_config\(\)\))`", README)
+    assert one_line, "the README's Python route to a LoraConfig"
+    before = os.getcwd()
+    os.chdir(run_folder)
+    try:
+        scope: dict = {}
+        exec(snippet, scope)
+        config = eval(one_line.group(1), {"LoraConfig": LoraConfig, "RankMap": RankMap})
+        from_map = get_peft_model(scope["base_model"].__class__.from_pretrained(scope["base_model"].name_or_path,
+                                                                                num_labels=3), config)
+        want = RankMap.load("runs/s/rank_map.json").total_params
+    finally:
+        os.chdir(before)
+    for model in (scope["model"], from_map):
+        assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) == want
+        assert any(p.requires_grad for n, p in model.named_parameters() if "classifier" in n)  # the head trains
