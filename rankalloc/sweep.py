@@ -51,10 +51,10 @@ from .errors import BudgetError, ConfigError, RankallocError
 from .flags import checked_copy, stage_command
 from .sweep_report import sweep_summary, write_reports
 from .sweep_folder import (SWEEP_MARKER, file_storage_inside, overwrite_sweep_folder,
-                           refuse_a_folder_of_another_kind, safe_name, storage_file)
+                           refuse_a_folder_of_another_kind, safe_name)
 from .sweep_shared import SharedSearch, check_shared_budgets, parse_budgets, run_shared_search
 from .sweep_study import (METHODS, RANKALLOC, check_study_exists, duplicate_of, make_grid_sampler, open_storage,
-                          open_study, point_of, quiet_optuna, recover_crashed, storage_name)
+                          open_study, point_of, quiet_optuna, recover_crashed, storage_file, storage_name)
 from .tasks import check_task_source
 
 logger = logging.getLogger(__name__)

@@ -13,15 +13,7 @@ from . import rundir
 from .config import SweepConfig
 from .errors import RunDirError
 from .sweep_shared import SHARED_SEARCH_FILE
-from .sweep_study import delete_study, open_storage, quiet_optuna, recover_crashed
-
-
-def storage_file(storage: str) -> Path | None:
-    """The file of a SQLite or journal ``--storage`` (None for a database server)."""
-    path = storage[len("journal:"):] if storage.startswith("journal:") else (
-        storage.split("sqlite:///", 1)[1] if storage.startswith("sqlite:///") else
-        storage if "://" not in storage else "")
-    return Path(path) if path else None
+from .sweep_study import delete_study, open_storage, quiet_optuna, recover_crashed, storage_file
 
 
 def file_storage_inside(storage: str, out: Path) -> bool:

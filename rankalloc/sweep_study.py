@@ -39,8 +39,7 @@ def open_storage(cfg: SweepConfig, out: Path) -> Any:
     import optuna
 
     url = cfg.storage or f"sqlite:///{(out / 'sweep.db').resolve()}"
-    journal = url[len("journal:"):] if url.startswith("journal:") else (
-        url if "://" not in url and url.endswith((".log", ".jsonl")) else None)
+    journal = _journal_path(url)
     shown = _hide_password(url)
     try:
         with quiet_optuna():
@@ -77,6 +76,30 @@ def open_storage(cfg: SweepConfig, out: Path) -> Any:
                        " (the database driver is missing: pip install pymysql, with a mysql+pymysql:// URL)"
                        if "mysql" in url else "")
         raise ConfigError(f"--storage {shown}: cannot open it ({reason}); allowed: {ALLOWED_STORAGE}") from None
+
+
+def _journal_path(url: str) -> str | None:
+    """The file of a journal ``--storage`` (``journal:PATH``, or a bare path ending .log/.jsonl), else None."""
+    if url.startswith("journal:"):
+        return url[len("journal:"):]
+    return url if "://" not in url and url.endswith((".log", ".jsonl")) else None
+
+
+def storage_file(url: str) -> Path | None:
+    """The file of a journal or SQLite ``--storage`` (None for a database server, or what is no storage URL):
+    the one reading of a storage's file, for the folder guards and the --resume check alike."""
+    journal = _journal_path(url)
+    if journal is not None:
+        return Path(journal) if journal else None
+    if not url.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url  # drops a query (?timeout=30) as SQLite itself does
+
+    try:
+        database = make_url(url).database
+    except Exception:  # an unparsable URL: open_storage names it
+        return None
+    return Path(database) if database and database != ":memory:" else None
 
 
 def postgres_driver_url(url: str) -> str:

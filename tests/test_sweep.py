@@ -191,6 +191,10 @@ def test_a_refused_sweep_touches_no_folder_and_no_study(tmp_path, capsys):
                                "--out", str(tmp_path / "new")]) == 2  # a study file without this study
     assert "--resume: no study 'rankalloc-sweep'" in capsys.readouterr().err
     assert not (tmp_path / "new").exists() and sorted(p.name for p in elsewhere.iterdir()) == ["s.db"]
+    # the file a --resume needs (one reading for every guard): a URL query is not part of its name
+    assert sweep_study.storage_file(f"sqlite:///{elsewhere / 's.db'}?timeout=30") == elsewhere / "s.db"
+    assert sweep_study.storage_file(f"journal:{elsewhere / 'j.log'}") == elsewhere / "j.log"
+    assert sweep_study.storage_file("postgresql://u:p@host/db") is None
     journal = tmp_path / "studies" / "j.log"
     journal.parent.mkdir()
     storage = f"journal:{journal}"
