@@ -102,28 +102,14 @@ def load_model(cfg: ModelConfig, num_labels: int = 2, family: Family | None = No
     """The model class of the task family (a classification head by default), with frozen base weights
     and a trainable task head (none for language modelling: the output layer is the pretrained one).
     ``label_names`` name a classifier's classes in its config (``id2label``)."""
-    from transformers.utils import logging as hf_logging
-
     family = family or Classification()
-    path = resolve_model_path(cfg.name)
     config = load_model_config(cfg, **config_overrides(cfg, family, num_labels, pad_token_id, label_names))
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()  # the "newly initialised head" notice is expected here
-    hf_logging.disable_progress_bar()
     try:
-        # a fine-tuned checkpoint's head may have another label count: the task head is trained anew anyway;
-        # float32 weights: transformers >= 5 keeps an fp16 checkpoint's dtype, and AdamW on an fp16 head
-        # underflows (eps 1e-8) to inf/NaN in the first step
-        model, info = family.model_class().from_pretrained(path, config=config, output_loading_info=True,
-                                                           ignore_mismatched_sizes=True,
-                                                           **{dtype_kwarg(): torch.float32})
+        model, info = load_pretrained(family.model_class(), resolve_model_path(cfg.name), config=config,
+                                      output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelError(f"--model {cfg.name}: cannot load its weights as {family.describe()} "
                          f"({_first_line(e)})") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:  # the caller's setting, as it was
-            hf_logging.enable_progress_bar()
     mismatched = [entry[0] if isinstance(entry, (tuple, list)) else str(entry)
                   for entry in info.get("mismatched_keys", [])]
     heads = tuple(head_modules(model))
@@ -146,6 +132,27 @@ def load_model(cfg: ModelConfig, num_labels: int = 2, family: Family | None = No
     for p in head_parameters(model):
         p.requires_grad_(True)
     return model
+
+
+def load_pretrained(model_class: Any, path: str, **kwargs: Any) -> Any:
+    """``model_class.from_pretrained(path, **kwargs)`` in float32 with ``ignore_mismatched_sizes``, without
+    transformers' progress bars and notices (the caller's settings are restored).
+
+    float32: transformers >= 5 keeps an fp16 checkpoint's dtype, and AdamW on an fp16 head underflows
+    (eps 1e-8) to inf/NaN in the first step.  Mismatched sizes: a fine-tuned checkpoint's head may have
+    another label count, and the task head is trained anew anyway."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # the "newly initialised head" notice is expected here
+    hf_logging.disable_progress_bar()
+    try:
+        return model_class.from_pretrained(path, ignore_mismatched_sizes=True, **{dtype_kwarg(): torch.float32},
+                                           **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:  # the caller's setting, as it was
+            hf_logging.enable_progress_bar()
 
 
 def dtype_kwarg() -> str:

@@ -180,10 +180,11 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
         cfg.model.validate()
     elif rank_map and "num_layers" in rank_map.search:
         searched = coerce(rank_map.search["num_layers"], int | None, "rank map search.num_layers")
-        if searched != cfg.model.num_layers:  # more blocks: those beyond the map's get no adapter
-            logger.warning("the rank map was searched on %s, this retrain runs %s (--model.num_layers): only the "
-                           "map's modules get adapters", f"the first {searched} blocks" if searched else "every block",
-                           f"the first {cfg.model.num_layers} blocks")
+        deeper = searched is not None and (cfg.model.num_layers is None or cfg.model.num_layers > searched)
+        if deeper:  # the blocks beyond the map's get no adapter (fewer: the check names a missing module)
+            logger.warning("the rank map was searched on the first %d blocks, this retrain runs %s "
+                           "(--model.num_layers): only the map's modules get adapters", searched,
+                           f"the first {cfg.model.num_layers} blocks" if cfg.model.num_layers else "every block")
     if cfg.data.task == "auto":
         _task_from(rank_map, cfg.data)
     method = cfg.baseline or "rank_map"

@@ -25,7 +25,7 @@ from .baselines import adalora_summary
 from .config import RetrainConfig
 from .data import TaskData
 from .families import Family
-from .models import BUILTIN_MODELS, config_overrides, dtype_kwarg, hub_id, resolve_model_path
+from .models import BUILTIN_MODELS, config_overrides, dtype_kwarg, hub_id, load_pretrained, resolve_model_path
 from .rank_map import RankMap
 from .targets import Target
 from .training import to_device
@@ -59,9 +59,12 @@ def describe_adapter(peft_model: nn.Module, method: str, targets: list[Target], 
     base = io.recorded_location(cfg.model.name, BUILTIN_MODELS)
     built = peft_model.peft_config["default"]
     task_type = getattr(built.task_type, "value", built.task_type)
+    names = [name for name, _ in peft_model.get_base_model().named_modules()]
+    head_names = sorted({head for head in built.modules_to_save or []  # peft adds its class's defaults ("score", ..)
+                         if any(name == head or name.endswith("." + head) for name in names)})
     rank_map = RankMap.from_ranks(targets, {t.name: kept.get(t.name, 0) for t in targets}, base_model=base,
                                   budget=budget, search={"baseline": "adalora", "num_layers": cfg.model.num_layers},
-                                  peft={"task_type": task_type, "modules_to_save": sorted(built.modules_to_save or []),
+                                  peft={"task_type": task_type, "modules_to_save": head_names,
                                         "fan_in_fan_out": bool(built.fan_in_fan_out), "scale": cfg.train.scale})
     logger.info("AdaLoRA kept %d parameters (%d with singular values): %.2f%% of the budget, %s it",
                 summary["kept_params"], summary["kept_params_with_singular_values"],
@@ -80,6 +83,8 @@ def save_outputs(out: Path, cfg: RetrainConfig, peft_model: nn.Module, tokenizer
     settings the base model was loaded with (label count and names, a cut depth, a padding id the model's
     own config lacks); its ``README.md`` says how to load it.  The reload check loads it that way.
     """
+    from transformers import AutoModelForCausalLM
+
     kwargs = config_overrides(cfg.model, task.family, task.num_labels, tokenizer.pad_token_id, task.label_names)
     with _atomic_dir(out / "adapter") as tmp, _quiet_peft(), _named_as_published(peft_model, cfg.model.name):
         # no embedding is an adapter target and the vocabulary is never resized: without this, peft asks the
@@ -87,7 +92,8 @@ def save_outputs(out: Path, cfg: RetrainConfig, peft_model: nn.Module, tokenizer
         peft_model.save_pretrained(str(tmp), save_embedding_layers=False)
         tokenizer.save_pretrained(str(tmp))
         io.write_json(tmp / BASE_MODEL_KWARGS, kwargs)
-        _add_loading_note(tmp / "README.md", hub_id(cfg.model.name), task.family)
+        _add_loading_note(tmp / "README.md", hub_id(io.recorded_location(cfg.model.name, BUILTIN_MODELS)),
+                          task.family)
     probe = task.eval.batch(slice(0, min(len(task.eval), cfg.data.eval_batch_size)))
     checks = {"saved_adapter_params": saved_adapter_params(out / "adapter"),
               "reload_max_abs_diff": _reload_difference(cfg, task, out / "adapter", probe, logits, device)}
@@ -97,8 +103,11 @@ def save_outputs(out: Path, cfg: RetrainConfig, peft_model: nn.Module, tokenizer
         with _atomic_dir(out / "merged") as tmp:
             merged.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
-    changed = sorted(set(kwargs) & {"num_hidden_layers", "pad_token_id"})
-    if changed:  # peft loads an adapter onto a stock base without a word, and its logits then differ
+    # settings beyond the head's that peft would not know on a stock base, where the logits then differ
+    # without a word (a causal LM's do not depend on the padding id: the attention mask hides padding)
+    changed = sorted(set(kwargs) - set(task.family.config_kwargs(task.num_labels, task.label_names))
+                     - ({"pad_token_id"} if task.family.model_class() is AutoModelForCausalLM else set()))
+    if changed:
         logger.warning("the adapter fits %s loaded with %s: load its base with adapter/%s (see adapter/README.md), "
                        "not with the model's own config", cfg.model.name,
                        ", ".join(f"{key}={kwargs[key]}" for key in changed), BASE_MODEL_KWARGS)
@@ -134,45 +143,51 @@ def _named_as_published(peft_model: nn.Module, name: str) -> Iterator[None]:
 
 def _add_loading_note(card: Path, base: str, family: Family) -> None:
     """Append to peft's model card how to rebuild the trained model (peft alone would load the adapter on a
-    base with the model's own config: another label count, depth or padding id)."""
+    base with the model's own config: another label count, depth or padding id); ``_reload_difference``
+    measures exactly this load."""
     model_class = family.model_class().__name__
     note = f"""
 ## Loading (written by rankalloc)
 
-The base model was loaded with the config settings in `{BASE_MODEL_KWARGS}` (label count and names, a cut
-depth, a padding id); load it with them, then the adapter, and tokenize with the tokenizer saved here:
+The base model was loaded in float32 with the config settings in `{BASE_MODEL_KWARGS}` (label count and
+names, a cut depth, a padding id); load it so, then the adapter, and tokenize with the tokenizer saved here:
 
 ```python
 import json
+import torch
 from peft import PeftModel
 from transformers import AutoTokenizer, {model_class}
 
-kwargs = json.load(open("adapter/{BASE_MODEL_KWARGS}"))
-base = {model_class}.from_pretrained("{base}", ignore_mismatched_sizes=True, **kwargs)
-model = PeftModel.from_pretrained(base, "adapter")
-tokenizer = AutoTokenizer.from_pretrained("adapter")
+adapter = "path/to/this/folder"
+kwargs = json.load(open(f"{{adapter}}/{BASE_MODEL_KWARGS}"))
+if "id2label" in kwargs:  # JSON keeps the class ids as strings
+    kwargs["id2label"] = {{int(k): v for k, v in kwargs["id2label"].items()}}
+base = {model_class}.from_pretrained("{base}", {dtype_kwarg()}=torch.float32, ignore_mismatched_sizes=True,
+       **kwargs)
+model = PeftModel.from_pretrained(base, adapter)
+tokenizer = AutoTokenizer.from_pretrained(adapter)
 ```
 """
     text = card.read_text() if card.is_file() else ""
     io.write_text(card, text.rstrip("\n") + "\n" + note)
 
 
+def base_model_kwargs(folder: Path) -> dict[str, Any]:
+    """The config settings an adapter folder records for its base (``base_model_kwargs.json``), with the
+    class ids of ``id2label`` as integers again (JSON keeps them as strings)."""
+    kwargs = json.loads((Path(folder) / BASE_MODEL_KWARGS).read_text())
+    if "id2label" in kwargs:
+        kwargs["id2label"] = {int(k): v for k, v in kwargs["id2label"].items()}
+    return kwargs
+
+
 def _reload_difference(cfg: RetrainConfig, task: TaskData, folder: Path, probe: dict[str, torch.Tensor],
                        logits: np.ndarray, device: torch.device) -> float:
     """Largest logit difference between the trained model and its saved adapter, loaded as its model card
-    says: the base model with the recorded config settings, then the adapter."""
+    says: the base model in float32 with the recorded config settings, then the adapter."""
     from peft import PeftModel
-    from transformers.utils import logging as hf_logging
 
-    kwargs = json.loads((folder / BASE_MODEL_KWARGS).read_text())
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # a fresh head's "newly initialised" notice: the adapter holds the head
-    try:
-        base = task.family.model_class().from_pretrained(resolve_model_path(cfg.model.name),
-                                                         ignore_mismatched_sizes=True,
-                                                         **{dtype_kwarg(): torch.float32}, **kwargs)
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    base = load_pretrained(task.family.model_class(), resolve_model_path(cfg.model.name), **base_model_kwargs(folder))
     with _quiet_peft():
         reloaded = PeftModel.from_pretrained(base, str(folder)).to(device)
     return _max_diff(reloaded, task.family, probe, logits, device)

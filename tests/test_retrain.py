@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -118,7 +119,7 @@ def test_a_saved_adapter_loaded_as_its_model_card_says_gives_the_trained_logits(
     the tokenizer's id, so the adapter on a stock base pools a padding position.  The adapter folder records
     the settings (and the tokenizer) that rebuild the trained model, and its model card shows the call."""
     from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, GPT2Config
+    from transformers import AutoModelForSequenceClassification, GPT2Config
 
     from conftest import _save_random
 
@@ -131,16 +132,17 @@ def test_a_saved_adapter_loaded_as_its_model_card_says_gives_the_trained_logits(
     kwargs = json.loads((adapter / "base_model_kwargs.json").read_text())
     assert kwargs["pad_token_id"] == 0 and kwargs["num_labels"] == 3 and kwargs["id2label"]["1"] == "neutral"
     card = (adapter / "README.md").read_text()
-    assert "AutoModelForSequenceClassification.from_pretrained(" in card and "base_model_kwargs.json" in card
-    tokenizer = AutoTokenizer.from_pretrained(adapter)
-    batch = tokenizer(["short", "a longer text that makes the other one padded"], padding=True, return_tensors="pt")
-
-    def logits(**settings):
-        base = AutoModelForSequenceClassification.from_pretrained(model, ignore_mismatched_sizes=True, **settings)
-        with torch.no_grad():
-            return PeftModel.from_pretrained(base, str(adapter)).eval()(**batch).logits
-
-    assert not torch.allclose(logits(), logits(**kwargs), atol=1e-4)  # the stock config pools a padding position
+    snippet = re.search(r"```python\n(.*?)```", card.split("## Loading (written by rankalloc)")[1], flags=re.S).group(1)
+    scope: dict = {}
+    exec(snippet.replace("path/to/this/folder", str(adapter)), scope)  # the card's load, as written
+    assert scope["model"].config.id2label[1] == "neutral"  # class ids as integers, as transformers keeps them
+    batch = scope["tokenizer"](["short", "a longer text that makes the other one padded"], padding=True,
+                               return_tensors="pt")
+    with torch.no_grad():
+        as_card_says = scope["model"].eval()(**batch).logits
+        base = AutoModelForSequenceClassification.from_pretrained(model, ignore_mismatched_sizes=True)
+        stock = PeftModel.from_pretrained(base, str(adapter)).eval()(**batch).logits
+    assert not torch.allclose(stock, as_card_says, atol=1e-4)  # the stock config pools a padding position
     assert result.metrics["checks"]["reload_max_abs_diff"] <= 1e-5  # measured by loading as the card says
 
 
@@ -239,6 +241,8 @@ def test_baselines_use_the_budget_within_two_percent(baseline, budget, tmp_path)
         assert a["kept_params_with_singular_values"] == a["kept_params"] + sum(a["kept_ranks"].values())
         assert m["checks"]["saved_adapter_params"] == a["kept_params_with_singular_values"]
         assert m["recipe"]["lr_used"] == m["recipe"]["adalora_lr"]
+        kept = RankMap.load(result.out / "rank_map.json")  # the ranks AdaLoRA kept, as LoRA would train them
+        assert kept.peft["modules_to_save"] == ["classifier"] and kept.lora_config()["modules_to_save"] == ["classifier"]
 
 
 def test_random_ranks_are_seeded_fill_the_budget_and_respect_r_max(targets):
