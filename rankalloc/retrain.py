@@ -35,6 +35,7 @@ from .budget import parse_budget
 from .config import DATASET_FIELDS, DataConfig, RetrainConfig
 from .flags import checked_copy, coerce, stage_command, to_dict
 from .data import Split, prepare_task
+from .tasks import recorded_data
 from .errors import ModelError, RankMapError, RunDirError
 from .families import Classification, Family
 from .models import BUILTIN_MODELS, count_parameters, load_model, load_model_config, load_tokenizer, resolve_device
@@ -132,6 +133,16 @@ def _task_from(rank_map: RankMap | None, data: DataConfig) -> None:
             setattr(data, key, coerce(recorded[key], hints[key], f"rank map search.data.{key}"))
     data.validate()
     logger.info("task from the rank map: %s", data.task)
+
+
+def _record_trained_task(trained: RankMap, task: Any, cfg: RetrainConfig) -> None:
+    """The retrain's rank map names the task it trained on (a baseline's map names none otherwise), so that a
+    retrain from it takes that task and its columns; a map searched on another task keeps that one as
+    ``searched_on``."""
+    search = trained.search
+    if search.get("task") not in (None, task.name):
+        search["searched_on"] = {"task": search["task"], "data": search.get("data")}
+    search.update({"task": task.name, "family": task.family.name, "data": recorded_data(cfg.data)})
 
 
 def retrain_targets(model: nn.Module, cfg: RetrainConfig, rank_map: RankMap | None) -> list[Target]:
@@ -255,6 +266,7 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
             t = time.time()
             trained, adapter = describe_adapter(peft_model, method, targets, rank_map, budget, cfg)
             checks = save_outputs(out, cfg, peft_model, tokenizer, task, logits, device)
+            _record_trained_task(trained, task, cfg)
             trained.save(out / "rank_map.json")
             wall["save"] = time.time() - t
             wall["total"] = time.time() - t0

@@ -32,7 +32,7 @@ import torch
 from . import __version__, distributed, io, rundir
 from .adapters import GatedModel, trainable_only
 from .budget import candidate_r_max, check_budget, parse_budget
-from .config import DATASET_FIELDS, SearchConfig, SearchParams
+from .config import SearchConfig, SearchParams
 from .flags import checked_copy, stage_command, to_dict
 from .data import EpochSampler, TaskData, prepare_task
 from .discretize import discretize
@@ -45,7 +45,7 @@ from .models import BUILTIN_MODELS, count_parameters, load_model, load_model_con
 from .targets import Target, find_targets, head_modules, stores_fan_in_fan_out
 from .rank_map import RankMap
 from .search_checkpoint import SearchState, load_checkpoint, save_checkpoint
-from .tasks import BUILTIN_TASKS
+from .tasks import recorded_data
 from .training import check_finite, evaluate, grads_finite, peak_memory, rng_state, set_seed, to_device
 
 logger = logging.getLogger(__name__)
@@ -329,8 +329,6 @@ def finish(cfg: SearchConfig, gated: GatedModel, task: TaskData, targets: list[T
     lam = opts["lagrangian"].lam
     final_ratio = state.history[-1]["cost_ratio"] if state.history else float("nan")
     base_model = io.recorded_location(cfg.model.name, BUILTIN_MODELS)
-    data = {k: getattr(cfg.data, k) for k in DATASET_FIELDS}
-    data.update({k: io.recorded_location(data[k], BUILTIN_TASKS) for k in ("task", "eval_file")})
     heads = sorted(head_modules(gated.model))
     fan_in_fan_out = stores_fan_in_fan_out(gated.model, targets)
     rm = RankMap.from_ranks(targets, ranks, base_model=base_model, budget=budget, peft={
@@ -340,7 +338,7 @@ def finish(cfg: SearchConfig, gated: GatedModel, task: TaskData, targets: list[T
         "final_cost_ratio": final_ratio, "r_max": max(r_max.values()), "scale": cfg.search.scale,
         "rounding": cfg.search.rounding, "gates": cfg.search.gates,
         "num_layers": cfg.model.num_layers, "rankalloc_version": __version__,
-        "data": data})
+        "data": recorded_data(cfg.data)})
     io.write_json(out / SCORES, {
         "format": "rankalloc.scores", "version": 1, "base_model": base_model,
         "model_fingerprint": rm.model_fingerprint, "searched_budget": budget, "base_params": base_params, "scale": cfg.search.scale,

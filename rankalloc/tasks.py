@@ -35,10 +35,10 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from .config import DataConfig
+from .config import DATASET_FIELDS, DataConfig
 from .errors import ConfigError, DataError
 from .flags import _Parser
-from .io import atomic_path, write_json
+from .io import atomic_path, recorded_location, write_json
 from .task_columns import convert_family, encode_labels
 from .task_files import (LOCAL_EXTENSIONS, RawTask, _first_line, _frame, _is_saved_dataset, _load_hub,
                          _load_local, _load_saved, decode_mixed, reject_hub_config)
@@ -65,6 +65,14 @@ class BuiltinTask:
 # --------------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------------
+def recorded_data(cfg: DataConfig) -> dict:
+    """The data settings a rank map records (``search.data``), so that a retrain from it takes the same task
+    and columns: a local task or eval file as its absolute path (the map is read from other folders)."""
+    data = {k: getattr(cfg, k) for k in DATASET_FIELDS}
+    data.update({k: recorded_location(data[k], BUILTIN_TASKS) for k in ("task", "eval_file")})
+    return data
+
+
 def check_task_source(cfg: DataConfig) -> None:
     """Refuse, without reading it, a task whose source is missing: a local file or folder that is not
     there, or a built-in that needs ``prepare`` first.  A hub name is left to the loading.

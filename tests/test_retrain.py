@@ -514,6 +514,24 @@ def test_a_rank_map_searched_with_relative_paths_retrains_from_another_folder(tm
     assert result.metrics["task"] == "reviews" and sorted(set(result.labels.tolist())) == [0, 1]
 
 
+def test_a_baseline_s_rank_map_retrains_on_the_task_it_was_trained_on(tmp_path):
+    """Every retrain's rank_map.json names the task and columns it trained (a baseline's named none, and a
+    retrain from it trained on tweets without a word); the sweep's Pareto rows point at these files."""
+    import pandas as pd
+
+    rows = [{"sentence": f"{word} film number {i}", "verdict": "good" if word == "fine" else "bad"}
+            for i in range(48) for word in ("fine", "awful")]
+    pd.DataFrame(rows).to_csv(tmp_path / "reviews.csv", index=False)
+    columns = ["--data.text_column", "sentence", "--data.label_column", "verdict"]
+    first = _run(["--baseline", "uniform", "--budget", "13824", "--task", str(tmp_path / "reviews.csv"), *columns,
+                  "--out", str(tmp_path / "u"), *SMALL, "--max-steps", "1"])
+    recorded = RankMap.load(tmp_path / "u" / "rank_map.json").search
+    assert recorded["data"]["task"] == str(tmp_path / "reviews.csv") and recorded["data"]["text_column"] == "sentence"
+    again = _run(["--rank-map", str(tmp_path / "u" / "rank_map.json"), "--out", str(tmp_path / "again"), *SMALL,
+                  "--max-steps", "1"])
+    assert again.metrics["task"] == first.metrics["task"] and again.metrics["label_names"] == ["bad", "good"]
+
+
 def test_a_rank_map_searched_at_another_scale_says_so(rank_map_file, tmp_path, caplog):
     rm = RankMap.load(rank_map_file)
     rm.search = dict(rm.search, scale=4.0)
