@@ -308,9 +308,8 @@ def _option_scoring(model_config: Any) -> str:
 def _tokenize_texts(df: pd.DataFrame, tokenizer: Any, max_length: int) -> dict[str, torch.Tensor]:
     """``text`` (and ``text_pair`` if present), truncated and padded to ``max_length``."""
     has_pair = "text_pair" in df.columns
-    joined = has_pair and not _marks_pairs(tokenizer)
-    if joined:  # e.g. GPT-2's and other byte-level BPE tokenizers: the two texts would run together
-        separator = tokenizer.sep_token or tokenizer.eos_token or "\n"
+    separator = pair_separator(tokenizer) if has_pair else None
+    if separator is not None:
         df = pd.DataFrame({"text": [f"{a}{separator}{b}" for a, b in zip(df["text"], df["text_pair"])]})
         has_pair = False
     accepted = set(getattr(tokenizer, "model_input_names", MODEL_INPUTS)) & set(MODEL_INPUTS)
@@ -324,6 +323,15 @@ def _tokenize_texts(df: pd.DataFrame, tokenizer: Any, max_length: int) -> dict[s
             if key in encoded and key in accepted:
                 parts.setdefault(key, []).append(encoded[key].to(torch.long))
     return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def pair_separator(tokenizer: Any) -> str | None:
+    """What joins the two texts of a pair into one text when ``tokenizer`` has no pair template (GPT-2's and
+    other byte-level BPE tokenizers, where they would run together): its separator or end-of-sequence token;
+    None when the tokenizer marks pairs itself."""
+    if _marks_pairs(tokenizer):
+        return None
+    return tokenizer.sep_token or tokenizer.eos_token or "\n"
 
 
 def _marks_pairs(tokenizer: Any) -> bool:

@@ -24,7 +24,7 @@ from . import io
 from .baselines import adalora_summary
 from .config import RetrainConfig
 from .data import TaskData
-from .families import Family
+from .families import Family, pair_separator
 from .models import BUILTIN_MODELS, config_overrides, dtype_kwarg, hub_id, load_pretrained, resolve_model_path
 from .rank_map import RankMap
 from .targets import Target
@@ -86,14 +86,15 @@ def save_outputs(out: Path, cfg: RetrainConfig, peft_model: nn.Module, tokenizer
     from transformers import AutoModelForCausalLM
 
     kwargs = config_overrides(cfg.model, task.family, task.num_labels, tokenizer.pad_token_id, task.label_names)
-    with _atomic_dir(out / "adapter") as tmp, _quiet_peft(), _named_as_published(peft_model, cfg.model.name):
+    published = hub_id(io.recorded_location(cfg.model.name, BUILTIN_MODELS))  # a hub id or an absolute folder
+    with _atomic_dir(out / "adapter") as tmp, _quiet_peft(), _named_as_published(peft_model, published):
         # no embedding is an adapter target and the vocabulary is never resized: without this, peft asks the
         # hub whether the base's vocabulary changed (a network call, which fails offline)
         peft_model.save_pretrained(str(tmp), save_embedding_layers=False)
         tokenizer.save_pretrained(str(tmp))
         io.write_json(tmp / BASE_MODEL_KWARGS, kwargs)
-        _add_loading_note(tmp / "README.md", hub_id(io.recorded_location(cfg.model.name, BUILTIN_MODELS)),
-                          task.family)
+        _add_loading_note(tmp / "README.md", published, task.family, builtin=cfg.model.name if cfg.model.name in BUILTIN_MODELS else None,
+                          pairs=pair_separator(tokenizer) if cfg.data.text_pair_column else None)
     probe = task.eval.batch(slice(0, min(len(task.eval), cfg.data.eval_batch_size)))
     checks = {"saved_adapter_params": saved_adapter_params(out / "adapter"),
               "reload_max_abs_diff": _reload_difference(cfg, task, out / "adapter", probe, logits, device)}
@@ -120,13 +121,10 @@ def save_outputs(out: Path, cfg: RetrainConfig, peft_model: nn.Module, tokenizer
 
 
 @contextlib.contextmanager
-def _named_as_published(peft_model: nn.Module, name: str) -> Iterator[None]:
-    """While saving, a built-in model alias is recorded as its hub id (peft would write the local folder the
-    alias resolves to, which means nothing on another machine); a folder or hub id stays as given."""
-    published = hub_id(name)
-    if published == name:
-        yield
-        return
+def _named_as_published(peft_model: nn.Module, published: str) -> Iterator[None]:
+    """While saving, the base is recorded as ``published``: a built-in model as its hub id (peft would write the
+    local folder the alias resolves to, which means nothing on another machine), a folder as its absolute path
+    (a relative one means nothing from another working folder)."""
     configs = list(peft_model.peft_config.values())
     base_config = peft_model.get_base_model().config
     before = [c.base_model_name_or_path for c in configs], base_config._name_or_path
@@ -141,17 +139,23 @@ def _named_as_published(peft_model: nn.Module, name: str) -> Iterator[None]:
         base_config._name_or_path = before[1]
 
 
-def _add_loading_note(card: Path, base: str, family: Family) -> None:
+def _add_loading_note(card: Path, base: str, family: Family, builtin: str | None = None,
+                      pairs: str | None = None) -> None:
     """Append to peft's model card how to rebuild the trained model (peft alone would load the adapter on a
     base with the model's own config: another label count, depth or padding id); ``_reload_difference``
-    measures exactly this load."""
+    measures exactly this load.  ``builtin``: the alias of rankalloc's packaged copy of ``base``; ``pairs``: the
+    separator that joined a pair's two texts (a tokenizer without a pair template)."""
     model_class = family.model_class().__name__
+    offline = (f'\n# offline, rankalloc\'s packaged copy of it: from rankalloc.models import resolve_model_path; '
+               f'resolve_model_path("{builtin}")' if builtin else "")
+    joined = (f"\nThe two texts of a pair were joined into one before tokenizing, as `text + {pairs!r} + pair` (this "
+              "tokenizer has no pair template); join them so too.\n" if pairs is not None else "")
     note = f"""
 ## Loading (written by rankalloc)
 
 The base model was loaded in float32 with the config settings in `{BASE_MODEL_KWARGS}` (label count and
 names, a cut depth, a padding id); load it so, then the adapter, and tokenize with the tokenizer saved here:
-
+{joined}
 ```python
 import json
 import torch
@@ -161,7 +165,7 @@ from transformers import AutoTokenizer, {model_class}
 adapter = "path/to/this/folder"
 kwargs = json.load(open(f"{{adapter}}/{BASE_MODEL_KWARGS}"))
 if "id2label" in kwargs:  # JSON keeps the class ids as strings
-    kwargs["id2label"] = {{int(k): v for k, v in kwargs["id2label"].items()}}
+    kwargs["id2label"] = {{int(k): v for k, v in kwargs["id2label"].items()}}{offline}
 base = {model_class}.from_pretrained("{base}", {dtype_kwarg()}=torch.float32, ignore_mismatched_sizes=True,
        **kwargs)
 model = PeftModel.from_pretrained(base, adapter)

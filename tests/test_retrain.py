@@ -514,6 +514,29 @@ def test_a_rank_map_searched_with_relative_paths_retrains_from_another_folder(tm
     assert result.metrics["task"] == "reviews" and sorted(set(result.labels.tolist())) == [0, 1]
 
 
+def test_the_model_card_says_how_pairs_were_joined_and_where_the_built_in_base_is(tmp_path, rank_map_run):
+    """A tokenizer without a pair template got the two texts joined by rankalloc: the card says how, so that
+    a user's inputs match training.  The built-in base is named by its hub id, with its packaged copy."""
+    import pandas as pd
+    from transformers import AutoModelForSequenceClassification, GPT2Config
+
+    from test_models import _word_tokenizer
+
+    model = _word_tokenizer(tmp_path / "wordlevel", special=True)
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(
+        GPT2Config.from_pretrained(model, num_labels=2, pad_token_id=0)).save_pretrained(model)
+    rows = [{"a": f"w{i % 50} w{i % 7}", "b": f"w{i % 11}", "label": i % 2} for i in range(80)]
+    pd.DataFrame(rows).to_csv(tmp_path / "pairs.csv", index=False)
+    _run(["--baseline", "uniform", "--budget", "512", "--model", model, "--task", str(tmp_path / "pairs.csv"),
+          "--data.text_column", "a", "--data.text_pair_column", "b", "--out", str(tmp_path / "r"), "--device", "cpu",
+          "--max-steps", "1"] + [f"--data.{k}={v}" for k, v in DATA.items()])
+    card = (tmp_path / "r" / "adapter" / "README.md").read_text()
+    assert "joined into one before tokenizing, as `text + '</s>' + pair`" in card
+    assert "joined into one" not in (rank_map_run.out / "adapter" / "README.md").read_text()  # BERT marks pairs
+    assert 'resolve_model_path("minilm-l6")' in (rank_map_run.out / "adapter" / "README.md").read_text()
+
+
 def test_a_baseline_s_rank_map_retrains_on_the_task_it_was_trained_on(tmp_path):
     """Every retrain's rank_map.json names the task and columns it trained (a baseline's named none, and a
     retrain from it trained on tweets without a word); the sweep's Pareto rows point at these files."""
