@@ -5,7 +5,8 @@ and a run is a plain single process.  The scheme keeps the search loop unchanged
 
 * every rank draws the same *global* batch of ``world_size * b`` examples (the samplers share a seed)
   and takes its own slice of ``b``; gradients are averaged with one ``all_reduce`` per step, so a run
-  with N processes and per-rank batch b takes the same steps as one process with batch N*b;
+  with N processes and per-rank batch b takes the same steps as one process with batch N*b (a loss that
+  averages answer tokens is first weighted by the rank's share of the tokens: ``token_weighted``);
 * the weights, gates and the multiplier, updated from identical averaged gradients and costs, stay
   identical on every rank; every rank seeds its RNG alike, but dropout and gate samples may differ
   between ranks (a rank's slice is padded to its own length), which only adds Monte Carlo samples;
@@ -112,6 +113,20 @@ def average_gradients(params: Iterable[torch.nn.Parameter], info: DistInfo) -> N
         n = g.numel()
         g.copy_(flat[offset:offset + n].view_as(g))
         offset += n
+
+
+def token_weighted(loss: torch.Tensor, weight: float | None, info: DistInfo) -> torch.Tensor:
+    """This rank's ``loss``, a mean over its ``weight`` units (answer tokens), rescaled by its share of all
+    ranks' units: averaging the rescaled losses (and their gradients) over ranks then gives the mean over every
+    unit of the global batch, as one process would, not a mean of the ranks' means.  A loss that averages
+    examples (``weight`` None: every rank holds the same number) is returned as it is."""
+    if not info.enabled or weight is None:
+        return loss
+    total = torch.tensor([float(weight)], dtype=torch.float64, device=loss.device)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    if total.item() <= 0:
+        return loss
+    return loss * (float(weight) * info.world_size / total.item())
 
 
 def mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:

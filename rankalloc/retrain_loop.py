@@ -59,7 +59,8 @@ def train(model: nn.Module, train_split: Split, steps: int, lr: float, cfg: Retr
     for step in range(first, steps):
         batch = to_device(train_split.batch(distributed.shard(sampler.next(), dist_info)), device)
         opt.zero_grad(set_to_none=True)
-        loss = family.forward(model, batch).loss
+        out = family.forward(model, batch)
+        loss = distributed.token_weighted(out.loss, out.weight, dist_info)
         if adalora:
             loss = loss + p.adalora_orth_reg_weight * orthogonality_penalty(model)
         value = float(distributed.mean(loss.detach(), dist_info))

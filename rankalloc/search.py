@@ -71,7 +71,8 @@ def weight_step(gated: GatedModel, batch: dict[str, torch.Tensor], opt: torch.op
     """One update of adapter weights and head on a training batch; gates are sampled but fixed."""
     opt.zero_grad(set_to_none=True)
     with trainable_only(gated.weight_parameters(), gated.gate_parameters()):
-        loss = gated(**batch).loss
+        out = gated(**batch)
+        loss = distributed.token_weighted(out.loss, out.weight, dist_info)
         loss.backward()
     distributed.average_gradients(gated.weight_parameters(), dist_info)
     _refuse_non_finite(gated.weight_parameters(), opt, loss)
@@ -89,7 +90,8 @@ def gate_step(gated: GatedModel, batch: dict[str, torch.Tensor], opt: torch.opti
     ``lagrangian`` None: the gate loss is the held-out loss alone (a projection holds the budget)."""
     opt.zero_grad(set_to_none=True)
     with trainable_only(gated.gate_parameters(), gated.weight_parameters()):
-        val_loss = gated(**batch).loss
+        out = gated(**batch)
+        val_loss = distributed.token_weighted(out.loss, out.weight, dist_info)
         cost = gated.expected_cost()  # identical on every rank: the gates are
         gate_loss = val_loss if lagrangian is None else val_loss + lagrangian.term(cost, target)
         gate_loss.backward()

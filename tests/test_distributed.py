@@ -118,6 +118,35 @@ def test_two_process_retrain_matches_one_process(tmp_path, tiny_llama):
     assert m1["final_train_loss"] == pytest.approx(m2["final_train_loss"], abs=1e-4)
 
 
+def test_a_two_process_causal_lm_retrain_takes_the_global_token_mean(tmp_path, tiny_llama):
+    """Answers of unequal length: the loss is a mean over answer tokens, so each rank's share is weighted by
+    its token count (a plain mean of the ranks' means weighted a short answer's tokens more)."""
+    import pandas as pd
+
+    words = ["good", "bad", "the", "film", "was", "very", "not", "at", "all", "really"]
+    rows = [{"prompt": f"{words[i % 10]} {words[(i * 3) % 10]} ?", "answer": " ".join(words[:1 + (i * 7) % 9])}
+            for i in range(64)]
+    pd.DataFrame(rows).to_csv(tmp_path / "qa.csv", index=False)
+
+    def args(out, batch):
+        return ["-m", "rankalloc.retrain", "--baseline", "uniform", "--budget", "2048", "--model", tiny_llama,
+                "--task", str(tmp_path / "qa.csv"), "--data.text_column", "prompt", "--data.answer_column", "answer",
+                "--out", str(out), "--device", "cpu", "--max-steps", "2", "--train.log_every", "1",
+                "--data.max_train_examples", "48", "--data.max_eval_examples", "16", "--data.max_length", "24",
+                "--data.batch_size", str(batch)]
+
+    one = subprocess.run([sys.executable, *args(tmp_path / "r1", 16)], cwd=REPO, env=_env(), capture_output=True,
+                         text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(_torchrun(2, args(tmp_path / "r2", 8)), cwd=REPO, env=_env(), capture_output=True, text=True,
+                         timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    h1, h2 = (json.loads((tmp_path / r / "history.json").read_text()) for r in ("r1", "r2"))
+    assert [r["train_loss"] for r in h2] == pytest.approx([r["train_loss"] for r in h1], abs=1e-5)
+    m1, m2 = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("r1", "r2"))
+    assert m1["eval_loss"] == pytest.approx(m2["eval_loss"], abs=1e-5)
+
+
 def test_a_refused_out_stops_every_rank_at_once(tmp_path, tiny_llama):
     """Rank 0 alone opens the run folder; when it refuses (here --overwrite on a folder that is not a
     run), the other rank stops too, instead of waiting for the process-group timeout."""
