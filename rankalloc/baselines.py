@@ -223,7 +223,8 @@ class ParamBudgetAllocator(RankAllocator):
     def mask_to_budget(self, model: nn.Module, budget: int) -> dict[str, list[bool]]:
         keys = sorted(self.cost)
         scores = [self.triplet_scores(k).float().cpu() for k in keys]
-        ranks = discretize([s.tolist() for s in scores], [self.cost[k] for k in keys], budget)
+        ranks = discretize([s.tolist() for s in scores], [self.cost[k] for k in keys], budget,
+                           warn_unfilled=budget == self.budget_params)  # not at the schedule's in-between budgets
         params = dict(model.named_parameters())
         rank_pattern = {}
         with torch.no_grad():

@@ -38,7 +38,7 @@ ROUNDINGS = ("knapsack", "probability")
 
 
 def discretize(scores: Sequence[Sequence[float]], costs: Sequence[int], budget: int,
-               min_fill: float = 0.99, rounding: str = "knapsack") -> list[int]:
+               min_fill: float = 0.99, rounding: str = "knapsack", warn_unfilled: bool = True) -> list[int]:
     """Integer ranks maximising the kept score under the budget.
 
     Args:
@@ -51,6 +51,8 @@ def discretize(scores: Sequence[Sequence[float]], costs: Sequence[int], budget: 
             by score (sum of ``score * cost``), which keeps the components in order of score, as a
             threshold on the keep-probabilities would - the gates' scores already paid for their cost
             through the Lagrangian, so this does not charge it twice.
+        warn_unfilled: warn when no ranks reach ``min_fill`` (off for a budget the user did not give, such as
+            one step of AdaLoRA's schedule).
 
     Raises:
         BudgetError: when even rank 1 on the cheapest layer exceeds ``budget`` (or no layer has a candidate).
@@ -77,7 +79,7 @@ def discretize(scores: Sequence[Sequence[float]], costs: Sequence[int], budget: 
         ranks = _solve_milp(values, costs, budget, min_fill)
     used = sum(r * c for r, c in zip(ranks, costs))
     assert used <= budget, "discretiser exceeded the budget"  # a bug, not a user error
-    if used < min_fill * budget:
+    if used < min_fill * budget and warn_unfilled:
         logger.warning("the rank map uses %d of the budget %d parameters (%.1f%%): no ranks within these candidates "
                        "fill [%.0f%%, 100%%] of it (cost per rank: %s)", used, budget, 100 * used / budget,
                        100 * min_fill, ", ".join(str(c) for c in sorted(set(costs))[:4]))

@@ -224,8 +224,11 @@ def test_rank_map_of_another_model_is_refused_before_training(tiny_gpt2, tmp_pat
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("baseline, budget", [("uniform", 13824), ("random", 13824), ("gradient", 13824),
                                               ("adalora", 12000)])
-def test_baselines_use_the_budget_within_two_percent(baseline, budget, tmp_path):
-    result = _run(["--baseline", baseline, "--budget", str(budget), "--out", str(tmp_path / "run"), *SMALL])
+def test_baselines_use_the_budget_within_two_percent(baseline, budget, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="rankalloc"):
+        result = _run(["--baseline", baseline, "--budget", str(budget), "--out", str(tmp_path / "run"), *SMALL]
+                      + (["--max-steps", "12"] if baseline == "adalora" else []))  # through its budget schedule
+    assert "the rank map uses" not in caplog.text  # (AdaLoRA's in-between budgets need not fill 99%)
     m = result.metrics
     assert m["method"] == baseline and m["budget"] == budget
     assert 0.98 * budget <= m["adapter_params"] <= 1.02 * budget
