@@ -24,7 +24,7 @@ from .discretize import discretize
 from .errors import RunDirError
 from .flags import checked_copy
 from .targets import Target
-from .rank_map import RankMap
+from .rank_map import RankMap, peft_settings
 
 SCORES = "scores.json"
 TRUSTED_RATIO = (0.5, 2.0)
@@ -110,9 +110,8 @@ def export_rank_map(scores: Scores, budget: int, max_rank: int | None = None,
     search = dict(scores.data.get("search", {}))
     search.update({"exported_from_budget": searched, "export_ratio": budget / searched, "max_rank": max_rank,
                    "rounding": rounding})
-    peft = {"task_type": scores.data.get("peft_task_type", "SEQ_CLS"),
-            "modules_to_save": list(scores.data.get("modules_to_save") or []),
-            "fan_in_fan_out": bool(scores.data.get("fan_in_fan_out", False)), "scale": scores.data["scale"]}
+    peft = peft_settings(scores.data.get("peft_task_type", "SEQ_CLS"), scores.data.get("modules_to_save") or [],
+                         scores.data.get("fan_in_fan_out", False), scores.data["scale"])
     return RankMap.from_ranks(scores.targets, dict(zip((t.name for t in scores.targets), ranks)),
                               base_model=scores.data["base_model"], budget=budget, search=search, peft=peft)
 

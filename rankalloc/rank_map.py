@@ -223,6 +223,13 @@ class RankMap:
         return cfg
 
 
+def peft_settings(task_type: str | None, modules_to_save: list[str], fan_in_fan_out: bool,
+                  scale: float) -> dict[str, Any]:
+    """A rank map's ``peft`` section: how peft builds the adapter beyond the ranks (see :meth:`RankMap.lora_config`)."""
+    return {"task_type": task_type, "modules_to_save": list(modules_to_save), "fan_in_fan_out": bool(fan_in_fan_out),
+            "scale": scale}
+
+
 def _checked_peft(peft: Any, source: str) -> dict[str, Any]:
     """The ``peft`` section of a rank map file, checked.
 

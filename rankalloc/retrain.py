@@ -40,7 +40,7 @@ from .errors import ModelError, RankMapError, RunDirError
 from .families import Classification, Family
 from .models import BUILTIN_MODELS, count_parameters, load_model, load_model_config, load_tokenizer, resolve_device
 from .targets import Target, find_targets, head_modules, stores_fan_in_fan_out
-from .rank_map import RankMap
+from .rank_map import RankMap, peft_settings
 from .retrain_loop import load_resumable, predict, train
 from .sensitivity import gradient_spectra
 from .training import peak_memory, set_seed
@@ -104,8 +104,8 @@ def build_adapter(cfg: RetrainConfig, model: nn.Module, targets: list[Target], r
                                       search={"baseline": "gradient", "seed": cfg.seed,
                                               "gradient_batches": p.gradient_batches,
                                               "num_layers": cfg.model.num_layers})
-    rank_map.peft = {"task_type": family.peft_task_type, "modules_to_save": heads,  # what this run trains
-                     "fan_in_fan_out": stores_fan_in_fan_out(model, targets), "scale": p.scale}
+    rank_map.peft = peft_settings(family.peft_task_type, heads, stores_fan_in_fan_out(model, targets),  # trained
+                                  p.scale)
     lora = LoraConfig(**rank_map.lora_config(dropout=p.lora_dropout))
     peft_model = get_peft_model(model, lora)
     rank_map.check_built(peft_model)

@@ -26,7 +26,7 @@ from .config import RetrainConfig
 from .data import TaskData
 from .families import Family, pair_separator
 from .models import BUILTIN_MODELS, config_overrides, dtype_kwarg, hub_id, load_pretrained, resolve_model_path
-from .rank_map import RankMap
+from .rank_map import RankMap, peft_settings
 from .targets import Target
 from .training import to_device
 
@@ -64,8 +64,7 @@ def describe_adapter(peft_model: nn.Module, method: str, targets: list[Target], 
                          if any(name == head or name.endswith("." + head) for name in names)})
     rank_map = RankMap.from_ranks(targets, {t.name: kept.get(t.name, 0) for t in targets}, base_model=base,
                                   budget=budget, search={"baseline": "adalora", "num_layers": cfg.model.num_layers},
-                                  peft={"task_type": task_type, "modules_to_save": head_names,
-                                        "fan_in_fan_out": bool(built.fan_in_fan_out), "scale": cfg.train.scale})
+                                  peft=peft_settings(task_type, head_names, built.fan_in_fan_out, cfg.train.scale))
     logger.info("AdaLoRA kept %d parameters (%d with singular values): %.2f%% of the budget, %s it",
                 summary["kept_params"], summary["kept_params_with_singular_values"],
                 100 * summary["kept_params"] / budget, summary["vs_budget"])

@@ -43,7 +43,7 @@ from .gates import GATE_KINDS
 from .lagrangian import Lagrangian
 from .models import BUILTIN_MODELS, count_parameters, load_model, load_model_config, load_tokenizer, resolve_device
 from .targets import Target, find_targets, head_modules, stores_fan_in_fan_out
-from .rank_map import RankMap
+from .rank_map import RankMap, peft_settings
 from .search_checkpoint import SearchState, load_checkpoint, save_checkpoint
 from .tasks import recorded_data
 from .training import check_finite, evaluate, grads_finite, peak_memory, rng_state, set_seed, to_device
@@ -333,9 +333,8 @@ def finish(cfg: SearchConfig, gated: GatedModel, task: TaskData, targets: list[T
     base_model = io.recorded_location(cfg.model.name, BUILTIN_MODELS)
     heads = sorted(head_modules(gated.model))
     fan_in_fan_out = stores_fan_in_fan_out(gated.model, targets)
-    rm = RankMap.from_ranks(targets, ranks, base_model=base_model, budget=budget, peft={
-        "task_type": task.family.peft_task_type, "modules_to_save": heads, "fan_in_fan_out": fan_in_fan_out,
-        "scale": cfg.search.scale}, search={
+    rm = RankMap.from_ranks(targets, ranks, base_model=base_model, budget=budget, peft=peft_settings(
+        task.family.peft_task_type, heads, fan_in_fan_out, cfg.search.scale), search={
         "task": task.name, "family": task.family.name, "seed": cfg.seed, "steps": state.step, "final_lambda": lam,
         "final_cost_ratio": final_ratio, "r_max": max(r_max.values()), "scale": cfg.search.scale,
         "rounding": cfg.search.rounding, "gates": cfg.search.gates,
