@@ -43,10 +43,12 @@ class ModelConfig:
             raise ConfigError("--model.target_modules and --model.target_regex exclude each other; give one")
 
 
-# The fields of DataConfig that say which examples and columns a task is (not how they are batched):
-# a rank map records them, and a retrain takes those it is not given from there.
+# The fields of DataConfig that say which examples and columns a task is (not how they are batched),
+# including how a task without an evaluation split is split (so that a retrain evaluates on examples its
+# search never saw): a rank map records them, and a retrain takes those it is not given from there.
+SPLIT_FIELDS = ("split_seed", "eval_fraction")
 DATASET_FIELDS = ("task", "eval_file", "hub_config", "text_column", "text_pair_column", "label_column", "family",
-                  "choice_columns", "answer_column")
+                  "choice_columns", "answer_column") + SPLIT_FIELDS
 
 
 @dataclass

@@ -32,7 +32,7 @@ from torch import nn
 from . import __version__, distributed, io, rundir
 from .baselines import adalora_config, gradient_ranks, install_param_budget, random_ranks, uniform_rank
 from .budget import parse_budget
-from .config import DATASET_FIELDS, DataConfig, RetrainConfig
+from .config import DATASET_FIELDS, SPLIT_FIELDS, DataConfig, RetrainConfig
 from .flags import checked_copy, coerce, stage_command, to_dict
 from .data import Split, prepare_task
 from .tasks import recorded_data
@@ -135,6 +135,19 @@ def _task_from(rank_map: RankMap | None, data: DataConfig) -> None:
     logger.info("task from the rank map: %s", data.task)
 
 
+def _warn_other_split(recorded: Any, data: DataConfig) -> None:
+    """The map's task split with other settings: a task without its own evaluation split then holds out other
+    examples, some of which the search trained on."""
+    if not isinstance(recorded, dict):
+        return
+    differ = [f"--data.{k} {getattr(data, k)} (searched with {recorded[k]})" for k in SPLIT_FIELDS
+              if k in recorded and recorded[k] != getattr(data, k)]
+    if differ:
+        logger.warning("this retrain splits the rank map's task otherwise than its search: %s; without an "
+                       "evaluation split of its own the task's evaluation examples may include some the search "
+                       "trained on (give the search's values to evaluate on examples it never saw)", ", ".join(differ))
+
+
 def _record_trained_task(trained: RankMap, task: Any, cfg: RetrainConfig) -> None:
     """The retrain's rank map names the task it trained on (a baseline's map names none otherwise), so that a
     retrain from it takes that task and its columns; a map searched on another task keeps that one as
@@ -218,6 +231,8 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
         if rank_map.search.get("task") not in (None, task.name):
             logger.warning("the rank map was searched on task %s, retraining on %s", rank_map.search["task"],
                            task.name)
+        else:
+            _warn_other_split(rank_map.search.get("data"), cfg.data)
     else:
         budget, budget_text = spec.resolve(count_parameters(model)), spec.text
     steps = cfg.train.epochs * (len(task.train) // (cfg.data.batch_size * dist_info.world_size))

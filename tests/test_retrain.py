@@ -403,6 +403,29 @@ def test_without_task_the_retrain_takes_the_rank_maps_task_and_columns(rank_map_
     assert sorted(set(result.labels.tolist())) == [0, 1]
 
 
+def test_a_retrain_from_a_map_splits_its_task_as_the_search_did(rank_map_file, tmp_path, caplog):
+    """A task without an evaluation split is split by --data.split_seed and --data.eval_fraction: a retrain that
+    took the defaults instead would evaluate on examples the search trained on."""
+    import pandas as pd
+
+    rows = [{"sentence": f"{word} film number {i}", "y": word} for i in range(40) for word in ("good", "bad")]
+    csv = tmp_path / "reviews.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    rm = RankMap.load(rank_map_file)
+    rm.search = dict(rm.search, task="reviews", data={"task": str(csv), "text_column": "sentence",
+                                                       "label_column": "y", "split_seed": 7, "eval_fraction": 0.3})
+    rm.save(tmp_path / "rank_map.json")
+    result = _run(["--rank-map", str(tmp_path / "rank_map.json"), "--out", str(tmp_path / "run"), *SMALL,
+                   "--max-steps", "1"])
+    data = result.metrics["config"]["data"]
+    assert (data["split_seed"], data["eval_fraction"]) == (7, 0.3)
+    assert result.metrics["eval_examples"] == 24  # 30% of the 80 rows, against 16 at the default 20%
+    with caplog.at_level("WARNING", logger="rankalloc"):  # the task named, the split left at its defaults
+        _run(["--rank-map", str(tmp_path / "rank_map.json"), "--out", str(tmp_path / "run2"), *SMALL,
+              "--task", str(csv), "--data.text_column", "sentence", "--data.label_column", "y", "--max-steps", "1"])
+    assert "--data.split_seed 0 (searched with 7), --data.eval_fraction 0.2 (searched with 0.3)" in caplog.text
+
+
 def test_a_killed_retrain_resumes_from_its_checkpoint_to_the_same_result(rank_map_file, tmp_path):
     """Killed after step 5 of 8 (checkpoint at 4), a rerun continues from step 4 and ends where an
     uninterrupted run ends: same logits, same history."""
