@@ -84,9 +84,20 @@ def _normalise_labels(values: pd.Series, where: str) -> pd.Series:
     if kind == "int":
         return values.astype("int64")
     names = values.astype(str).str.strip()
-    if names.str.fullmatch(r"[+-]?\d+").all():
+    if names.str.fullmatch(INTEGER_AS_WRITTEN).all():  # "007" and "07" stay two class names, not the id 7
         return names.astype("int64")
     return names
+
+
+INTEGER_AS_WRITTEN = r"[+-]?(0|[1-9]\d*)"  # an integer that reads back as written: no leading zeros
+_SHOWN_COLUMNS = 20
+
+
+def column_list(columns) -> str:
+    """Column names for a message: quoted (so that ' y' shows its space), at most 20 of them."""
+    names = [repr(str(c)) for c in columns]
+    more = f", ... ({len(names)} in all)" if len(names) > _SHOWN_COLUMNS else ""
+    return ", ".join(names[:_SHOWN_COLUMNS]) + more
 
 
 def encode_labels(columns: list[tuple[pd.Series, str]],
@@ -250,7 +261,7 @@ def select_columns(df: pd.DataFrame, cfg: DataConfig, family: str, where: str) -
     for flag, column in wanted:
         if column not in df.columns:
             raise DataError(f"{where}: no column {column!r} (set by {flag}); available columns: "
-                            f"{', '.join(available)}")
+                            f"{column_list(available)}")
     out = pd.DataFrame({"text": df[cfg.text_column]})
     if family == "multiple_choice":
         out["choices"] = _options(df, list(cfg.choice_columns), where)

