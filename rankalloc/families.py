@@ -278,12 +278,16 @@ def make_family(name: str, model_config: Any = None) -> Family:
 
 
 def is_decoder(model_config: Any) -> bool:
-    """A causal language model: it has a causal-LM class and is not a masked-LM encoder (BERT and
-    RoBERTa have causal-LM classes too, but their checkpoints attend in both directions)."""
+    """A causal language model: it has a causal-LM class and is neither a masked-LM encoder (BERT and
+    RoBERTa have causal-LM classes too, but their checkpoints attend in both directions) nor an
+    encoder-decoder (Pegasus' and Marian's causal-LM classes drop the encoder and start a fresh head,
+    and their cross-attention never runs)."""
     from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
                                                         MODEL_FOR_MASKED_LM_MAPPING_NAMES)
 
     kind = getattr(model_config, "model_type", None)
+    if getattr(model_config, "is_encoder_decoder", False):
+        return False
     return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (
         kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES or bool(getattr(model_config, "is_decoder", False)))
 

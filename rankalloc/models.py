@@ -107,7 +107,8 @@ def load_model(cfg: ModelConfig, num_labels: int = 2, family: Family | None = No
     try:
         model, info = load_pretrained(family.model_class(), resolve_model_path(cfg.name), config=config,
                                       output_loading_info=True)
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, AssertionError, TypeError, KeyError) as e:  # a config the
+        # model's own checks refuse (transformers asserts some)
         raise ModelError(f"--model {cfg.name}: cannot load its weights as {family.describe()} "
                          f"({_first_line(e)})") from None
     mismatched = [entry[0] if isinstance(entry, (tuple, list)) else str(entry)
@@ -216,7 +217,7 @@ def config_overrides(cfg: ModelConfig, family: Family, num_labels: int, pad_toke
     return kwargs
 
 
-def _cut_depths(config: Any, cfg: ModelConfig) -> dict[str, int]:
+def _cut_depths(config: Any, cfg: ModelConfig) -> dict[str, Any]:
     """The config settings that cut the model to ``--model.num_layers`` blocks: the blocks (an
     encoder-decoder's encoder), and the decoder's blocks up to its own depth.
 
@@ -228,7 +229,11 @@ def _cut_depths(config: Any, cfg: ModelConfig) -> dict[str, int]:
     depth = getattr(config, "num_hidden_layers", None)
     if isinstance(depth, int) and n > depth:
         raise ModelError(f"--model.num_layers {n}: {cfg.name} has only {depth} blocks; allowed: 1 to {depth}")
-    cut = {"num_hidden_layers": n}
+    cut: dict[str, Any] = {"num_hidden_layers": n}
+    if isinstance(depth, int):  # per-block settings (Longformer's attention_window, layer_types) are cut too
+        stock = config.to_dict()
+        cut.update({key: value[:n] for key, value in stock.items()
+                    if key not in ("architectures",) and isinstance(value, list) and len(value) == depth})
     decoder = next((key for key in _DECODER_DEPTHS if hasattr(config, key)), None)
     if decoder is not None:
         decoder_depth = getattr(config, decoder)

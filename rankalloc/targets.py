@@ -189,6 +189,7 @@ def find_targets(model: nn.Module, cfg: ModelConfig) -> list[Target]:
                         "adapt them", len(routers), routers[0])
             chosen = [(n, m) for n, m in chosen if n not in routers]
         asked = "the default (Linear-like modules inside the transformer blocks)"
+        _warn_uncovered_weights(model, stack_names, chosen)
         if len(stack_names) > 1:
             logger.info("adapter targets in %d block stacks: %s", len(stack_names), ", ".join(stack_names))
     if not chosen:
@@ -202,6 +203,24 @@ def find_targets(model: nn.Module, cfg: ModelConfig) -> list[Target]:
         layer, kind = _layer_and_kind(name, stack_names)
         targets.append(Target(name, d_in, d_out, layer, kind))
     return targets
+
+
+def _warn_uncovered_weights(model: nn.Module, stack_names: list[str], chosen: list[tuple[str, nn.Module]]) -> None:
+    """Say so when much of the blocks' weight lies in matrices outside Linear-like modules (XLNet's attention,
+    fused mixture-of-experts weights): those get no adapter, and the budget goes to the rest."""
+    covered = {id(p) for _, m in chosen for p in m.parameters()}
+    stacks = [m for n, m in model.named_modules() if n in stack_names]
+    total, outside = 0, {}
+    for stack_name, stack in zip(stack_names, stacks):
+        for name, p in stack.named_parameters():
+            total += p.numel()
+            if id(p) not in covered and p.dim() >= 2:
+                outside[f"{stack_name}.{name}"] = p.numel()
+    share = sum(outside.values()) / max(1, total)
+    if share >= 0.1:
+        logger.warning("%.0f%% of the transformer blocks' weights are matrices outside Linear layers (%s, ...), "
+                       "which get no adapter; rankalloc adapts Linear-like modules only", 100 * share,
+                       ", ".join(sorted(outside, key=outside.__getitem__, reverse=True)[:3]))
 
 
 def _has_suffix(name: str, suffix: str) -> bool:

@@ -176,6 +176,11 @@ def test_causal_lm_on_a_bidirectional_encoder_is_refused():
 
     with pytest.raises(ModelError, match="'t5' is an encoder-decoder, whose decoder this family does not train"):
         make_family("causal_lm", T5Config(d_model=16, num_layers=1))
+    from transformers import MarianConfig, PegasusConfig  # their causal-LM classes drop the encoder
+
+    for config in (PegasusConfig(d_model=16), MarianConfig(d_model=16)):
+        with pytest.raises(ModelError, match=f"'{config.model_type}' is an encoder-decoder"):
+            make_family("causal_lm", config)
 
 
 def test_option_labels_may_be_index_text_or_letter(tmp_path):

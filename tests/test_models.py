@@ -1,6 +1,9 @@
 """Target discovery for any architecture; model loading errors."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from rankalloc.config import ModelConfig
@@ -148,6 +151,34 @@ def test_num_layers_cuts_the_encoder_and_the_decoder_alike(kind, stacks, tmp_pat
         assert {t.layer for t in targets if t.name.startswith(stack + ".")} == {0}, stack
     with pytest.raises(ModelError, match=r"--model.num_layers 3: .* has only 2 blocks; allowed: 1 to 2"):
         skeleton_targets(ModelConfig(name=str(tmp_path), num_layers=3))
+
+
+def test_num_layers_cuts_per_block_settings_too(tmp_path):
+    """Longformer keeps one attention window per block; a cut that left two for one block failed its assert."""
+    from transformers import LongformerConfig
+
+    from conftest import _save_random
+
+    path = _save_random(tmp_path, LongformerConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                                                   num_attention_heads=2, intermediate_size=64,
+                                                   attention_window=[4, 8], max_position_embeddings=80))
+    model = load_model(ModelConfig(name=path, num_layers=1))
+    assert model.config.num_hidden_layers == 1 and list(model.config.attention_window) == [4]
+    assert {t.layer for t in find_targets(model, ModelConfig())} == {0}
+
+
+def test_a_config_the_model_refuses_is_a_one_line_model_error(tmp_path):
+    from transformers import LongformerConfig
+
+    from conftest import _save_random
+
+    path = Path(_save_random(tmp_path, LongformerConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                                                        num_attention_heads=2, intermediate_size=64,
+                                                        attention_window=[4, 8], max_position_embeddings=80)))
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(dict(config, attention_window=[4, 8, 8])))
+    with pytest.raises(ModelError, match=r"cannot load its weights as .*attention_window"):
+        load_model(ModelConfig(name=str(path)))
 
 
 def test_a_checkpoint_with_another_label_count_loads_with_a_fresh_head(tiny_gpt2, caplog):
@@ -357,3 +388,19 @@ def test_loading_a_model_leaves_the_caller_s_progress_bars_as_they_were(minilm_1
     hf_logging.enable_progress_bar()
     load_model(ModelConfig(num_layers=1), num_labels=2)
     assert hf_logging.is_progress_bar_enabled()
+
+
+def test_block_weights_outside_linear_layers_are_named(caplog):
+    """XLNet keeps its attention in raw matrices: only its feed-forward layers can take adapters, and a run says so."""
+    from transformers import XLNetConfig, XLNetForSequenceClassification
+
+    model = XLNetForSequenceClassification(XLNetConfig(vocab_size=64, d_model=32, n_layer=2, n_head=2, d_inner=64))
+    with caplog.at_level("WARNING", logger="rankalloc.models"):
+        targets = find_targets(model, ModelConfig())
+    assert {t.kind for t in targets} == {"ff.layer_1", "ff.layer_2"}
+    assert "of the transformer blocks' weights are matrices outside Linear layers (transformer.layer.0.rel_attn" \
+        in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rankalloc.models"):
+        find_targets(load_model(ModelConfig(num_layers=1)), ModelConfig())
+    assert "outside Linear layers" not in caplog.text
