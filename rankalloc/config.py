@@ -7,7 +7,7 @@ such as ``--search.gate_lr`` means the same everywhere.  Reading YAML and flags 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .discretize import ROUNDINGS
@@ -51,10 +51,18 @@ DATASET_FIELDS = ("task", "eval_file", "hub_config", "text_column", "text_pair_c
                   "choice_columns", "answer_column") + SPLIT_FIELDS
 
 
+DEFAULT_TASK = "tweets"  # what --task auto reads where no rank map names a task
+
+
+def with_default_task(data: DataConfig) -> DataConfig:
+    """``data`` with ``--task auto`` read as the built-in default task (a search, a sweep, a baseline)."""
+    return replace(data, task=DEFAULT_TASK) if data.task == "auto" else data
+
+
 @dataclass
 class DataConfig:
-    task: str = _f("tweets", "Built-in task name, a local .csv/.json/.jsonl/.parquet file, or a "
-                   "datasets hub name.")
+    task: str = _f("auto", "Built-in task name, a local .csv/.json/.jsonl/.parquet file, or a datasets hub "
+                   "name; auto: the rank map's task in a retrain from one, else the built-in tweets.")
     eval_file: str | None = _f(None, "Evaluation file for a local-file task (default: a held-out slice).")
     hub_config: str | None = _f(None, "Configuration name of a datasets hub task (e.g. 'sst2').")
     text_column: str = _f("text", "Column holding the text (local files and hub tasks).")
@@ -324,7 +332,7 @@ class RetrainConfig:
     overwrite: bool = _f(False, "Replace an existing run folder (kept in OUT.replaced until the new run finishes).")
     resume: bool = _f(False, "Continue the run in --out from its last checkpoint (rerunning does so too).")
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name="auto"))
-    data: DataConfig = field(default_factory=lambda: DataConfig(task="auto"))
+    data: DataConfig = field(default_factory=DataConfig)
     train: TrainParams = field(default_factory=TrainParams)
 
     def validate(self) -> None:

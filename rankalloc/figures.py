@@ -6,7 +6,6 @@ on an Agg canvas without pyplot, so nothing here touches global GUI state.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 

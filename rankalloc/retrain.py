@@ -32,7 +32,7 @@ from torch import nn
 from . import __version__, distributed, io, rundir
 from .baselines import adalora_config, gradient_ranks, install_param_budget, random_ranks, uniform_rank
 from .budget import parse_budget
-from .config import DATASET_FIELDS, SPLIT_FIELDS, DataConfig, RetrainConfig
+from .config import DATASET_FIELDS, DEFAULT_TASK, SPLIT_FIELDS, DataConfig, RetrainConfig
 from .flags import checked_copy, coerce, stage_command, to_dict
 from .data import Split, prepare_task
 from .tasks import recorded_data
@@ -120,7 +120,7 @@ def _task_from(rank_map: RankMap | None, data: DataConfig) -> None:
     their defaults); without a rank map, or with one that records no task, the built-in default."""
     recorded = rank_map.search.get("data") if rank_map else None
     if not recorded:
-        data.task = DataConfig().task
+        data.task = DEFAULT_TASK
         return
     if not isinstance(recorded, dict):
         raise RankMapError(f"rank map: search.data must be a mapping of data settings, got {recorded!r}")

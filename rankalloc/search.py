@@ -32,7 +32,7 @@ import torch
 from . import __version__, distributed, io, rundir
 from .adapters import GatedModel, trainable_only
 from .budget import candidate_r_max, check_budget, parse_budget
-from .config import SearchConfig, SearchParams
+from .config import SearchConfig, SearchParams, with_default_task
 from .flags import checked_copy, stage_command, to_dict
 from .data import EpochSampler, TaskData, prepare_task
 from .discretize import discretize
@@ -269,6 +269,7 @@ def run_search(cfg: SearchConfig, command: str | None = None,
     """
     t0 = time.time()
     cfg = checked_copy(cfg, SearchConfig)  # built in Python: the command line's types and checks, on a copy
+    cfg.data = with_default_task(cfg.data)
     spec = parse_budget(cfg.budget)  # a malformed budget is refused before any model work
     resolve_device(cfg.device)  # a device this machine lacks is refused before any model work
     command = command or stage_command("search", cfg)

@@ -46,7 +46,7 @@ from typing import Any
 
 from . import rundir
 from .budget import MAX_ABSOLUTE
-from .config import GATE_EVERY_TUNE_MAX, ExportConfig, RetrainConfig, SearchConfig, SweepConfig
+from .config import GATE_EVERY_TUNE_MAX, ExportConfig, RetrainConfig, SearchConfig, SweepConfig, with_default_task
 from .errors import BudgetError, ConfigError, RankallocError
 from .flags import checked_copy, stage_command
 from .sweep_report import sweep_summary, write_reports
@@ -246,6 +246,7 @@ def run_sweep(cfg: SweepConfig, command: str | None = None) -> SweepResult:
     """
     t0 = time.time()
     cfg = checked_copy(cfg, SweepConfig)  # built in Python: the command line's types and checks, on a copy
+    cfg.data = with_default_task(cfg.data)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("a sweep does not run under torchrun: its workers are separate processes that share "
                           "--storage (start one per GPU, e.g. CUDA_VISIBLE_DEVICES=N python -m rankalloc.sweep ...)")

@@ -424,6 +424,14 @@ def test_a_retrain_from_a_map_splits_its_task_as_the_search_did(rank_map_file, t
         _run(["--rank-map", str(tmp_path / "rank_map.json"), "--out", str(tmp_path / "run2"), *SMALL,
               "--task", str(csv), "--data.text_column", "sentence", "--data.label_column", "y", "--max-steps", "1"])
     assert "--data.split_seed 0 (searched with 7), --data.eval_fraction 0.2 (searched with 0.3)" in caplog.text
+    # from Python, a DataConfig built without a task follows the map too (it had trained on tweets)
+    from rankalloc.config import DataConfig, ModelConfig
+    from rankalloc.retrain import run_retrain
+
+    python = run_retrain(RetrainConfig(rank_map=str(tmp_path / "rank_map.json"), out=str(tmp_path / "run3"),
+                                       device="cpu", max_steps=1, model=ModelConfig(name="minilm-l6", num_layers=1),
+                                       data=DataConfig(**DATA)))
+    assert python.metrics["task"] == "reviews" and python.metrics["eval_examples"] == 24
 
 
 def test_a_killed_retrain_resumes_from_its_checkpoint_to_the_same_result(rank_map_file, tmp_path):
