@@ -21,7 +21,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import rankalloc.search as search  # noqa: E402
 from rankalloc.adapters import trainable_only  # noqa: E402
-from rankalloc.config import SearchConfig  # noqa: E402
+from rankalloc.config import SearchConfig, with_data_defaults  # noqa: E402
 from rankalloc.flags import parse_args  # noqa: E402
 
 
@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
     search.gate_step = measured_gate_step
     cfg, _ = parse_args(SearchConfig, argv, "gate_gradients", __doc__)
+    cfg.data = with_data_defaults(cfg.data)  # the task's name for the file, as the search reads --task auto
     search.run_search(cfg, "python benchmarks/gate_gradients.py " + " ".join(argv or sys.argv[1:]))
     out = HERE / "results" / "gate_gradients" / f"{cfg.data.task}-{search.parse_budget(cfg.budget).text}-s{cfg.seed}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

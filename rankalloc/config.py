@@ -52,11 +52,14 @@ DATASET_FIELDS = ("task", "eval_file", "hub_config", "text_column", "text_pair_c
 
 
 DEFAULT_TASK = "tweets"  # what --task auto reads where no rank map names a task
+SPLIT_DEFAULTS = {"split_seed": 0, "eval_fraction": 0.2}  # where no rank map gives them
 
 
-def with_default_task(data: DataConfig) -> DataConfig:
-    """``data`` with ``--task auto`` read as the built-in default task (a search, a sweep, a baseline)."""
-    return replace(data, task=DEFAULT_TASK) if data.task == "auto" else data
+def with_data_defaults(data: DataConfig) -> DataConfig:
+    """``data`` with what no rank map filled in at its defaults: ``--task auto`` as the built-in task, an
+    unset split seed and evaluation share as 0 and 0.2 (a search, a sweep, a baseline)."""
+    unset = {k: v for k, v in SPLIT_DEFAULTS.items() if getattr(data, k) is None}
+    return replace(data, **unset, **({"task": DEFAULT_TASK} if data.task == "auto" else {}))
 
 
 @dataclass
@@ -79,19 +82,22 @@ class DataConfig:
     max_length: int = _f(64, "Tokens per example after truncation.")
     max_train_examples: int | None = _f(4000, "Cap on training examples (weight + gate split); null = all.")
     max_eval_examples: int | None = _f(2000, "Cap on evaluation examples; null = all.")
-    eval_fraction: float = _f(0.2, "Share held out for evaluation when a task has no evaluation split.")
+    eval_fraction: float | None = _f(None, "Share held out for evaluation when a task has no evaluation split "
+                                     "(default: the rank map's in a retrain from one, else 0.2).")
     gate_fraction: float = _f(0.2, "Share of the training data held out for gate steps (search only).")
     batch_size: int = _f(32, "Examples per training batch.")
     eval_batch_size: int = _f(128, "Examples per evaluation batch.")
-    split_seed: int = _f(0, "Seed of the train/eval split and the example caps, kept apart from --seed so "
-                         "that every run sees the same examples.")
+    split_seed: int | None = _f(None, "Seed of the train/eval split and the example caps, kept apart from --seed "
+                                "so that every run sees the same examples (default: the rank map's in a retrain "
+                                "from one, else 0).")
 
     def validate(self) -> None:
         from .families import FAMILIES
 
         if self.family not in FAMILIES + ("auto",):
             raise ConfigError(f"--data.family must be auto or one of {', '.join(FAMILIES)}, got {self.family!r}")
-        check_seed(self.split_seed, "--data.split_seed")
+        if self.split_seed is not None:
+            check_seed(self.split_seed, "--data.split_seed")
         if self.max_length <= 0:
             raise ConfigError(f"--data.max_length must be a positive integer, got {self.max_length}")
         if self.batch_size <= 0:
@@ -100,7 +106,7 @@ class DataConfig:
             raise ConfigError(f"--data.eval_batch_size must be a positive integer, got {self.eval_batch_size}")
         for name in ("eval_fraction", "gate_fraction"):
             v = getattr(self, name)
-            if not 0.0 < v < 1.0:
+            if v is not None and not 0.0 < v < 1.0:
                 raise ConfigError(f"--data.{name} must lie strictly between 0 and 1, got {v}")
         for name in ("max_train_examples", "max_eval_examples"):
             v = getattr(self, name)

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .config import DataConfig
+from .config import DataConfig, with_data_defaults
 from .errors import DataError, ModelError
 from .families import MODEL_INPUTS, Classification, Family, make_family
 from .tasks import RawTask, load_raw_task
@@ -175,6 +175,7 @@ def prepare_task(cfg: DataConfig, tokenizer: Any, seed: int, model_config: Any =
         DataError: the task cannot be loaded, or a split is too small for ``cfg.batch_size``.
         ModelError: the tokenizer gives token ids beyond the model's input embeddings.
     """
+    cfg = with_data_defaults(cfg)
     _check_seed(seed, "--seed")
     _check_seed(cfg.split_seed, "--data.split_seed")
     positions = absolute_positions(model_config)
@@ -209,6 +210,7 @@ def train_eval_frames(raw: RawTask, cfg: DataConfig, family: Family | None = Non
     Raises:
         DataError: too few examples to hold out an evaluation slice.
     """
+    cfg = with_data_defaults(cfg)
     train_df = raw.train.reset_index(drop=True)
     eval_df = raw.eval.reset_index(drop=True) if raw.eval is not None else None
     if eval_df is None:

@@ -270,7 +270,8 @@ def make_family(name: str, model_config: Any = None) -> Family:
                              f"{getattr(model_config, 'model_type', None)!r} is "
                              + ("an encoder-decoder, whose decoder this family does not train"
                                 if getattr(model_config, "is_encoder_decoder", False) else
-                                "a bidirectional encoder, whose attention sees the answer it should predict"))
+                                "a bidirectional encoder, whose attention sees the answer it should predict")
+                             + "; use a decoder-only model (GPT-2, Llama, ...) or another --data.family")
         return CausalLM()
     if name == "multiple_choice":
         return MultipleChoice(_option_scoring(model_config))

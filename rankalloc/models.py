@@ -233,7 +233,8 @@ def _cut_depths(config: Any, cfg: ModelConfig) -> dict[str, Any]:
     if isinstance(depth, int):  # per-block settings (Longformer's attention_window, layer_types) are cut too
         stock = config.to_dict()
         cut.update({key: value[:n] for key, value in stock.items()
-                    if key not in ("architectures",) and isinstance(value, list) and len(value) == depth})
+                    if key != "architectures" and not key.endswith(("_token_id", "_token_ids"))  # not per block
+                    and isinstance(value, list) and len(value) == depth})
     decoder = next((key for key in _DECODER_DEPTHS if hasattr(config, key)), None)
     if decoder is not None:
         decoder_depth = getattr(config, decoder)

@@ -32,7 +32,7 @@ from torch import nn
 from . import __version__, distributed, io, rundir
 from .baselines import adalora_config, gradient_ranks, install_param_budget, random_ranks, uniform_rank
 from .budget import parse_budget
-from .config import DATASET_FIELDS, DEFAULT_TASK, SPLIT_FIELDS, DataConfig, RetrainConfig
+from .config import DATASET_FIELDS, DEFAULT_TASK, SPLIT_FIELDS, DataConfig, RetrainConfig, with_data_defaults
 from .flags import checked_copy, coerce, stage_command, to_dict
 from .data import Split, prepare_task
 from .tasks import recorded_data
@@ -135,6 +135,16 @@ def _task_from(rank_map: RankMap | None, data: DataConfig) -> None:
     logger.info("task from the rank map: %s", data.task)
 
 
+def _split_from(rank_map: RankMap, data: DataConfig) -> None:
+    """``--task`` names the map's own task: its split settings not given are the search's."""
+    recorded = rank_map.search.get("data")
+    if isinstance(recorded, dict) and recorded.get("task") == recorded_data(data)["task"]:
+        hints = typing.get_type_hints(DataConfig)
+        for key in SPLIT_FIELDS:
+            if getattr(data, key) is None and recorded.get(key) is not None:
+                setattr(data, key, coerce(recorded[key], hints[key], f"rank map search.data.{key}"))
+
+
 def _warn_other_split(recorded: Any, data: DataConfig) -> None:
     """The map's task split with other settings: a task without its own evaluation split then holds out other
     examples, some of which the search trained on."""
@@ -211,6 +221,9 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
                            f"the first {cfg.model.num_layers} blocks" if cfg.model.num_layers else "every block")
     if cfg.data.task == "auto":
         _task_from(rank_map, cfg.data)
+    elif rank_map is not None:
+        _split_from(rank_map, cfg.data)
+    cfg.data = with_data_defaults(cfg.data)
     method = cfg.baseline or "rank_map"
 
     dist_info = distributed.init(cfg.device)

@@ -32,7 +32,7 @@ import torch
 from . import __version__, distributed, io, rundir
 from .adapters import GatedModel, trainable_only
 from .budget import candidate_r_max, check_budget, parse_budget
-from .config import SearchConfig, SearchParams, with_default_task
+from .config import SearchConfig, SearchParams, with_data_defaults
 from .flags import checked_copy, stage_command, to_dict
 from .data import EpochSampler, TaskData, prepare_task
 from .discretize import discretize
@@ -269,10 +269,10 @@ def run_search(cfg: SearchConfig, command: str | None = None,
     """
     t0 = time.time()
     cfg = checked_copy(cfg, SearchConfig)  # built in Python: the command line's types and checks, on a copy
-    cfg.data = with_default_task(cfg.data)
     spec = parse_budget(cfg.budget)  # a malformed budget is refused before any model work
     resolve_device(cfg.device)  # a device this machine lacks is refused before any model work
     command = command or stage_command("search", cfg)
+    cfg.data = with_data_defaults(cfg.data)  # after the command, which says what was asked
     if cfg.resume and not cfg.out:
         raise RunDirError("--resume needs --out, the folder of the run to continue (without --out every run "
                           "gets a new folder, runs/search-BUDGET-seedN-TIME)")

@@ -46,7 +46,7 @@ from typing import Any
 
 from . import rundir
 from .budget import MAX_ABSOLUTE
-from .config import GATE_EVERY_TUNE_MAX, ExportConfig, RetrainConfig, SearchConfig, SweepConfig, with_default_task
+from .config import GATE_EVERY_TUNE_MAX, ExportConfig, RetrainConfig, SearchConfig, SweepConfig, with_data_defaults
 from .errors import BudgetError, ConfigError, RankallocError
 from .flags import checked_copy, stage_command
 from .sweep_report import sweep_summary, write_reports
@@ -246,11 +246,11 @@ def run_sweep(cfg: SweepConfig, command: str | None = None) -> SweepResult:
     """
     t0 = time.time()
     cfg = checked_copy(cfg, SweepConfig)  # built in Python: the command line's types and checks, on a copy
-    cfg.data = with_default_task(cfg.data)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("a sweep does not run under torchrun: its workers are separate processes that share "
                           "--storage (start one per GPU, e.g. CUDA_VISIBLE_DEVICES=N python -m rankalloc.sweep ...)")
     command = command or stage_command("sweep", cfg)
+    cfg.data = with_data_defaults(cfg.data)  # after the command, which says what was asked
     budgets = parse_budgets(cfg.budgets or [])
     out = Path(cfg.out) if cfg.out else Path("runs") / f"sweep-{safe_name(cfg.study_name)}"
     rundir.check_out_path(out)

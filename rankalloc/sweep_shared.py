@@ -16,7 +16,7 @@ from typing import Iterator
 
 from . import io
 from .budget import auto_r_max, candidate_r_max, check_budget, parse_budget
-from .config import SearchConfig, SweepConfig, with_default_task
+from .config import SearchConfig, SweepConfig, with_data_defaults
 from .flags import stage_command, to_dict
 from .errors import BudgetError, ConfigError
 
@@ -146,7 +146,7 @@ def run_shared_search(cfg: SweepConfig, out: Path, budgets: list[int]) -> Shared
             shared = SharedSearch(**json.loads(record.read_text()))
             shared.path = str(_shared_path(out, shared.path))
             scores = Scores.load(shared.path)
-            cfg_dict = to_dict(dataclasses.replace(cfg, data=with_default_task(cfg.data)))  # as the search records it
+            cfg_dict = to_dict(dataclasses.replace(cfg, data=with_data_defaults(cfg.data)))  # as the search records it
             saved = scores.data["config"]
             for key in ("seed", "max_steps", "model", "data", "search"):
                 old, new = saved[key], cfg_dict[key]

@@ -112,6 +112,10 @@ def encode_labels(columns: list[tuple[pd.Series, str]],
         DataError: a label is missing or malformed, an unknown name appears, or training has one class.
     """
     normalised = [(_normalise_labels(s, where), where) for s, where in columns]
+    if not all(pd.api.types.is_integer_dtype(s) for s, _ in normalised) and all(
+            pd.api.types.is_integer_dtype(s) or s.str.fullmatch(r"[+-]?\d+").all() for s, _ in normalised):
+        # codes such as "007" in one split make every split's integers class names ("120" in another)
+        normalised = [(s.astype(str), where) for s, where in normalised]
     kinds = {"int" if pd.api.types.is_integer_dtype(s) else "name" for s, _ in normalised}
     if len(kinds) > 1:
         raise DataError(f"{' and '.join(w for _, w in columns)}: labels are integer ids in one and class names "

@@ -19,7 +19,7 @@ import pandas as pd
 
 from .config import DataConfig
 from .errors import DataError
-from .task_columns import drop_unlabelled, encode_labels, encode_targets, resolve_family, select_columns
+from .task_columns import column_list, drop_unlabelled, encode_labels, encode_targets, resolve_family, select_columns
 
 __all__ = ["LOCAL_EXTENSIONS", "RawTask", "decode_mixed", "encode_labels", "read_table"]
 
@@ -147,9 +147,9 @@ def _refuse_ragged(df: pd.DataFrame, path: Path, delimiter: str) -> None:
     """pandas reads rows holding more fields than the header as having an index column, which shifts every
     column by one (text read from the label's place): refuse instead."""
     if not isinstance(df.index, pd.RangeIndex):
-        raise DataError(f"{path}: its rows hold more fields than its header names ({len(df.columns)}: "
-                        f"{', '.join(repr(str(c)) for c in df.columns[:20])}); a {delimiter} at the end of each "
-                        f"line, or a {delimiter} inside an unquoted text? Quote the fields that hold one")
+        raise DataError(f"{path}: its first rows hold more fields than its header names ({len(df.columns)}: "
+                        f"{column_list(df.columns)}); a {delimiter} at the end of each line, or a {delimiter} "
+                        "inside an unquoted text? Quote the fields that hold one")
 
 
 _NUMBER = r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?"
@@ -159,10 +159,14 @@ _LEADING_ZERO = r"[+-]?0\d+"  # a code such as "007": a class name, not the numb
 def _numbers_as_written(values: pd.Series) -> pd.Series:
     """A CSV column read as text, as numbers when every value is a number that reads back as written
     (pandas' own inference turns the label codes "007" and "07" into one class, 7)."""
-    present = values.dropna()
-    if not len(present) or not present.str.fullmatch(_NUMBER).all() or present.str.fullmatch(_LEADING_ZERO).any():
+    present = values.dropna().str.strip()  # " 0.5" is a number, as pandas reads it
+    if not len(present):
         return values
-    return pd.to_numeric(values)
+    if present.str.lower().isin(("true", "false")).all():  # booleans, as pandas reads them
+        return values.map(lambda v: v if pd.isna(v) else v.strip().lower() == "true")
+    if not present.str.fullmatch(_NUMBER).all() or present.str.fullmatch(_LEADING_ZERO).any():
+        return values
+    return pd.to_numeric(values.str.strip())
 
 
 def decode_mixed(data: bytes) -> str:

@@ -35,7 +35,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from .config import DATASET_FIELDS, DataConfig, with_default_task
+from .config import DATASET_FIELDS, DataConfig, with_data_defaults
 from .errors import ConfigError, DataError
 from .flags import _Parser
 from .io import atomic_path, recorded_location, write_json
@@ -68,7 +68,7 @@ class BuiltinTask:
 def recorded_data(cfg: DataConfig) -> dict:
     """The data settings a rank map records (``search.data``), so that a retrain from it takes the same task
     and columns: a local task or eval file as its absolute path (the map is read from other folders)."""
-    data = {k: getattr(with_default_task(cfg), k) for k in DATASET_FIELDS}
+    data = {k: getattr(with_data_defaults(cfg), k) for k in DATASET_FIELDS}
     data.update({k: recorded_location(data[k], BUILTIN_TASKS) for k in ("task", "eval_file")})
     return data
 
@@ -80,7 +80,7 @@ def check_task_source(cfg: DataConfig) -> None:
     Raises:
         DataError: as :func:`load_raw_task` would, naming the flag and what to run.
     """
-    task = with_default_task(cfg).task
+    task = with_data_defaults(cfg).task
     if task in BUILTIN_TASKS:
         if task in SDIST_SOURCES and not is_prepared(task):
             BUILTIN_TASKS[task].load()  # raises the "not prepared: run ..." message
@@ -100,7 +100,7 @@ def load_raw_task(cfg: DataConfig) -> RawTask:
         DataError: the task is unknown, not prepared, missing, empty or malformed (one line, naming
             what is wrong and what is allowed).
     """
-    cfg = with_default_task(cfg)
+    cfg = with_data_defaults(cfg)
     task = cfg.task
     check_task_source(cfg)
     if cfg.family == "causal_lm" and cfg.choice_columns and task not in BUILTIN_TASKS:

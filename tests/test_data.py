@@ -145,6 +145,26 @@ def test_json_in_every_layout_pandas_writes(tmp_path, orient):
     assert raw.train["text"].tolist() == df["text"].tolist() and raw.label_names == ["neg", "pos"]
 
 
+def test_csv_numbers_and_booleans_read_as_pandas_reads_them(tmp_path):
+    """Spaces around a number (a hand-written 'text, score' file) and lowercase booleans: the column is numbers
+    (so auto gives regression) and booleans, not text."""
+    path = tmp_path / "scores.csv"
+    path.write_text("text, score, flag\n" + "".join(f"pair {i}, {i / 7:.3f} , {'true' if i % 2 else 'false'}\n"
+                                                      for i in range(30)))
+    df = read_table(path)
+    assert df[" score"].dtype == np.float64 and df[" flag"].tolist()[:2] == [False, True]
+    raw = load_raw_task(small_cfg(path, label_column=" score"))
+    assert raw.family == "regression"
+
+
+def test_codes_in_one_split_make_the_other_split_s_integers_class_names(tmp_path):
+    train, evaluation = tmp_path / "train.csv", tmp_path / "eval.csv"
+    pd.DataFrame({"text": [f"t{i}" for i in range(30)], "label": ["007", "120", "250"] * 10}).to_csv(train, index=False)
+    pd.DataFrame({"text": [f"e{i}" for i in range(10)], "label": ["120", "250"] * 5}).to_csv(evaluation, index=False)
+    raw = load_raw_task(small_cfg(train, eval_file=str(evaluation)))
+    assert raw.label_names == ["007", "120", "250"] and raw.eval["label"].tolist() == [1, 2] * 5
+
+
 @pytest.mark.parametrize("ending", [",", ",extra"])
 def test_csv_rows_longer_than_the_header_are_refused(tmp_path, ending):
     """pandas would read the first field as an index and shift every column by one."""

@@ -420,9 +420,13 @@ def test_a_retrain_from_a_map_splits_its_task_as_the_search_did(rank_map_file, t
     data = result.metrics["config"]["data"]
     assert (data["split_seed"], data["eval_fraction"]) == (7, 0.3)
     assert result.metrics["eval_examples"] == 24  # 30% of the 80 rows, against 16 at the default 20%
-    with caplog.at_level("WARNING", logger="rankalloc"):  # the task named, the split left at its defaults
-        _run(["--rank-map", str(tmp_path / "rank_map.json"), "--out", str(tmp_path / "run2"), *SMALL,
-              "--task", str(csv), "--data.text_column", "sentence", "--data.label_column", "y", "--max-steps", "1"])
+    columns = ["--task", str(csv), "--data.text_column", "sentence", "--data.label_column", "y", "--max-steps", "1"]
+    named = _run(["--rank-map", str(tmp_path / "rank_map.json"), "--out", str(tmp_path / "named"), *SMALL, *columns])
+    assert named.metrics["eval_examples"] == 24  # the map's task named: its split too
+    with caplog.at_level("WARNING", logger="rankalloc"):  # another split asked for, even at the usual values
+        other = _run(["--rank-map", str(tmp_path / "rank_map.json"), "--out", str(tmp_path / "run2"), *SMALL,
+                      *columns, "--data.split_seed", "0", "--data.eval_fraction", "0.2"])
+    assert other.metrics["eval_examples"] == 16
     assert "--data.split_seed 0 (searched with 7), --data.eval_fraction 0.2 (searched with 0.3)" in caplog.text
     # from Python, a DataConfig built without a task follows the map too (it had trained on tweets)
     from rankalloc.config import DataConfig, ModelConfig
