@@ -143,6 +143,7 @@ def _split_from(rank_map: RankMap, data: DataConfig) -> None:
         for key in SPLIT_FIELDS:
             if getattr(data, key) is None and recorded.get(key) is not None:
                 setattr(data, key, coerce(recorded[key], hints[key], f"rank map search.data.{key}"))
+        data.validate()
 
 
 def _warn_other_split(recorded: Any, data: DataConfig) -> None:

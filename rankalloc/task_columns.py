@@ -89,7 +89,7 @@ def _normalise_labels(values: pd.Series, where: str) -> pd.Series:
     return names
 
 
-INTEGER_AS_WRITTEN = r"[+-]?(0|[1-9]\d*)"  # an integer that reads back as written: no leading zeros
+INTEGER_AS_WRITTEN = r"[+-]?(0|[1-9][0-9]*)"  # an integer that reads back as written: no leading zeros
 _SHOWN_COLUMNS = 20
 
 
@@ -113,7 +113,7 @@ def encode_labels(columns: list[tuple[pd.Series, str]],
     """
     normalised = [(_normalise_labels(s, where), where) for s, where in columns]
     if not all(pd.api.types.is_integer_dtype(s) for s, _ in normalised) and all(
-            pd.api.types.is_integer_dtype(s) or s.str.fullmatch(r"[+-]?\d+").all() for s, _ in normalised):
+            pd.api.types.is_integer_dtype(s) or s.str.fullmatch(r"[+-]?[0-9]+").all() for s, _ in normalised):
         # codes such as "007" in one split make every split's integers class names ("120" in another)
         normalised = [(s.astype(str), where) for s, where in normalised]
     kinds = {"int" if pd.api.types.is_integer_dtype(s) else "name" for s, _ in normalised}

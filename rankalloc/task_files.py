@@ -73,7 +73,8 @@ def reject_hub_config(cfg: DataConfig, kind: str) -> None:
 
 def _text_columns(cfg: DataConfig) -> list[str]:
     """The columns ``cfg`` reads as text: kept as written in a CSV file ("007", "3.10", "NA" are text)."""
-    named = [cfg.text_column, cfg.text_pair_column, cfg.answer_column, *(cfg.choice_columns or [])]
+    answer = cfg.answer_column or ("answer" if cfg.family == "causal_lm" else None)  # as select_columns reads it
+    named = [cfg.text_column, cfg.text_pair_column, answer, *(cfg.choice_columns or [])]
     return [c for c in named if c is not None]
 
 
@@ -152,8 +153,8 @@ def _refuse_ragged(df: pd.DataFrame, path: Path, delimiter: str) -> None:
                         "inside an unquoted text? Quote the fields that hold one")
 
 
-_NUMBER = r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?"
-_LEADING_ZERO = r"[+-]?0\d+"  # a code such as "007": a class name, not the number 7
+_NUMBER = r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?"  # ASCII digits: what to_numeric reads
+_LEADING_ZERO = r"[+-]?0[0-9]+"  # a code such as "007": a class name, not the number 7
 
 
 def _numbers_as_written(values: pd.Series) -> pd.Series:

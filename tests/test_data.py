@@ -157,6 +157,18 @@ def test_csv_numbers_and_booleans_read_as_pandas_reads_them(tmp_path):
     assert raw.family == "regression"
 
 
+def test_answers_and_unused_columns_are_read_as_written(tmp_path):
+    """A causal-LM task's default answer column is text ('0.50' stays '0.50'); digits of other scripts in a
+    column the task does not use are not numbers pandas could parse, and do not stop the file."""
+    path = tmp_path / "qa.csv"
+    answers = ["0.50", "true", " 7", "1.10"] * 6
+    pd.DataFrame({"text": [f"q{i}" for i in range(24)], "answer": answers,
+                  "note": ["\uff11\uff12", "\u0663", "3", "4"] * 6}).to_csv(path, index=False)
+    raw = load_raw_task(small_cfg(path, family="causal_lm"))
+    assert raw.train["answer"].tolist() == answers
+    assert read_table(path)["note"].tolist()[:2] == ["\uff11\uff12", "\u0663"]
+
+
 def test_codes_in_one_split_make_the_other_split_s_integers_class_names(tmp_path):
     train, evaluation = tmp_path / "train.csv", tmp_path / "eval.csv"
     pd.DataFrame({"text": [f"t{i}" for i in range(30)], "label": ["007", "120", "250"] * 10}).to_csv(train, index=False)

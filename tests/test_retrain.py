@@ -427,6 +427,10 @@ def test_a_retrain_from_a_map_splits_its_task_as_the_search_did(rank_map_file, t
         other = _run(["--rank-map", str(tmp_path / "rank_map.json"), "--out", str(tmp_path / "run2"), *SMALL,
                       *columns, "--data.split_seed", "0", "--data.eval_fraction", "0.2"])
     assert other.metrics["eval_examples"] == 16
+    rm.search["data"]["eval_fraction"] = 1.5  # a hand-edited map: refused in one line, however the task is named
+    rm.save(tmp_path / "bad_map.json")
+    with pytest.raises(ConfigError, match=r"--data.eval_fraction must lie strictly between 0 and 1, got 1.5"):
+        _run(["--rank-map", str(tmp_path / "bad_map.json"), "--out", str(tmp_path / "bad"), *SMALL, *columns])
     assert "--data.split_seed 0 (searched with 7), --data.eval_fraction 0.2 (searched with 0.3)" in caplog.text
     # from Python, a DataConfig built without a task follows the map too (it had trained on tweets)
     from rankalloc.config import DataConfig, ModelConfig
