@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, _ = parse_args(SearchConfig, argv, "gate_gradients", __doc__)
     cfg.data = with_data_defaults(cfg.data)  # the task's name for the file, as the search reads --task auto
     search.run_search(cfg, "python benchmarks/gate_gradients.py " + " ".join(argv or sys.argv[1:]))
-    out = HERE / "results" / "gate_gradients" / f"{cfg.data.task}-{search.parse_budget(cfg.budget).text}-s{cfg.seed}.json"
+    out = HERE / "results" / "gate_gradients" / f"{Path(cfg.data.task).stem}-{search.parse_budget(cfg.budget).text}-s{cfg.seed}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     n = 2
     while out.exists():  # a committed result (made with other flags, perhaps) is never overwritten
