@@ -140,10 +140,14 @@ def _named_as_published(peft_model: nn.Module, published: str) -> Iterator[None]
 
 def _add_loading_note(card: Path, base: str, family: Family, builtin: str | None = None,
                       pairs: str | None = None) -> None:
-    """Append to peft's model card how to rebuild the trained model (peft alone would load the adapter on a
-    base with the model's own config: another label count, depth or padding id); ``_reload_difference``
+    """Write the model card in place of peft's blank template (whose tags named the local folder the base was
+    read from): what the adapter is, and how to rebuild the trained model (peft alone would load the adapter
+    on a base with the model's own config: another label count, depth or padding id); ``_reload_difference``
     measures exactly this load.  ``builtin``: the alias of rankalloc's packaged copy of ``base``; ``pairs``: the
     separator that joined a pair's two texts (a tokenizer without a pair template)."""
+    import peft
+    import transformers
+
     model_class = family.model_class().__name__
     offline = (f'\n# offline, rankalloc\'s packaged copy of it: from rankalloc.models import resolve_model_path; '
                f'resolve_model_path("{builtin}")' if builtin else "")
@@ -171,8 +175,22 @@ model = PeftModel.from_pretrained(base, adapter)
 tokenizer = AutoTokenizer.from_pretrained(adapter)
 ```
 """
-    text = card.read_text() if card.is_file() else ""
-    io.write_text(card, text.rstrip("\n") + "\n" + note)
+    header = f"""---
+base_model: {base}
+library_name: peft
+tags:
+- base_model:adapter:{base}
+- lora
+- rankalloc
+---
+
+# LoRA adapter for {base}
+
+A peft LoRA adapter ({family.describe()}) with a rank chosen per module by rankalloc: `adapter_config.json` holds
+the ranks (`rank_pattern`), and the run folder's `metrics.json` and `rank_map.json` its evaluation and rank map.
+Saved with peft {peft.__version__} and transformers {transformers.__version__}.
+"""
+    io.write_text(card, header + note)
 
 
 def base_model_kwargs(folder: Path) -> dict[str, Any]:

@@ -110,7 +110,10 @@ def test_saved_adapter_and_merged_model_reproduce_the_trained_logits(rank_map_ru
     adapter = rank_map_run.out / "adapter"  # the built-in alias is recorded by its hub id, not a local folder
     published = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert published == "sentence-transformers/all-MiniLM-L6-v2"
-    assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in (adapter / "README.md").read_text()
+    card = (adapter / "README.md").read_text()
+    assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in card
+    assert "- base_model:adapter:sentence-transformers/all-MiniLM-L6-v2\n" in card  # not the packaged folder
+    assert "More Information Needed" not in card  # no blank template
     assert json.loads((adapter / "base_model_kwargs.json").read_text())["num_hidden_layers"] == 1
 
 
