@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 # summary keys rendered in their own sections; every other key goes to "Other settings"
 _KNOWN_SUMMARY_KEYS = {
-    "budget", "total_params", "head_params", "base_model", "task", "seed", "steps",
+    "budget", "total_params", "head_params", "base_model", "task", "seed", "steps", "warmup_steps",
     "final_lambda", "final_cost_ratio", "wall_time_s", "gap", "command",
 }
 
@@ -122,6 +122,8 @@ def write_search_report(out_dir: str | Path, *, targets: list[Target], ranks: di
     if not math.isfinite(g) and math.isfinite(cont) and math.isfinite(hard):
         g = hard - cont
 
+    warmup = summary.get("warmup_steps")
+    warm = f" (the first {warmup} without gate steps)" if warmup is not None else ""
     command = str(summary.get("command", "")).strip() or "(not recorded)"
     lines = [
         f"# Rank search: {_md_escape(base)} on {_md_escape(task)}",
@@ -142,7 +144,7 @@ def write_search_report(out_dir: str | Path, *, targets: list[Target], ranks: di
         f"| budget | {budget_cell} |",
         f"| adapter params used | {_count(used)}{pct} |",
         f"| head params (not counted) | {head_cell} |",
-        f"| steps | {_fmt(summary.get('steps'))} |",
+        f"| steps | {_fmt(summary.get('steps'))}{warm} |",
         f"| final C/B | {_fmt(summary.get('final_cost_ratio'), '.4f')} |",
         f"| final λ | {_fmt(summary.get('final_lambda'), '.4g')} |",
         f"| wall time | {_fmt_duration(summary.get('wall_time_s'))} |",

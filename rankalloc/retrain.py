@@ -312,6 +312,7 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
                 "device": str(device), "seed": cfg.seed, "world_size": dist_info.world_size,
                 "recipe": to_dict(cfg.train) | {"lr_used": lr, "batch_size": cfg.data.batch_size,
                                                 "max_length": cfg.data.max_length, "optimizer": "AdamW",
+                                                "max_steps": cfg.max_steps,  # a cap that cuts the epochs short
                                                 "schedule": "linear warm-up, then linear decay to 0"},
                 "config": to_dict(cfg), "rankalloc_version": __version__, "command": command,
             }

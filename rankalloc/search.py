@@ -356,7 +356,7 @@ def finish(cfg: SearchConfig, gated: GatedModel, task: TaskData, targets: list[T
     summary = {"budget": budget, "total_params": rm.total_params,
                "head_params": sum(p.numel() for m in head_modules(gated.model).values() for p in m.parameters()),
                "base_model": cfg.model.name, "task": task.name, "label_names": list(task.label_names),
-               "seed": cfg.seed, "world_size": world_size, "steps": state.step,
+               "seed": cfg.seed, "world_size": world_size, "steps": state.step, "warmup_steps": cfg.warmup_steps(),
                "final_lambda": lam, "final_cost_ratio": final_ratio, "wall_time_s": time.time() - t0,
                "gap": gap, "command": command, "r_max": max(r_max.values()),
                "gates": GATE_KINDS[cfg.search.gates].description, "peak_memory_mb": peak_memory(device),

@@ -203,13 +203,14 @@ def test_write_search_report(tmp_path):
     targets = small_targets()
     r_max = {t.name: 4 for t in targets}
     write_search_report(tmp_path / "out", targets=targets, ranks=SMALL_RANKS, r_max=r_max, history=history(),
-                        summary=summary(lr=3e-4, schedule={"warmup": 5}))
+                        summary=summary(lr=3e-4, schedule={"warmup": 5}, warmup_steps=2))
     out = tmp_path / "out"
     assert_png(out / "ranks.png")
     assert_png(out / "trajectory.png")
     md = (out / "report.md").read_text()
     assert md.startswith("# ")
     assert summary()["command"] in md
+    assert f"| steps | {summary()['steps']} (the first 2 without gate steps) |" in md  # a --max-steps run shrinks it
     assert markdown_rank_table(targets, SMALL_RANKS).strip() in md
     assert f"| 0 | 4 | 0 | 2 | {LAYER_PARAMS[0]} |" in md
     assert f"| 1 | 1 | 3 | 4 | {LAYER_PARAMS[1]} |" in md

@@ -156,6 +156,7 @@ def test_metrics_json_has_the_documented_keys(rank_map_run):
     assert metrics["peak_memory_mb"]["cpu_rss"] > 0 and "mcc" not in metrics  # 3 classes: no MCC
     assert metrics["method"] == "rank_map" and metrics["steps"] == 4 and metrics["eval_examples"] == 32
     assert metrics["recipe"]["scale"] == 2.0 and metrics["config"]["model"]["num_layers"] == 1
+    assert metrics["recipe"]["max_steps"] == 4  # the recipe's 2 epochs were cut to 4 steps, and it says so
     assert json.loads((rank_map_run.out / "status.json").read_text())["state"] == "done"
     assert (rank_map_run.out / "adapter" / "adapter_config.json").is_file()
 

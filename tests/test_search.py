@@ -91,6 +91,8 @@ def test_tiny_search_on_a_minilm_slice(tmp_path):
     assert len(result.history) == 8 and all(row["lam"] >= 0 for row in result.history)
     summary = json.loads((result.out / "summary.json").read_text())
     assert summary["total_params"] == rm.total_params and summary["peak_memory_mb"]["cpu_rss"] > 100
+    assert summary["warmup_steps"] == 2 and "| steps | 8 (the first 2 without gate steps) |" in \
+        (result.out / "report.md").read_text()
 
 
 def test_tiny_search_on_random_gpt2(tmp_path, tiny_gpt2):
