@@ -133,7 +133,9 @@ def plot_pareto(path: str | Path, points: list[dict], title: str | None = None, 
     """A point's ``score`` (the task family's ``metric``) against adapter parameters: one marker/line series
     per ``method`` (sorted by params), error bars where ``score_std`` is given; log x axis when the parameter
     span exceeds 10x.  Points with a ``panel`` key (e.g. the task) get one subplot per panel, each method
-    in the same colour and marker in every panel."""
+    in the same colour and marker in every panel.  When points carry a boolean ``front`` (a sweep's trials),
+    each method's trials are plain markers and only its non-dominated ones are joined, by a dashed staircase
+    through ringed markers: a line through every trial would draw dominated trials as part of the curve."""
     methods: list[str] = []
     panels: list[str] = []
     for p in points:
@@ -164,6 +166,7 @@ def _draw_pareto(ax: Any, points: list[dict], methods: list[str], metric: str) -
 
     markers = ["o", "s", "^", "D", "v", "P", "X", "*"]
     all_params = []
+    fronts = 0
     for k, method in enumerate(methods):
         series = sorted((p for p in points if str(p["method"]) == method), key=lambda p: float(p["params"]))
         if not series:
@@ -175,7 +178,17 @@ def _draw_pareto(ax: Any, points: list[dict], methods: list[str], metric: str) -
         style = dict(marker=markers[k % len(markers)], color=f"C{k % 10}", label=method, markersize=6,
                      linewidth=1.5)
         yerr = np.where(np.isfinite(std), std, 0.0) if np.isfinite(std).any() else None
+        on_front = np.array([bool(p.get("front", False)) for p in series])
+        if any("front" in p for p in series):
+            style.update(linestyle="none", alpha=0.55)
         ax.errorbar(x, y, yerr=yerr, capsize=3, **style)  # errorbar for all: legend keeps method order
+        if on_front.any():
+            ax.step(x[on_front], y[on_front], where="post", color=f"C{k % 10}", linestyle="--", linewidth=1.2)
+            ax.scatter(x[on_front], y[on_front], s=150, facecolors="none", edgecolors=f"C{k % 10}", linewidths=1.5,
+                       zorder=3)
+            fronts += 1
+    if fronts:  # one neutral legend entry for the rings, whatever the number of methods
+        ax.scatter([], [], s=150, facecolors="none", edgecolors="0.3", linewidths=1.5, label="Pareto front")
     positive = [v for v in all_params if v > 0]
     if positive and min(positive) == min(all_params) and max(positive) / min(positive) > 10:
         ax.set_xscale("log")

@@ -73,7 +73,7 @@ def write_reports(study: Any, sweep: Sweep, summary: dict[str, Any]) -> list[dic
     io.write_text(out / "pareto.csv", _csv(front))
     io.write_text(out / "trials.csv", _csv(rows))
     plot_pareto(out / "pareto.png", [{"method": r["method"], "params": r["adapter_params"],
-                                      "score": r["score"]} for r in rows],
+                                      "score": r["score"], "front": r["front"]} for r in rows],
                 title=f"{sweep.cfg.model.name} on {sweep.cfg.data.task}: {metric} vs adapter parameters", metric=metric)
     summary = {**summary, "trials_complete": len(rows), "front": [r["trial"] for r in front]}
     io.write_json(out / "sweep.json", summary)

@@ -184,6 +184,28 @@ def test_pareto_two_methods(tmp_path):
     assert_png(tmp_path / "narrow.png")
 
 
+def test_pareto_rings_the_front_and_joins_only_it(tmp_path, monkeypatch):
+    """A sweep's dominated trial is a plain marker: the dashed staircase runs through the front only."""
+    import rankalloc.figures as figures
+
+    drawn = []
+    monkeypatch.setattr(figures, "save_figure", lambda path, fig, dpi=None: drawn.append(fig))
+    trials = [{"method": "rankalloc", "params": 41_000, "score": 0.80, "front": True},
+              {"method": "rankalloc", "params": 80_000, "score": 0.78, "front": False},  # dominated
+              {"method": "rankalloc", "params": 160_000, "score": 0.83, "front": True}]
+    plot_pareto(tmp_path / "pareto.png", trials)
+    ax = drawn[0].axes[0]
+    dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert len(dashed) == 1 and 80_000 not in list(dashed[0].get_xdata())
+    assert sorted(dashed[0].get_xdata()) == [41_000, 160_000]
+    assert all(line.get_linestyle() in ("None", "none", "--") for line in ax.get_lines())  # no line through all
+    assert "Pareto front" in [t.get_text() for t in ax.get_legend().get_texts()]
+    plot_pareto(tmp_path / "plain.png", [{k: v for k, v in p.items() if k != "front"} for p in trials])
+    plain = drawn[1].axes[0]
+    assert not [line for line in plain.get_lines() if line.get_linestyle() == "--"]
+    assert "Pareto front" not in [t.get_text() for t in plain.get_legend().get_texts()]
+
+
 def test_pareto_one_panel_per_task(tmp_path):
     import matplotlib.image as mpimg
 
