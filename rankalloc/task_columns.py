@@ -70,6 +70,13 @@ def _label_kind(values: pd.Series, where: str) -> str:
     return kinds.pop()
 
 
+# Integer literals in label text, one rule for every reader: "7" is the id 7, while "007" and "07" are two
+# class codes (read as numbers they would merge into 7), and a column holding one code keeps all as names.
+INTEGER_AS_WRITTEN = r"[+-]?(0|[1-9][0-9]*)"  # reads back as written: no leading zero
+INTEGER_CODE = r"[+-]?0[0-9]+"  # a leading zero: a class code, not a number
+INTEGER_LITERAL = f"(?:{INTEGER_AS_WRITTEN})|(?:{INTEGER_CODE})"
+
+
 def _short(value: object, limit: int = 40) -> str:
     text = repr(value.tolist() if isinstance(value, np.ndarray) else value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
@@ -89,7 +96,6 @@ def _normalise_labels(values: pd.Series, where: str) -> pd.Series:
     return names
 
 
-INTEGER_AS_WRITTEN = r"[+-]?(0|[1-9][0-9]*)"  # an integer that reads back as written: no leading zeros
 _SHOWN_COLUMNS = 20
 
 
@@ -113,7 +119,7 @@ def encode_labels(columns: list[tuple[pd.Series, str]],
     """
     normalised = [(_normalise_labels(s, where), where) for s, where in columns]
     if not all(pd.api.types.is_integer_dtype(s) for s, _ in normalised) and all(
-            pd.api.types.is_integer_dtype(s) or s.str.fullmatch(r"[+-]?[0-9]+").all() for s, _ in normalised):
+            pd.api.types.is_integer_dtype(s) or s.str.fullmatch(INTEGER_LITERAL).all() for s, _ in normalised):
         # codes such as "007" in one split make every split's integers class names ("120" in another)
         normalised = [(s.astype(str), where) for s, where in normalised]
     kinds = {"int" if pd.api.types.is_integer_dtype(s) else "name" for s, _ in normalised}

@@ -19,7 +19,8 @@ import pandas as pd
 
 from .config import DataConfig
 from .errors import DataError
-from .task_columns import column_list, drop_unlabelled, encode_labels, encode_targets, resolve_family, select_columns
+from .task_columns import (INTEGER_CODE, column_list, drop_unlabelled, encode_labels, encode_targets, resolve_family,
+                           select_columns)
 
 __all__ = ["LOCAL_EXTENSIONS", "RawTask", "decode_mixed", "encode_labels", "read_table"]
 
@@ -154,7 +155,6 @@ def _refuse_ragged(df: pd.DataFrame, path: Path, delimiter: str) -> None:
 
 
 _NUMBER = r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?"  # ASCII digits: what to_numeric reads
-_LEADING_ZERO = r"[+-]?0[0-9]+"  # a code such as "007": a class name, not the number 7
 
 
 def _numbers_as_written(values: pd.Series) -> pd.Series:
@@ -165,7 +165,7 @@ def _numbers_as_written(values: pd.Series) -> pd.Series:
         return values
     if present.str.lower().isin(("true", "false")).all():  # booleans, as pandas reads them
         return values.map(lambda v: v if pd.isna(v) else v.strip().lower() == "true")
-    if not present.str.fullmatch(_NUMBER).all() or present.str.fullmatch(_LEADING_ZERO).any():
+    if not present.str.fullmatch(_NUMBER).all() or present.str.fullmatch(INTEGER_CODE).any():
         return values
     return pd.to_numeric(values.str.strip())
 
