@@ -193,21 +193,34 @@ def _tsv_quoting(text: str) -> int:
     written with standard quoting (as pandas and datasets write fields holding tabs, newlines or quotes):
     that alone gives every row the same number of fields, or every field that starts with a quote is a
     whole quoted field (in quotes, with the quotes inside doubled)."""
-    def rows(quoting: int) -> list[list[str]] | None:
-        try:
-            parsed = [row for row in csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=quoting) if row]
-        except csv.Error:
-            return None
-        return parsed if len({len(row) for row in parsed}) == 1 else None
+    plain_even, quoted = _rows_even(text, csv.QUOTE_NONE, quoted=True)
+    standard_even, _ = _rows_even(text, csv.QUOTE_MINIMAL)
+    if not plain_even:
+        return csv.QUOTE_MINIMAL if standard_even else csv.QUOTE_NONE  # ragged either way: the parser names
+        # the first bad line
+    return csv.QUOTE_MINIMAL if standard_even and quoted else csv.QUOTE_NONE
 
-    plain, standard = rows(csv.QUOTE_NONE), rows(csv.QUOTE_MINIMAL)
-    if plain is None:
-        return csv.QUOTE_MINIMAL if standard is not None else csv.QUOTE_NONE  # ragged either way: the parser
-        # names the first bad line
-    quoted = [field for row in plain for field in row if field.startswith('"')]
-    if standard is not None and quoted and all(_is_quoted_field(field) for field in quoted):
-        return csv.QUOTE_MINIMAL
-    return csv.QUOTE_NONE
+
+def _rows_even(text: str, quoting: int, quoted: bool = False) -> tuple[bool, bool]:
+    """Whether ``text`` parses as tab-separated rows that all hold the same number of fields, and (with
+    ``quoted``) whether some field starts with a quote and every such field is a whole quoted field.  Reads
+    row by row: the rows are not kept (a large file parsed twice would hold two copies)."""
+    widths: set[int] = set()
+    some_quoted, all_whole = False, True
+    try:
+        for row in csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=quoting):
+            if not row:
+                continue
+            widths.add(len(row))
+            if len(widths) > 1:
+                return False, False
+            if quoted:
+                starts = [field for field in row if field.startswith('"')]
+                some_quoted = some_quoted or bool(starts)
+                all_whole = all_whole and all(_is_quoted_field(field) for field in starts)
+    except csv.Error:
+        return False, False
+    return len(widths) == 1, some_quoted and all_whole
 
 
 def _is_quoted_field(field: str) -> bool:
