@@ -6,8 +6,9 @@
 
 Each side is ``GRID:METHOD`` (cells under ``results/GRID/``).  Cells are paired on (task, budget, seed),
 so seed-to-seed variation (data order, initialisation) cancels; prints each pair, the mean difference,
-its standard deviation and a paired t-test (two-sided), and the mean wall time of each side.  Several
-pairs of grids can be pooled by repeating the arguments: ``A1 B1 A2 B2 ...``.
+its standard deviation (n - 1) and a paired t-test (two-sided), and the mean wall time of each side.  Cells
+without a partner on the other side are left out and named.  Several pairs of grids can be pooled by
+repeating the arguments: ``A1 B1 A2 B2 ...``.
 """
 from __future__ import annotations
 
@@ -57,15 +58,19 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.sides) % 2:
         raise SystemExit("compare: give the sides in pairs, A B [A2 B2 ...]")
     results = Path(args.results)
-    pairs = []
+    pairs, unpaired = [], []
     for a_spec, b_spec in zip(args.sides[::2], args.sides[1::2]):
         a, b = cells(a_spec, results, args.task, args.budget), cells(b_spec, results, args.task, args.budget)
+        unpaired += [f"{spec} {key[0]} {key[1]:,} s{key[2]}" for spec, own, other in ((a_spec, a, b), (b_spec, b, a))
+                     for key in sorted(set(own) - set(other))]
         for key in sorted(set(a) & set(b)):
             pairs.append((a[key], b[key]))
             print(f"{key[0]:>14} {key[1]:>8,} s{key[2]}  {100 * score(a[key]):6.2f}  {100 * score(b[key]):6.2f}  "
                   f"{100 * (score(a[key]) - score(b[key])):+6.2f}")
     if not pairs:
         raise SystemExit("compare: no (task, budget, seed) cell is on both sides")
+    if unpaired:
+        print(f"left out, no partner on the other side ({len(unpaired)}): {'; '.join(unpaired)}")
     res = compare(pairs)
     walls = [[r["total_s"] for r in side if r.get("total_s")] for side in zip(*pairs)]
     print(f"{res['n']} pairs: mean difference {res['mean']:+.2f} points (std {res['std']:.2f}, paired t-test "

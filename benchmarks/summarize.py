@@ -65,6 +65,11 @@ def peak_rss(records: list[dict]) -> str:
     return f"{statistics.fmean(peaks):,.0f}" if peaks else "n/a"
 
 
+def _row(cells: list) -> str:
+    """One markdown table row: as many cells as given (none left empty at the end)."""
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
 def summarize(records: list[dict]) -> tuple[str, list[dict]]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
@@ -75,9 +80,9 @@ def summarize(records: list[dict]) -> tuple[str, list[dict]]:
         + sorted(present - {"random", "gradient", "uniform", "adalora"})
     names = {"random": "random scores", "gradient": "gradient", "uniform": "uniform", "adalora": "AdaLoRA"}
     names.update({m: m for m in bases if m not in names})
-    lines = ["| task | budget | method | seeds | score (mean ± std) | macro-F1 | adapter params (% of B) | "
-             "wall time (s) | peak RSS (MiB) | " + " | ".join(f"Δ vs {names[b]}" for b in bases) + " |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(bases)]
+    header = ["task", "budget", "method", "seeds", "score (mean ± std)", "macro-F1", "adapter params (% of B)",
+              "wall time (s)", "peak RSS (MiB)"] + [f"Δ vs {names[b]}" for b in bases]
+    lines = [_row(header), "|---|---:|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(bases)]
     points = []
     for (task, budget, method), rs in sorted(groups.items()):
         acc, acc_sd = mean_std([100 * score(r) for r in rs])
@@ -99,8 +104,8 @@ def summarize(records: list[dict]) -> tuple[str, list[dict]]:
                 deltas.append(f"{delta:+.2f}{note}")
             else:
                 deltas.append("")
-        lines.append(f"| {task} | {budget:,} | {method} | {len(rs)} | {acc:.2f} ± {acc_sd:.2f} ({metric}) | {f1} | "
-                     f"{params:,.0f} ({100 * params / budget:.1f}%) | {wall:.0f} | {peak} | " + " | ".join(deltas) + " |")
+        lines.append(_row([task, f"{budget:,}", method, len(rs), f"{acc:.2f} ± {acc_sd:.2f} ({metric})", f1,
+                           f"{params:,.0f} ({100 * params / budget:.1f}%)", f"{wall:.0f}", peak] + deltas))
         points.append({"method": method, "panel": task if len({k[0] for k in groups}) > 1 else "",
                        "params": params, "score": acc / 100, "score_std": acc_sd / 100, "metric": metric})
     return "\n".join(lines), points

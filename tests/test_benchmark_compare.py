@@ -36,8 +36,9 @@ def test_pairs_on_task_budget_seed_and_reports_the_mean_difference(tmp_path, cap
     _cell(tmp_path / "new", "rankalloc", 7, 0.99)  # no partner: must not count
     _cell(tmp_path / "old", "uniform", 0, 0.10)  # another method: must not count
     assert compare.main(["new:rankalloc", "old:rankalloc", "--results", str(tmp_path)]) == 0
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last.startswith("3 pairs: mean difference +1.00 points")
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("3 pairs: mean difference +1.00 points")
+    assert lines[-2] == "left out, no partner on the other side (1): new:rankalloc tweets 82,944 s7"
     _cell(tmp_path / "new", "rankalloc", 0, 0.50, budget=9216)
     _cell(tmp_path / "old", "rankalloc", 0, 0.40, budget=9216)
     assert compare.main(["new:rankalloc", "old:rankalloc", "--budget", "9216", "--results", str(tmp_path)]) == 0
@@ -83,3 +84,16 @@ def test_summarize_adds_another_grids_cells_as_a_named_baseline(tmp_path, capsys
             summarize.main(["--grid", "tight", "--results", str(tmp_path)]
                            + [arg for spec in bad for arg in ("--with", spec)])
         assert says in capsys.readouterr().err
+
+
+def test_summary_of_one_method_is_a_well_formed_table(tmp_path):
+    """No baseline, no delta columns: every row must have as many cells as the header and its rule."""
+    summarize = _benchmark_module("summarize")
+    for seed in (0, 1):
+        _cell(tmp_path / "solo", "rankalloc", seed, 0.75)
+    for record in (tmp_path / "solo").glob("*.json"):
+        record.write_text(json.dumps(dict(json.loads(record.read_text()), adapter_params=82944)))
+    assert summarize.main(["--grid", "solo", "--results", str(tmp_path)]) == 0
+    rows = [line for line in (tmp_path / "solo" / "summary.md").read_text().splitlines() if line.startswith("|")]
+    assert len(rows) == 3
+    assert {line.count("|") for line in rows} == {10}  # 9 cells
