@@ -86,6 +86,9 @@ def _terminate(signum: int, frame: Any) -> None:
     raise Terminated
 
 
+_RESUMES = dict.fromkeys(("search", "retrain", "sweep"), "; rerun the same command to resume")  # stages that can
+
+
 def run_stage(stage: str, argv: list[str] | None = None) -> int:
     """Parse flags for ``stage``, run it, and turn user errors into one line and exit status 2."""
     setup_logging()
@@ -98,10 +101,10 @@ def run_stage(stage: str, argv: list[str] | None = None) -> int:
         print(f"rankalloc {stage}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print(f"rankalloc {stage}: interrupted", file=sys.stderr)
+        print(f"rankalloc {stage}: interrupted{_RESUMES.get(stage, '')}", file=sys.stderr)
         return 130
     except Terminated:
-        print(f"rankalloc {stage}: terminated (SIGTERM); rerun the same command to resume", file=sys.stderr)
+        print(f"rankalloc {stage}: terminated (SIGTERM){_RESUMES.get(stage, '')}", file=sys.stderr)
         return 128 + signal.SIGTERM
     finally:
         if main_thread:

@@ -124,6 +124,8 @@ def write_search_report(out_dir: str | Path, *, targets: list[Target], ranks: di
 
     warmup = summary.get("warmup_steps")
     warm = f" (the first {warmup} without gate steps)" if warmup is not None else ""
+    at = summary.get("resumed_from_step")
+    resumed = "" if at is None else f" (resumed at step {at}: with the earlier processes up to their last checkpoint)"
     command = str(summary.get("command", "")).strip() or "(not recorded)"
     lines = [
         f"# Rank search: {_md_escape(base)} on {_md_escape(task)}",
@@ -147,7 +149,7 @@ def write_search_report(out_dir: str | Path, *, targets: list[Target], ranks: di
         f"| steps | {_fmt(summary.get('steps'))}{warm} |",
         f"| final C/B | {_fmt(summary.get('final_cost_ratio'), '.4f')} |",
         f"| final λ | {_fmt(summary.get('final_lambda'), '.4g')} |",
-        f"| wall time | {_fmt_duration(summary.get('wall_time_s'))} |",
+        f"| wall time | {_fmt_duration(summary.get('wall_time_s'))}{resumed} |",
         "",
         "## Discretisation gap",
         "",

@@ -43,7 +43,7 @@ from .targets import Target, find_targets, head_modules, stores_fan_in_fan_out
 from .rank_map import RankMap, peft_settings
 from .retrain_loop import load_resumable, predict, train
 from .sensitivity import gradient_spectra
-from .training import peak_memory, set_seed
+from .training import RunClock, set_seed
 from .retrain_outputs import describe_adapter, save_outputs
 from .warm_start import warm_start
 
@@ -272,13 +272,16 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
         load=lambda folder: load_resumable(folder / rundir.CHECKPOINT, meta, method, dist_info),
         step_of=lambda checkpoint: checkpoint["step"])
     wall = {"load": time.time() - t0 - build_s, "build": build_s}
+    clock = RunClock(t0, device)  # the run's time and memory, over the processes of a resumed run
+    if resume:
+        clock.resume(resume)
     lr = cfg.train.adalora_lr if method == "adalora" else cfg.train.lr
     logger.info("retrain %s: %d targets, budget %d, %d steps (%d epochs of %d examples), lr %g, device %s, out %s",
                 method, len(targets), budget, steps, cfg.train.epochs, len(task.train), lr, device, out)
     try:
         t = time.time()
         history = train(peft_model, task.train, steps, lr, cfg, device, method == "adalora", on_step, dist_info,
-                        task.family, checkpoint=out / rundir.CHECKPOINT, resume=resume, meta=meta)
+                        task.family, checkpoint=out / rundir.CHECKPOINT, resume=resume, meta=meta, clock=clock)
         wall["train"] = time.time() - t
 
         def evaluate_and_save() -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
@@ -298,7 +301,9 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
             _record_trained_task(trained, task, cfg)
             trained.save(out / "rank_map.json")
             wall["save"] = time.time() - t
-            wall["total"] = time.time() - t0
+            wall["total"] = clock.elapsed()  # with the earlier processes of a resumed run, up to its checkpoint
+            if resume:
+                wall["earlier_processes"] = clock.earlier_s
 
             metrics = {
                 "method": method, "task": task.name, "family": task.family.name, "base_model": cfg.model.name,
@@ -308,7 +313,7 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
                 **adapter, "budget": int(budget), "budget_used": adapter["adapter_params"] / budget,
                 "ranks": trained.ranks, "warm_start": warm,
                 "resumed_from_step": resume["step"] if resume else None,
-                "checks": checks, "wall_time_s": wall, "peak_memory_mb": peak_memory(device),
+                "checks": checks, "wall_time_s": wall, "peak_memory_mb": clock.peak(),
                 "device": str(device), "seed": cfg.seed, "world_size": dist_info.world_size,
                 "recipe": to_dict(cfg.train) | {"lr_used": lr, "batch_size": cfg.data.batch_size,
                                                 "max_length": cfg.data.max_length, "optimizer": "AdamW",
@@ -318,7 +323,6 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
             }
             io.write_json(out / "history.json", history)
             io.write_json(out / "metrics.json", metrics)
-            (out / rundir.CHECKPOINT).unlink(missing_ok=True)  # the adapter holds the result now
             return metrics, logits, labels
 
         done = distributed.on_main(dist_info, evaluate_and_save, "rank 0 stopped while evaluating and saving "
@@ -332,7 +336,9 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
         raise
     finally:
         distributed.shutdown(dist_info)
-    rundir.finish_run(out, command=command)
+    # the adapter holds the result now: its checkpoint goes, but only once the status says done (killed
+    # before that, the run resumes from it and ends the same, where a rerun could replace the result)
+    rundir.finish_run(out, command=command, drop=(rundir.CHECKPOINT,))
     return RetrainResult(out, metrics, logits, labels)
 
 

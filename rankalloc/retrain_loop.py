@@ -18,7 +18,7 @@ from .config import RetrainConfig
 from .data import EpochSampler, Split
 from .errors import RunDirError
 from .families import Classification, Family
-from .training import check_finite, rng_state, set_rng_state, to_device
+from .training import RunClock, check_finite, rng_state, set_rng_state, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -36,13 +36,14 @@ def train(model: nn.Module, train_split: Split, steps: int, lr: float, cfg: Retr
           adalora: bool = False, on_step: Callable[[dict[str, Any]], None] | None = None,
           dist_info: distributed.DistInfo = distributed.DistInfo(), family: Family | None = None,
           checkpoint: Path | None = None, resume: dict[str, Any] | None = None,
-          meta: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+          meta: dict[str, Any] | None = None, clock: RunClock | None = None) -> list[dict[str, Any]]:
     """``steps`` AdamW steps on batches of ``train_split``; AdaLoRA adds its orthogonality regulariser to
     the loss and re-allocates its ranks after each step.
 
     Every ``--train.checkpoint_every`` steps rank 0 writes ``checkpoint`` (trainable weights, optimiser,
     schedule, data order, RNGs: what it takes to continue the same run; ``meta`` says which run it is);
-    ``resume``, such a checkpoint loaded, continues from its step.
+    ``resume``, such a checkpoint loaded, continues from its step; ``clock`` (the run's time and memory
+    over its processes) travels with the checkpoint.
     """
     family = family or Classification()
     p = cfg.train
@@ -80,7 +81,8 @@ def train(model: nn.Module, train_split: Split, steps: int, lr: float, cfg: Retr
         if checkpoint is not None and p.checkpoint_every and (step + 1) % p.checkpoint_every == 0 and step + 1 < steps:
             rngs = distributed.gather(dist_info, rng_state())  # every rank's own random stream
             if dist_info.is_main:
-                _save(checkpoint, step + 1, model, opt, sched, sampler, history, meta or {}, adalora, rngs)
+                _save(checkpoint, step + 1, model, opt, sched, sampler, history, meta or {}, adalora, rngs,
+                      clock.state() if clock is not None else None)
         if on_step is not None:
             on_step(row)
     return history
@@ -114,11 +116,13 @@ def _set_adalora_state(model: nn.Module, state: dict[str, Any]) -> None:
 
 def _save(path: Path, step: int, model: nn.Module, opt: Any, sched: Any, sampler: EpochSampler,
           history: list[dict[str, Any]], meta: dict[str, Any], adalora: bool = False,
-          rngs: list[dict[str, Any]] | None = None) -> None:
-    """``rngs``: every rank's RNG state, in rank order (default: this process's)."""
+          rngs: list[dict[str, Any]] | None = None, clock: dict[str, Any] | None = None) -> None:
+    """``rngs``: every rank's RNG state, in rank order (default: this process's); ``clock``:
+    :meth:`RunClock.state`."""
     io.save_torch(path, {"meta": meta, "step": step, "params": _trainable(model), "opt": opt.state_dict(),
                          "sched": sched.state_dict(), "sampler": sampler.state_dict(), "history": list(history),
-                         "rng": rngs or [rng_state()], "adalora": _adalora_state(model) if adalora else None})
+                         "rng": rngs or [rng_state()], "adalora": _adalora_state(model) if adalora else None,
+                         "clock": clock})
 
 
 def _restore(model: nn.Module, opt: Any, sched: Any, sampler: EpochSampler,

@@ -100,7 +100,7 @@ def open_run(out: str | Path, *, overwrite: bool, resume: bool) -> tuple[Path, b
       ``OUT.replaced`` (see ``set_aside``) and the run starts afresh; any other non-empty folder is
       refused, never touched;
     * a checkpoint and no finished result: the run resumes (``--resume`` or simply re-running);
-    * a finished run: refused without ``--overwrite``;
+    * a finished run: refused without ``--overwrite`` (also with ``--resume``: there is nothing left to do);
     * ``--resume`` with nothing to resume: refused.
 
     Raises:
@@ -114,8 +114,7 @@ def open_run(out: str | Path, *, overwrite: bool, resume: bool) -> tuple[Path, b
         if out.is_dir():
             hold_writable(out)  # before anything is moved aside or resumed; until the run ends (see start_run)
             held = True
-            _remove_partial_writes(out)
-        has_content = out.is_dir() and any(p.name != LOCK for p in out.iterdir())
+        has_content = out.is_dir() and any(p.name != LOCK and not _is_partial_write(p) for p in out.iterdir())
         status = read_status(out) if has_content else None
         has_ckpt = (out / CHECKPOINT).is_file()
         if overwrite and has_content:
@@ -123,9 +122,12 @@ def open_run(out: str | Path, *, overwrite: bool, resume: bool) -> tuple[Path, b
             release(out)
             held = False
             has_content, status, has_ckpt = False, None, False
+        if resume and has_content and status is not None and status.get("state") == "done":
+            raise RunDirError(f"--resume: {out} holds a finished run, nothing to resume; pass --overwrite to run "
+                              "it again or choose another --out")
         if resume and not has_ckpt:
             raise RunDirError(f"--resume: {out} holds no checkpoint to resume from")
-        if has_content and status is not None and status.get("state") == "done" and not resume:
+        if has_content and status is not None and status.get("state") == "done":
             raise RunDirError(f"--out {out} holds a finished run; pass --overwrite to replace it or choose "
                               "another --out")
         if has_content and not has_ckpt and _is_status(out / STATUS):
@@ -136,6 +138,8 @@ def open_run(out: str | Path, *, overwrite: bool, resume: bool) -> tuple[Path, b
         elif has_content and not has_ckpt and not overwrite:
             raise RunDirError(f"--out {out} is not empty and holds no resumable run; pass --overwrite or "
                               "choose another --out")
+        if out.is_dir():
+            _remove_partial_writes(out)  # only now: a refused folder is left as it was found
         hold_writable(out)
         held = True
     except BaseException:
@@ -146,11 +150,18 @@ def open_run(out: str | Path, *, overwrite: bool, resume: bool) -> tuple[Path, b
     return out, has_ckpt
 
 
+def _is_partial_write(path: Path) -> bool:
+    """Whether ``path`` is the temporary file of a rankalloc write (``io.atomic_path``'s
+    ``.NAME.rankalloc-XXXX.tmpSUFFIX``), not a file of the user's."""
+    name = path.name
+    return name.startswith(".") and f".{io.PARTIAL_MARK}" in name and ".tmp" in name and path.is_file()
+
+
 def _remove_partial_writes(out: Path) -> None:
-    """Delete the temporary files of writes a killed run left half done (``io.atomic_path``'s
-    ``.NAME.XXXX.tmpSUFFIX``): nobody else writes the folder while this process holds it."""
-    for partial in out.glob(".*.tmp*"):
-        if partial.is_file() and partial.name.count(".") >= 3:
+    """Delete the temporary files of writes a killed run left half done: nobody else writes the folder
+    while this process holds it."""
+    for partial in out.iterdir():
+        if _is_partial_write(partial):
             logger.info("removing %s, left by a write that was cut short", partial.name)
             partial.unlink(missing_ok=True)
 
@@ -354,10 +365,13 @@ def release(out: Path) -> None:
         os.close(fd)
 
 
-def finish_run(out: Path, **extra: Any) -> None:
-    """Mark the run in ``out`` done, delete the run it replaced (if any), and let go of ``out``."""
+def finish_run(out: Path, drop: tuple[str, ...] = (), **extra: Any) -> None:
+    """Mark the run in ``out`` done, then delete its files ``drop`` (such as a checkpoint the result
+    replaces) and the run it replaced (if any), and let go of ``out``."""
     try:
         set_status(out, "done", **extra)
+        for name in drop:
+            (out / name).unlink(missing_ok=True)
         drop_replaced(out)
     finally:
         release(out)

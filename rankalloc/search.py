@@ -46,7 +46,7 @@ from .targets import Target, find_targets, head_modules, stores_fan_in_fan_out
 from .rank_map import RankMap, peft_settings
 from .search_checkpoint import SearchState, load_checkpoint, save_checkpoint
 from .tasks import recorded_data
-from .training import check_finite, evaluate, grads_finite, peak_memory, rng_state, set_seed, to_device
+from .training import check_finite, evaluate, grads_finite, rng_state, set_seed, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -299,13 +299,14 @@ def run_search(cfg: SearchConfig, command: str | None = None,
         load=lambda folder: load_checkpoint(folder, cfg, gated, opts, dist_info, task.fingerprint()),
         step_of=lambda s: s.step)
     state = state or SearchState()
+    state.clock.started, state.clock.device = t0, device  # this process's share of the run
     logger.info("search: %d targets, budget %s = %d parameters, r_max %d, %d steps, device %s, out %s",
                 len(targets), spec.text, budget, max(r_max.values()), cfg.steps(), device, out)
     try:
         state = search_loop(cfg, gated, task, budget, device, out, state, opts, on_step, dist_info)
         result = distributed.on_main(  # rank 0 alone discretises and writes; the others wait for its files
             dist_info, lambda: finish(cfg, gated, task, targets, r_max, budget, base_params, device, out, state,
-                                      opts, command, t0, dist_info.world_size),
+                                      opts, command, dist_info.world_size),
             "rank 0 stopped while writing the results (its error says why); this rank stops with it")
         if not dist_info.is_main:
             return None
@@ -321,7 +322,7 @@ def run_search(cfg: SearchConfig, command: str | None = None,
 
 def finish(cfg: SearchConfig, gated: GatedModel, task: TaskData, targets: list[Target], r_max: dict[str, int],
            budget: int, base_params: int, device: torch.device, out: Path, state: SearchState, opts: dict[str, Any],
-           command: str, t0: float, world_size: int = 1) -> SearchResult:
+           command: str, world_size: int = 1) -> SearchResult:
     """Discretise, measure the gap (on ``gap_batches`` global batches), and write scores, rank map, peft
     config and report."""
     scores = rank_scores(gated)
@@ -357,9 +358,10 @@ def finish(cfg: SearchConfig, gated: GatedModel, task: TaskData, targets: list[T
                "head_params": sum(p.numel() for m in head_modules(gated.model).values() for p in m.parameters()),
                "base_model": cfg.model.name, "task": task.name, "label_names": list(task.label_names),
                "seed": cfg.seed, "world_size": world_size, "steps": state.step, "warmup_steps": cfg.warmup_steps(),
-               "final_lambda": lam, "final_cost_ratio": final_ratio, "wall_time_s": time.time() - t0,
+               "final_lambda": lam, "final_cost_ratio": final_ratio, "wall_time_s": state.clock.elapsed(),
+               "resumed_from_step": state.clock.resumed_from,
                "gap": gap, "command": command, "r_max": max(r_max.values()),
-               "gates": GATE_KINDS[cfg.search.gates].description, "peak_memory_mb": peak_memory(device),
+               "gates": GATE_KINDS[cfg.search.gates].description, "peak_memory_mb": state.clock.peak(),
                "gate_loss_at_budget": ("held-out loss + Lagrangian" if cfg.search.lagrangian_at_budget else
                                        "held-out loss alone (λ frozen from the first step at the budget)")}
     write_search_report(out, targets=targets, ranks=ranks, r_max=r_max, history=state.history, summary=summary)

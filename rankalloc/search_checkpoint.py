@@ -17,7 +17,7 @@ from .config import SearchConfig
 from .errors import RunDirError
 from .flags import to_dict
 from .targets import head_modules
-from .training import rng_state, set_rng_state
+from .training import RunClock, rng_state, set_rng_state
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +28,7 @@ class SearchState:
 
     step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    clock: RunClock = field(default_factory=RunClock)  # wall time and peak memory over every process of the run
     last_train_loss: float = float("nan")
 
 
@@ -45,7 +46,7 @@ def save_checkpoint(out: Path, cfg: SearchConfig, gated: GatedModel, state: Sear
         "sched": opts["sched"].state_dict(), "lagrangian": opts["lagrangian"].state_dict(),
         "weight_sampler": opts["weight_sampler"].state_dict(),
         "gate_sampler": opts["gate_sampler"].state_dict(), "rng": rngs, "world_size": len(rngs),
-        "data_fingerprint": data_fingerprint})
+        "data_fingerprint": data_fingerprint, "clock": state.clock.state()})
 
 
 def _budget_key(text: Any) -> tuple[float, bool]:
@@ -99,4 +100,6 @@ def load_checkpoint(out: Path, cfg: SearchConfig, gated: GatedModel, opts: dict[
         opts[key].load_state_dict(ckpt[key])
     set_rng_state(distributed.own_rng_state(ckpt["rng"], dist_info))
     logger.info("resumed %s at step %d", out, ckpt["step"])
-    return SearchState(step=ckpt["step"], history=ckpt["history"])
+    clock = RunClock()
+    clock.resume(ckpt)
+    return SearchState(step=ckpt["step"], history=ckpt["history"], clock=clock)

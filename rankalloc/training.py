@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import random
 import resource
+import time
 from typing import Any, Iterable
 
 import numpy as np
@@ -80,3 +81,32 @@ def peak_memory(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         peak["cuda_max_allocated"] = torch.cuda.max_memory_allocated(device) / 2**20
     return peak
+
+
+class RunClock:
+    """Wall time and peak memory of a run that may span several processes (killed, then resumed): what the
+    earlier processes spent up to their last checkpoint, plus this process since ``started``.  A
+    checkpoint carries :meth:`state`; :meth:`resume` takes it back."""
+
+    def __init__(self, started: float | None = None, device: torch.device | None = None):
+        self.started = time.time() if started is None else started
+        self.device = device or torch.device("cpu")
+        self.earlier_s = 0.0
+        self.earlier_peak: dict[str, float] = {}
+        self.resumed_from: int | None = None
+
+    def resume(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("clock") or {}  # absent from checkpoints written before it was kept
+        self.earlier_s = float(saved.get("elapsed_s", 0.0))
+        self.earlier_peak = dict(saved.get("peak_memory_mb", {}))
+        self.resumed_from = int(checkpoint["step"])
+
+    def elapsed(self) -> float:
+        return self.earlier_s + time.time() - self.started
+
+    def peak(self) -> dict[str, float]:
+        now = peak_memory(self.device)
+        return {k: max(now.get(k, 0.0), self.earlier_peak.get(k, 0.0)) for k in {**self.earlier_peak, **now}}
+
+    def state(self) -> dict[str, Any]:
+        return {"elapsed_s": self.elapsed(), "peak_memory_mb": self.peak()}

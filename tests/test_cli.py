@@ -124,6 +124,10 @@ def test_finished_run_is_not_overwritten(capsys, tmp_path):
     code, err = run_main(capsys, SMALL + ["--budget", "5k", "--out", str(out), "--search.r_max", "4"])
     assert_one_line_refusal(code, err, "holds a finished run; pass --overwrite")
     assert (out / "rank_map.json").read_text() == "precious"
+    (out / "checkpoint.pt").write_text("a search keeps its checkpoint when it finishes")
+    code, err = run_main(capsys, SMALL + ["--budget", "5k", "--out", str(out), "--search.r_max", "4", "--resume"])
+    assert_one_line_refusal(code, err, "--resume: " + str(out) + " holds a finished run, nothing to resume")
+    assert (out / "rank_map.json").read_text() == "precious"
 
 
 def test_unknown_yaml_key_is_named(tmp_path):
@@ -223,3 +227,19 @@ def test_the_stage_dispatcher_says_what_it_accepts(capsys):
     assert main(["serach"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "rankalloc: error: unknown stage 'serach'; stages: " + ", ".join(STAGES)
+
+
+def test_ctrl_c_says_how_to_resume_where_a_stage_can(monkeypatch, capsys):
+    import rankalloc.export
+    import rankalloc.search
+    from rankalloc.cli import run_stage
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    for module in (rankalloc.search, rankalloc.export):
+        monkeypatch.setattr(module, "cli", interrupted)
+    assert run_stage("search", []) == 130
+    assert capsys.readouterr().err.strip().endswith("rankalloc search: interrupted; rerun the same command to resume")
+    assert run_stage("export", []) == 130
+    assert capsys.readouterr().err.strip().endswith("rankalloc export: interrupted")

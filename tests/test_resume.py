@@ -70,8 +70,16 @@ def test_sigkill_twice_then_resume_matches_uninterrupted_run(tmp_path):
     assert not (crashed / "rank_map.json").exists()  # no half-baked result after a crash
     second = _kill_after_checkpoint(_start(crashed, "--resume"), crashed, at_least=first + 6)
     assert second > first
+    earlier = torch.load(crashed / "checkpoint.pt", map_location="cpu", weights_only=False)["clock"]
     proc = _start(crashed)  # re-running into the same --out resumes too
     assert proc.wait(timeout=600) == 0, proc.stderr.read()[-2000:]
+    # the run's wall time and peak memory span its three processes, not the last one alone
+    summary = json.loads((crashed / "summary.json").read_text())
+    assert summary["resumed_from_step"] == second
+    assert json.loads((straight / "summary.json").read_text())["resumed_from_step"] is None
+    assert summary["wall_time_s"] > earlier["elapsed_s"] > 0
+    assert summary["peak_memory_mb"]["cpu_rss"] >= earlier["peak_memory_mb"]["cpu_rss"]
+    assert f"(resumed at step {second}: with the earlier processes" in (crashed / "report.md").read_text()
 
     modules_a, adapters_a, history_a = _final(straight)
     modules_b, adapters_b, history_b = _final(crashed)

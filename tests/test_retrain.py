@@ -467,16 +467,55 @@ def test_a_killed_retrain_resumes_from_its_checkpoint_to_the_same_result(rank_ma
     with pytest.raises(Killed):
         run_retrain(cfg, command="test", on_step=die_after_step_5)
     assert (tmp_path / "killed" / "checkpoint.pt").is_file()
+    earlier = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)["clock"]["elapsed_s"]
     status = (tmp_path / "killed" / "status.json").read_text()
     with pytest.raises(RunDirError, match="started with other training settings"):
         _run(argv + ["--out", str(tmp_path / "killed"), "--train.lr", "0.01"])
     assert (tmp_path / "killed" / "status.json").read_text() == status  # the refused command is not recorded
     resumed = _run(argv + ["--out", str(tmp_path / "killed")])
     assert resumed.metrics["resumed_from_step"] == 4 and whole.metrics["resumed_from_step"] is None
+    assert resumed.metrics["wall_time_s"]["earlier_processes"] == earlier > 0  # the killed process's share
+    assert resumed.metrics["wall_time_s"]["total"] > earlier and "earlier_processes" not in whole.metrics["wall_time_s"]
     assert np.array_equal(resumed.logits, whole.logits)
     assert [r["train_loss"] for r in json.loads((resumed.out / "history.json").read_text())] == \
         [r["train_loss"] for r in json.loads((whole.out / "history.json").read_text())]
     assert not (resumed.out / "checkpoint.pt").exists()  # the adapter holds the result
+
+
+def test_a_retrain_killed_after_its_outputs_but_before_done_is_not_replaced_by_a_rerun(rank_map_file, tmp_path,
+                                                                                       monkeypatch):
+    """Killed in the moment between writing its outputs and marking itself done, a retrain keeps its
+    checkpoint: a rerun with other settings is refused (the result is not replaced), the same command
+    resumes and ends with the same result, and only then is the checkpoint deleted."""
+    from rankalloc import rundir
+    from rankalloc.errors import RunDirError
+
+    class Killed(BaseException):
+        pass
+
+    argv = ["--rank-map", str(rank_map_file), *SMALL, "--train.checkpoint_every", "2", "--out", str(tmp_path / "run")]
+    real_set_status = rundir.set_status
+
+    def killed_when_marking_done(out, state, **extra):
+        if state == "done":
+            raise Killed
+        return real_set_status(out, state, **extra)
+
+    monkeypatch.setattr(rundir, "set_status", killed_when_marking_done)
+    with pytest.raises(Killed):
+        _run(argv)
+    monkeypatch.setattr(rundir, "set_status", real_set_status)
+    run = tmp_path / "run"
+    metrics = (run / "metrics.json").read_text()
+    assert json.loads((run / "status.json").read_text())["state"] == "running"
+    assert (run / "checkpoint.pt").is_file()
+    with pytest.raises(RunDirError, match="started with other training settings"):
+        _run(argv + ["--train.lr", "0.05"])
+    assert (run / "metrics.json").read_text() == metrics
+    again = _run(argv)
+    assert again.metrics["accuracy"] == json.loads(metrics)["accuracy"]
+    assert json.loads((run / "status.json").read_text())["state"] == "done"
+    assert not (run / "checkpoint.pt").exists()
 
 
 @pytest.mark.parametrize("killed_after", [5, 8])  # 5: in the budget decrease (resumes at 3); 8: at the final ranks (6)

@@ -355,31 +355,47 @@ def test_damaged_scores_and_an_out_under_a_file_are_one_line_errors(tmp_path):
         open_run(a_file / "run", overwrite=False, resume=False)
 
 
+class _Killed(BaseException):
+    pass
+
+
+def _killed_at(step: int):
+    def on_step(row):
+        if row["step"] == step:
+            raise _Killed
+    return on_step
+
+
 def test_resume_refuses_another_run_length(tmp_path):
     """The budget ramp and the temperature schedule are fractions of the run's length: resuming a
-    --max-steps 4 run as an 8-step one would make the cost target jump back above the budget."""
+    --max-steps 6 run as an 8-step one would make the cost target jump back above the budget."""
     from rankalloc.errors import RunDirError
 
     short = tiny_config(tmp_path, ModelConfig(num_layers=1), budget="5k", steps=8, r_max=4)
-    short.max_steps = 4
-    run_search(short, command="test")
+    short.max_steps = 6
+    with pytest.raises(_Killed):  # after its checkpoint at step 4
+        run_search(short, command="test", on_step=_killed_at(5))
     longer = tiny_config(tmp_path, ModelConfig(num_layers=1), budget="5k", steps=8, r_max=4)
     longer.resume = True
-    with pytest.raises(RunDirError, match="started for 4 steps, this one asks for 8; give the same --max-steps"):
+    with pytest.raises(RunDirError, match="started for 6 steps, this one asks for 8; give the same --max-steps"):
         run_search(longer, command="test")
 
 
 def test_resume_compares_budgets_by_value_not_by_spelling(tmp_path):
     from rankalloc.errors import RunDirError
 
-    run_search(tiny_config(tmp_path, ModelConfig(num_layers=1), budget="5k", steps=4, r_max=4), command="test")
-    same = tiny_config(tmp_path, ModelConfig(num_layers=1), budget="5000", steps=4, r_max=4)
-    same.resume = True
-    assert run_search(same, command="test").out == tmp_path / "run"  # 5k and 5000: the same run
-    other = tiny_config(tmp_path, ModelConfig(num_layers=1), budget="6k", steps=4, r_max=4)
+    with pytest.raises(_Killed):  # after its checkpoint at step 4
+        run_search(tiny_config(tmp_path, ModelConfig(num_layers=1), budget="5k", steps=8, r_max=4), command="test",
+                   on_step=_killed_at(5))
+    other = tiny_config(tmp_path, ModelConfig(num_layers=1), budget="6k", steps=8, r_max=4)
     other.resume = True
     with pytest.raises(RunDirError, match="started with --budget 5k, not 6k"):
         run_search(other, command="test")
+    same = tiny_config(tmp_path, ModelConfig(num_layers=1), budget="5000", steps=8, r_max=4)
+    same.resume = True
+    assert run_search(same, command="test").out == tmp_path / "run"  # 5k and 5000: the same run
+    with pytest.raises(RunDirError, match="holds a finished run, nothing to resume"):  # and it is finished now
+        run_search(same, command="test")
 
 
 def test_a_short_run_still_moves_its_gates_and_reaches_the_budget(tmp_path):
@@ -489,13 +505,14 @@ def test_a_damaged_checkpoint_or_changed_data_stop_a_resume_in_one_line(tmp_path
                   "label": [["neg", "pos"][i % 2] for i in range(200)]}).to_csv(csv, index=False)
 
     def config(**kw):
-        cfg = tiny_config(tmp_path, ModelConfig(num_layers=1), budget="5k", steps=4, r_max=4)
+        cfg = tiny_config(tmp_path, ModelConfig(num_layers=1), budget="5k", steps=8, r_max=4)
         cfg.data.task = str(csv)
         for key, value in kw.items():
             setattr(cfg, key, value)
         return cfg
 
-    run_search(config(), command="test")
+    with pytest.raises(_Killed):  # after its checkpoint at step 4
+        run_search(config(), command="test", on_step=_killed_at(5))
     pd.DataFrame({"text": [f"{words[i % 8]} play {i}" for i in range(200)],
                   "label": [["neg", "pos"][i % 2] for i in range(200)]}).to_csv(csv, index=False)
     with pytest.raises(RunDirError, match="started on other examples"):
@@ -571,8 +588,25 @@ def test_a_write_cut_short_leaves_no_temporary_file_behind_a_rerun(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     rundir.set_status(out, "running")
-    (out / ".checkpoint.pt.k3j2x.tmp.pt").write_bytes(b"half")
+    (out / ".checkpoint.pt.rankalloc-k3j2x.tmp.pt").write_bytes(b"half")
     (out / ".rankalloc.lock").write_text("")
     rundir.open_run(out, overwrite=False, resume=False)
     rundir.release(out)
     assert sorted(p.name for p in out.iterdir()) == [".rankalloc.lock", "status.json"]
+
+
+def test_a_refused_folder_keeps_every_file_also_those_named_like_temporaries(tmp_path):
+    """The clean-up of cut-short writes runs only in a folder accepted as a run, and deletes only rankalloc's
+    own temporary names: a user's folder that --out points at by mistake loses nothing."""
+    from rankalloc import rundir
+    from rankalloc.errors import RunDirError
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    files = {"notes.txt": "my data", ".draft.v2.tmp": "x", ".config.backup.tmp.json": "important",
+             ".a.json.rankalloc-k3j2x.tmp.json": "named like ours, in a folder that is not a run"}
+    for name, text in files.items():
+        (out / name).write_text(text)
+    with pytest.raises(RunDirError, match="holds no resumable run"):
+        rundir.open_run(out, overwrite=False, resume=False)
+    assert {p.name: p.read_text() for p in out.iterdir()} == files
