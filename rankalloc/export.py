@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,16 +21,16 @@ from typing import Any
 from . import io, rundir
 from .budget import check_budget, parse_budget
 from .config import ExportConfig
-from .discretize import discretize
-from .errors import RunDirError
+from .discretize import ROUNDINGS, discretize
+from .errors import RankMapError, RunDirError
 from .flags import checked_copy
 from .targets import Target
-from .rank_map import RankMap, peft_settings
+from .rank_map import RankMap, checked_peft, peft_settings
 
 SCORES = "scores.json"
 TRUSTED_RATIO = (0.5, 2.0)
 EXPORT_MARKER = ".rankalloc_export"  # written first, so that an export killed midway can be overwritten
-EXPORT_MARKS = ("rank_map.json", "export.md", EXPORT_MARKER)  # an export folder holds one of these
+EXPORT_MARKS = (EXPORT_MARKER, "export.md")  # an export folder holds one of these (a rank_map.json alone may be anyone's)
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,9 @@ class Scores:
                        for m in data["modules"]]
             return cls(targets, {m["name"]: int(m["r_max"]) for m in data["modules"]},
                        {m["name"]: [float(x) for x in m["scores"]] for m in data["modules"]}, data)
+        except RankMapError as e:
+            raise RunDirError(f"{flag} {run}: {SCORES} is damaged ({e}); rerun the search or restore the file") \
+                from None
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise RunDirError(f"{flag} {run}: {SCORES} is damaged ({type(e).__name__}: {e}); rerun the search "
                               "or restore the file") from None
@@ -88,11 +92,25 @@ def _check_scores(data: dict[str, Any]) -> None:
         raise ValueError(f"base_model must name the model, got {data['base_model']!r}")
     if not isinstance(data.get("search", {}), dict):
         raise TypeError(f"search must be a mapping, got {data['search']!r}")
+    rounding = data.get("search", {}).get("rounding")
+    if rounding is not None and rounding not in ROUNDINGS:
+        raise ValueError(f"search.rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
+    recorded = {"task_type": "peft_task_type", "modules_to_save": "modules_to_save", "fan_in_fan_out": "fan_in_fan_out"}
+    checked_peft({"scale": data["scale"], **{k: data[key] for k, key in recorded.items() if key in data}},
+                  SCORES)  # what the exported map's peft section will hold, checked as the map's loader does
+    seen: set[str] = set()
     for m in data["modules"]:
+        if not isinstance(m.get("name"), str) or not m["name"]:
+            raise ValueError(f"every module needs a name, got {m.get('name')!r}")
+        if m["name"] in seen:
+            raise ValueError(f"module {m['name']!r} appears twice")
+        seen.add(m["name"])
         for key in ("in_features", "out_features", "r_max"):
-            positive_int(m[key], f"{m.get('name')!r} {key}")
-        if not isinstance(m["scores"], list):
-            raise TypeError(f"{m['name']!r} scores must be a list")
+            positive_int(m[key], f"{m['name']!r} {key}")
+        scores = m["scores"]
+        if not isinstance(scores, list) or len(scores) != m["r_max"] or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in scores):
+            raise ValueError(f"{m['name']!r} scores must be a list of r_max = {m['r_max']} finite numbers")
 
 
 def export_rank_map(scores: Scores, budget: int, max_rank: int | None = None,
@@ -163,6 +181,16 @@ def run_export(cfg: ExportConfig) -> tuple[Path, RankMap]:
     return out, rm
 
 
+def _is_export_folder(folder: Path) -> bool:
+    """Whether ``folder`` is an export's: its marker, or an ``export.md`` as an export writes it."""
+    if (folder / EXPORT_MARKER).is_file():
+        return True
+    try:
+        return (folder / "export.md").read_text(errors="replace").startswith("# Re-export of ")
+    except OSError:
+        return False
+
+
 def _hold_export_folder(out: Path, overwrite: bool) -> bool:
     """Hold ``out`` for this export (two exports, or an export and a run, never write one folder together),
     setting a previous export aside under ``overwrite``; return whether one was set aside.
@@ -182,6 +210,10 @@ def _hold_export_folder(out: Path, overwrite: bool) -> bool:
             if rundir.is_run_folder(out, (rundir.STATUS, rundir.CHECKPOINT, SCORES)):  # they hold rank_map.json too
                 raise RunDirError(f"--overwrite: --out {out} holds a search or retrain run, not an export; it is "
                                   "left as it is: choose another --out")
+            if not _is_export_folder(out):
+                raise RunDirError(f"--overwrite: {out} is not empty and holds no {EXPORT_MARKER} or export.md "
+                                  "of an export, so it is not a rankalloc run folder; it is left as it is: choose "
+                                  "a new or empty --out")
             rundir.set_aside(out, marks=EXPORT_MARKS, finished=lambda f: (f / "rank_map.json").is_file())
             rundir.release(out)  # the held lock file moved aside with the old export
         rundir.hold_writable(out)

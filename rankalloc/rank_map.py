@@ -17,6 +17,7 @@ ranks must lie in ``[0, min(d_in, d_out)]``; the first mismatch is named in a on
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -125,7 +126,7 @@ class RankMap:
         if not isinstance(data["base_model"], str) or not data["base_model"]:
             raise RankMapError(f"{source}: base_model must be a model name or folder, got {data['base_model']!r}")
         rm = cls(data["base_model"], str(data["model_fingerprint"]), budget, clean, dict(search),
-                 _checked_peft(data.get("peft") or {}, source))
+                 checked_peft(data.get("peft") or {}, source))
         if "total_params" in data and data["total_params"] != rm.total_params:
             raise RankMapError(f"{source}: total_params {data['total_params']} disagrees with the ranks "
                                f"({rm.total_params}); the file was edited or corrupted")
@@ -137,8 +138,10 @@ class RankMap:
         for name, entry in self.modules.items():
             if name not in shapes:
                 sample = ", ".join(list(shapes)[:3])
-                raise RankMapError(f"{source}: module {name} is not a Linear-like module of this model "
-                                   f"(it has e.g. {sample}); was the rank map made for another model?")
+                what = ("one of this model's adapter targets (the Linear-like projections of its blocks"
+                        if isinstance(targets_or_model, list) else "a Linear-like module of this model (it has")
+                raise RankMapError(f"{source}: module {name} is not {what}, e.g. {sample}); was the rank map made "
+                                   "for another model?")
             d_in, d_out = shapes[name]
             if (d_in, d_out) != (entry["in_features"], entry["out_features"]):
                 raise RankMapError(f"{source}: module {name} is {entry['in_features']}x{entry['out_features']} "
@@ -230,7 +233,7 @@ def peft_settings(task_type: str | None, modules_to_save: list[str], fan_in_fan_
             "scale": scale}
 
 
-def _checked_peft(peft: Any, source: str) -> dict[str, Any]:
+def checked_peft(peft: Any, source: str) -> dict[str, Any]:
     """The ``peft`` section of a rank map file, checked.
 
     Raises:
@@ -241,17 +244,25 @@ def _checked_peft(peft: Any, source: str) -> dict[str, Any]:
 
     if not isinstance(peft, dict):
         raise RankMapError(f"{source}: 'peft' must be a mapping of peft settings, got {peft!r}")
-    if peft.get("task_type") is not None and not isinstance(peft["task_type"], str):
-        raise wrong("task_type", "a peft task type (e.g. SEQ_CLS) or null")
+    task_types = _peft_task_types()
+    if peft.get("task_type") is not None and peft["task_type"] not in task_types:
+        raise wrong("task_type", f"one of {', '.join(task_types)} or null")
     heads = peft.get("modules_to_save")
     if heads is not None and not (isinstance(heads, list) and all(isinstance(h, str) for h in heads)):
         raise wrong("modules_to_save", "a list of module names")
     if "fan_in_fan_out" in peft and not isinstance(peft["fan_in_fan_out"], bool):
         raise wrong("fan_in_fan_out", "true or false")
     scale = peft.get("scale", 2.0)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-        raise wrong("scale", "a positive number")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
+        raise wrong("scale", "a positive finite number")
     return dict(peft)
+
+
+def _peft_task_types() -> tuple[str, ...]:
+    """The task types peft knows (``LoraConfig`` refuses any other)."""
+    from peft import TaskType
+
+    return tuple(t.value for t in TaskType)
 
 
 def _anchored(name: str) -> str:

@@ -125,7 +125,9 @@ def _valid(targets):
     (lambda d: {**d, "search": "abc"}, "'search' must be a mapping"),
     (lambda d: {**d, "base_model": 3}, "base_model must be a model name or folder"),
     (lambda d: {**d, "peft": [1]}, "'peft' must be a mapping"),
-    (lambda d: {**d, "peft": {"scale": "two"}}, "peft.scale must be a positive number, got 'two'"),
+    (lambda d: {**d, "peft": {"scale": "two"}}, "peft.scale must be a positive finite number, got 'two'"),
+    (lambda d: {**d, "peft": {"scale": float("inf")}}, "peft.scale must be a positive finite number, got inf"),
+    (lambda d: {**d, "peft": {"task_type": "NOPE"}}, "peft.task_type must be one of SEQ_CLS, .*CAUSAL_LM.* or null"),
     (lambda d: {**d, "peft": {"modules_to_save": "classifier"}}, "peft.modules_to_save must be a list"),
     (lambda d: {**d, "peft": {"fan_in_fan_out": "yes"}}, "peft.fan_in_fan_out must be true or false"),
 ])

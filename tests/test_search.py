@@ -185,6 +185,11 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tmp_path, tiny_gpt2)
     with pytest.raises(RunDirError, match="not a rankalloc run folder"):
         run_export(ExportConfig(run=str(run), budget="1500", out=str(mine), overwrite=True))
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]  # not even a lock file left behind
+    (mine / "rank_map.json").write_text("a map of my own")  # an export's file name does not make it an export
+    with pytest.raises(RunDirError, match="not a rankalloc run folder"):
+        run_export(ExportConfig(run=str(run), budget="1500", out=str(mine), overwrite=True))
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt", "rank_map.json"]
+    (mine / "rank_map.json").unlink()
     with pytest.raises(RunDirError, match="holds the search run"):  # would delete scores.json and checkpoint.pt
         run_export(ExportConfig(run=str(run), budget="1500", out=str(run), overwrite=True))
     assert (run / "scores.json").is_file()
@@ -287,7 +292,8 @@ def test_overwrite_keeps_the_previous_run_until_its_replacement_finishes(tmp_pat
     before = {p.name: p.read_bytes() for p in export.iterdir()}
     export.rename(tmp_path / "export.replaced")  # a re-export killed half-way: the whole one set aside ...
     export.mkdir()
-    (export / "export.md").write_text("partial")  # ... and a partial one in its place
+    (export / ".rankalloc_export").touch()  # ... and a partial one in its place (the marker is written first)
+    (export / "export.md").write_text("partial")
 
     def broken_save(self, path):
         raise OSError("disk full")
@@ -326,6 +332,10 @@ def test_damaged_scores_and_an_out_under_a_file_are_one_line_errors(tmp_path):
 
     run = tmp_path / "search"
     run.mkdir()
+    module = {"name": "a", "in_features": 4, "out_features": 4, "layer": 0, "kind": "query", "r_max": 2,
+              "scores": [0.5, 0.25]}
+    good = {"format": "rankalloc.scores", "version": 1, "modules": [module], "base_params": 100,
+            "searched_budget": 8, "scale": 2, "base_model": "m"}
     for damaged, fragment in [("[1, 2]", "has format None"), ('{"format": "rankalloc.scores", "version": 1}',
                                                                  "damaged \\(no modules, base_params"),
                               ('{"format": "rankalloc.scores", "version": 1, "modules": [{"name": "a"}], '
@@ -339,7 +349,18 @@ def test_damaged_scores_and_an_out_under_a_file_are_one_line_errors(tmp_path):
                               ('{"format": "rankalloc.scores", "version": 1, "modules": [{"name": "a"}], '
                                '"base_params": 1, "searched_budget": 1, "scale": 2, "base_model": null}',
                                "base_model must name the model"),
-                              (b"\xff\xfe\x00binary", "is not valid JSON")]:
+                              (b"\xff\xfe\x00binary", "is not valid JSON")] + [
+            (json.dumps(dict(good, **change)), fragment) for change, fragment in [
+                ({"scale": -1}, "peft.scale must be a positive finite number, got -1"),
+                ({"modules_to_save": "classifier"}, "peft.modules_to_save must be a list"),
+                ({"fan_in_fan_out": "no"}, "peft.fan_in_fan_out must be true or false"),
+                ({"peft_task_type": 5}, "peft.task_type must be one of SEQ_CLS"),
+                ({"search": {"rounding": "foo"}}, "search.rounding must be one of knapsack, probability, got 'foo'"),
+                ({"modules": [dict(module, name=5)]}, "every module needs a name, got 5"),
+                ({"modules": [module, module]}, "module 'a' appears twice"),
+                ({"modules": [dict(module, scores=[0.5, float("nan")])]}, "'a' scores must be a list of r_max = 2 "
+                                                                          "finite numbers"),
+                ({"modules": [dict(module, scores=[0.5])]}, "'a' scores must be a list of r_max = 2")]]:
         if isinstance(damaged, bytes):
             (run / "scores.json").write_bytes(damaged)
         else:
