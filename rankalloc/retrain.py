@@ -36,7 +36,7 @@ from .config import DATASET_FIELDS, DEFAULT_TASK, SPLIT_FIELDS, DataConfig, Retr
 from .flags import checked_copy, coerce, stage_command, to_dict
 from .data import Split, prepare_task
 from .tasks import recorded_data
-from .errors import ModelError, RankMapError, RunDirError
+from .errors import ConfigError, ModelError, RankMapError, RunDirError
 from .families import Classification, Family
 from .models import BUILTIN_MODELS, count_parameters, load_model, load_model_config, load_tokenizer, resolve_device
 from .targets import Target, find_targets, head_modules, stores_fan_in_fan_out
@@ -131,7 +131,7 @@ def _task_from(rank_map: RankMap | None, data: DataConfig) -> None:
             continue
         if key in recorded and (key == "task" or getattr(data, key) == getattr(default, key)):
             setattr(data, key, coerce(recorded[key], hints[key], f"rank map search.data.{key}"))
-    data.validate()
+    _validate_from_map(data, "search.data")
     logger.info("task from the rank map: %s", data.task)
 
 
@@ -143,7 +143,21 @@ def _split_from(rank_map: RankMap, data: DataConfig) -> None:
         for key in SPLIT_FIELDS:
             if getattr(data, key) is None and recorded.get(key) is not None:
                 setattr(data, key, coerce(recorded[key], hints[key], f"rank map search.data.{key}"))
-        data.validate()
+        _validate_from_map(data, "search.data")
+
+
+def _validate_from_map(section: Any, where: str) -> None:
+    """``section.validate()`` once values of the rank map are in: the flags given were checked already, so
+    a value out of range came from the map, and the message says so.
+
+    Raises:
+        RankMapError: naming the map's field (``where``) and the flag that overrides it.
+    """
+    try:
+        section.validate()
+    except ConfigError as e:
+        raise RankMapError(f"rank map {where}: {e} (a value recorded in the rank map; give the flag to override "
+                           "it)") from None
 
 
 def _warn_other_split(recorded: Any, data: DataConfig) -> None:
@@ -172,8 +186,19 @@ def _record_trained_task(trained: RankMap, task: Any, cfg: RetrainConfig) -> Non
 def retrain_targets(model: nn.Module, cfg: RetrainConfig, rank_map: RankMap | None) -> list[Target]:
     """The modules to build adapters on.  A rank map names its own, whatever targeting flags its search
     was given; the retrain's own ``--model.target_*`` flags, when given, are checked against the map."""
-    if rank_map is None or cfg.model.target_modules is not None or cfg.model.target_regex is not None:
+    if rank_map is None:
         return find_targets(model, cfg.model)
+    if cfg.model.target_modules is not None or cfg.model.target_regex is not None:
+        targets = find_targets(model, cfg.model)
+        chosen, flag = {t.name for t in targets}, ("--model.target_modules" if cfg.model.target_modules is not None
+                                                   else "--model.target_regex")
+        model_modules = {name for name, _ in model.named_modules()}
+        left_out = [name for name in rank_map.modules if name not in chosen and name in model_modules]
+        if left_out:
+            raise RankMapError(f"{flag} leaves out {left_out[0]}, which the rank map --rank-map {cfg.rank_map} "
+                               f"gives rank {rank_map.modules[left_out[0]]['rank']} ({len(left_out)} such module(s)); "
+                               "drop the flag: a rank map names its own modules")
+        return targets
     named = dataclasses.replace(cfg.model, target_regex="|".join(re.escape(name) for name in rank_map.modules))
     try:
         return find_targets(model, named)
@@ -212,7 +237,7 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
         cfg.model.name = rank_map.base_model if rank_map else DEFAULT_MODEL
     if rank_map and cfg.model.num_layers is None:
         cfg.model.num_layers = coerce(rank_map.search.get("num_layers"), int | None, "rank map search.num_layers")
-        cfg.model.validate()
+        _validate_from_map(cfg.model, "search.num_layers")
     elif rank_map and "num_layers" in rank_map.search:
         searched = coerce(rank_map.search["num_layers"], int | None, "rank map search.num_layers")
         deeper = searched is not None and (cfg.model.num_layers is None or cfg.model.num_layers > searched)

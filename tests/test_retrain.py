@@ -433,7 +433,8 @@ def test_a_retrain_from_a_map_splits_its_task_as_the_search_did(rank_map_file, t
     assert other.metrics["eval_examples"] == 16
     rm.search["data"]["eval_fraction"] = 1.5  # a hand-edited map: refused in one line, however the task is named
     rm.save(tmp_path / "bad_map.json")
-    with pytest.raises(ConfigError, match=r"--data.eval_fraction must lie strictly between 0 and 1, got 1.5"):
+    with pytest.raises(RankMapError, match=r"rank map search.data: --data.eval_fraction must lie strictly between 0 "
+                                           r"and 1, got 1.5 \(a value recorded in the rank map; give the flag"):
         _run(["--rank-map", str(tmp_path / "bad_map.json"), "--out", str(tmp_path / "bad"), *SMALL, *columns])
     assert "--data.split_seed 0 (searched with 7), --data.eval_fraction 0.2 (searched with 0.3)" in caplog.text
     # from Python, a DataConfig built without a task follows the map too (it had trained on tweets)
@@ -693,3 +694,22 @@ def test_an_out_holding_the_rank_map_s_run_is_refused(rank_map_file, tmp_path):
         with pytest.raises(RunDirError, match=r"holds the run of --rank-map .*; choose a folder outside it"):
             _run(["--rank-map", str(search / "rank_map.json"), *SMALL, "--out", str(out), "--overwrite"])
     assert sorted(p.name for p in search.iterdir()) == ["rank_map.json"]
+
+
+def test_a_target_flag_that_leaves_out_the_maps_modules_is_named(rank_map_file, tmp_path):
+    """A rank map names its own modules; a --model.target_modules that drops some of them is the cause the
+    message names (not "a module of another model")."""
+    from rankalloc.errors import RankMapError
+
+    with pytest.raises(RankMapError, match=r"--model.target_modules leaves out bert.encoder.layer.0.attention.self.key, "
+                                           r"which the rank map .* gives rank 0 \(5 such module\(s\)\); drop the flag"):
+        _run(["--rank-map", str(rank_map_file), *SMALL, "--model.target_modules", "query", "--out", str(tmp_path / "r")])
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_bad_value_recorded_in_the_map_is_named_as_the_maps(rank_map_file, tmp_path):
+    rm = RankMap.load(rank_map_file)
+    rm.search["num_layers"] = 0
+    rm.save(tmp_path / "map.json")
+    with pytest.raises(RankMapError, match=r"rank map search.num_layers: --model.num_layers must be a positive"):
+        _run(["--rank-map", str(tmp_path / "map.json"), "--out", str(tmp_path / "r"), "--device", "cpu"])
