@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from decimal import Decimal
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -64,9 +65,10 @@ def parse_budget(text: str | int, flag: str = "--budget") -> BudgetSpec:
     value = number * _SUFFIX[suffix]
     if value > MAX_ABSOLUTE:
         raise BudgetError(f"{flag} {raw}: {value:.3g} parameters is beyond any model (at most {MAX_ABSOLUTE:.0e})")
-    rounded = round(value)
-    if abs(value - rounded) > 1e-6 * max(1.0, value):
-        raise BudgetError(f"{flag} {raw}: a parameter count must be a whole number, got {value:g}")
+    exact = Decimal(m.group(1)) * int(_SUFFIX[suffix])  # as written: 0.5M is 500000, 2500000.9 is no count
+    if exact != exact.to_integral_value():
+        raise BudgetError(f"{flag} {raw}: a parameter count must be a whole number, got {exact.normalize():f}")
+    rounded = int(exact)
     if rounded <= 0:
         raise BudgetError(f"{flag} {raw}: a budget must be at least one parameter; allowed: {ALLOWED}")
     return BudgetSpec(raw, float(rounded), False)
