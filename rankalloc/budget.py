@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from decimal import Decimal
+from decimal import Decimal, localcontext
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -65,7 +65,9 @@ def parse_budget(text: str | int, flag: str = "--budget") -> BudgetSpec:
     value = number * _SUFFIX[suffix]
     if value > MAX_ABSOLUTE:
         raise BudgetError(f"{flag} {raw}: {value:.3g} parameters is beyond any model (at most {MAX_ABSOLUTE:.0e})")
-    exact = Decimal(m.group(1)) * int(_SUFFIX[suffix])  # as written: 0.5M is 500000, 2500000.9 is no count
+    with localcontext() as ctx:  # as written, every digit: 0.5M is 500000, 2500000.9 is no count
+        ctx.prec = len(m.group(1)) + 12
+        exact = Decimal(m.group(1)) * int(_SUFFIX[suffix])
     if exact != exact.to_integral_value():
         raise BudgetError(f"{flag} {raw}: a parameter count must be a whole number, got {exact.normalize():f}")
     rounded = int(exact)

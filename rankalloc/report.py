@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 # summary keys rendered in their own sections; every other key goes to "Other settings"
 _KNOWN_SUMMARY_KEYS = {
     "budget", "total_params", "head_params", "base_model", "task", "seed", "steps", "warmup_steps",
-    "final_lambda", "final_cost_ratio", "wall_time_s", "gap", "command",
+    "final_lambda", "final_cost_ratio", "wall_time_s", "resumed_from_step", "gap", "command",
 }
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import time
@@ -150,11 +151,21 @@ def open_run(out: str | Path, *, overwrite: bool, resume: bool) -> tuple[Path, b
     return out, has_ckpt
 
 
+# io.atomic_path's temporary names before they carried its mark: .NAME.XXXXXXXX.tmpSUFFIX (mkstemp's 8 characters)
+_UNMARKED_PARTIAL = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp(?P<suffix>\.[^.]+)?")
+
+
 def _is_partial_write(path: Path) -> bool:
     """Whether ``path`` is the temporary file of a rankalloc write (``io.atomic_path``'s
-    ``.NAME.rankalloc-XXXX.tmpSUFFIX``), not a file of the user's."""
+    ``.NAME.rankalloc-XXXX.tmpSUFFIX``, or the same without the mark, as earlier versions named it), not a
+    file of the user's."""
     name = path.name
-    return name.startswith(".") and f".{io.PARTIAL_MARK}" in name and ".tmp" in name and path.is_file()
+    if not (name.startswith(".") and path.is_file()):
+        return False
+    if f".{io.PARTIAL_MARK}" in name and ".tmp" in name:
+        return True
+    old = _UNMARKED_PARTIAL.fullmatch(name)
+    return old is not None and (old["suffix"] or "") == Path(old["name"]).suffix
 
 
 def _remove_partial_writes(out: Path) -> None:

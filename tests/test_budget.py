@@ -40,6 +40,7 @@ def test_valid_budgets(text, value, percent):
     ("0.5", "whole number"),
     ("2500000.9", "whole number, got 2500000.9"),  # large counts too: no tolerance that rounds them
     ("1000000.5", "whole number"),
+    ("2500000.0000000000000000000001", "whole number"),  # every digit counts, beyond 28
     ("1.5k5", "not a budget"),
     ("nan", "not a budget"),
     ("inf", "not a budget"),

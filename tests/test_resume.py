@@ -79,7 +79,9 @@ def test_sigkill_twice_then_resume_matches_uninterrupted_run(tmp_path):
     assert json.loads((straight / "summary.json").read_text())["resumed_from_step"] is None
     assert summary["wall_time_s"] > earlier["elapsed_s"] > 0
     assert summary["peak_memory_mb"]["cpu_rss"] >= earlier["peak_memory_mb"]["cpu_rss"]
-    assert f"(resumed at step {second}: with the earlier processes" in (crashed / "report.md").read_text()
+    report = (crashed / "report.md").read_text()
+    assert f"(resumed at step {second}: with the earlier processes" in report
+    assert "resumed_from_step" not in report + (straight / "report.md").read_text()  # not again under other settings
 
     modules_a, adapters_a, history_a = _final(straight)
     modules_b, adapters_b, history_b = _final(crashed)

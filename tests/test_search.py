@@ -614,6 +614,14 @@ def test_a_write_cut_short_leaves_no_temporary_file_behind_a_rerun(tmp_path):
     rundir.open_run(out, overwrite=False, resume=False)
     rundir.release(out)
     assert sorted(p.name for p in out.iterdir()) == [".rankalloc.lock", "status.json"]
+    # killed by an earlier version while writing its first file (temporary names then had no mark): starts again
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / ".rankalloc.lock").write_text("")
+    (old / ".status.json.k2j3h4ab.tmp.json").write_bytes(b"half")
+    assert rundir.open_run(old, overwrite=False, resume=False) == (old, False)
+    rundir.release(old)
+    assert [p.name for p in old.iterdir()] == [".rankalloc.lock"]
 
 
 def test_a_refused_folder_keeps_every_file_also_those_named_like_temporaries(tmp_path):
