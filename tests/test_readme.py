@@ -76,7 +76,7 @@ def _the_peft_snippets_build_the_searched_ranks(run_folder: Path) -> None:
     from rankalloc.rank_map import RankMap
 
     snippet = next(block for block in re.findall(r"```python\n(.*?)```", README, flags=re.S)
-                   if "runs/s/adapter_config.json" in block)
+                   if 'LoraConfig.from_pretrained("runs/s")' in block)
     one_line = re.search(r"`(LoraConfig\(\*\*RankMap\.load\(\"runs/s/rank_map.json\"\)\.lora_config\(\)\))`", README)
     assert one_line, "the README's Python route to a LoraConfig"
     before = os.getcwd()
