@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 
 import rankalloc.search as search  # noqa: E402
 from rankalloc.adapters import trainable_only  # noqa: E402
 from rankalloc.config import SearchConfig, with_data_defaults  # noqa: E402
 from rankalloc.flags import parse_args  # noqa: E402
+from run import git_revision, machine  # noqa: E402  (benchmarks/run.py: what every result records)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         out = out.with_name(f"{out.stem.rsplit('.run', 1)[0]}.run{n}.json")
         n += 1
     out.write_text(json.dumps({"command": "python benchmarks/gate_gradients.py " + " ".join(argv or sys.argv[1:]),
-                               "steps": rows}, indent=1) + "\n")
+                               "machine": machine(), "git_revision": git_revision(),
+                               "date": time.strftime("%Y-%m-%d"), "steps": rows}, indent=1) + "\n")
     for row in rows[::5]:
         print(" ".join(f"{k} {v:.3g}" for k, v in row.items()))
     print(f"written: {out}")

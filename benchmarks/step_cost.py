@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import sys
 import time
@@ -22,6 +21,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 
 from rankalloc.adapters import GatedModel  # noqa: E402
 from rankalloc.config import DataConfig, ModelConfig  # noqa: E402
@@ -30,6 +30,7 @@ from rankalloc.lagrangian import Lagrangian  # noqa: E402
 from rankalloc.models import load_model, load_tokenizer  # noqa: E402
 from rankalloc.targets import find_targets, head_modules  # noqa: E402
 from rankalloc.search import gate_step, weight_step  # noqa: E402
+from run import git_revision, machine  # noqa: E402  (benchmarks/run.py: what every result records)
 
 
 def main(argv=None) -> int:
@@ -83,7 +84,8 @@ def main(argv=None) -> int:
                 times[name].append(time.perf_counter() - t0)
     s, l = statistics.median(times["search"]), statistics.median(times["lora"])
     result = {"command": "python benchmarks/step_cost.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+              "machine": f"{machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+              "git_revision": git_revision(),
               "r_max": args.r_max, "batch_size": args.batch_size, "steps_timed": len(times["search"]),
               "search_step_ms": round(1000 * s, 1), "lora_step_ms": round(1000 * l, 1),
               "ratio_search_over_lora": round(s / l, 3),
