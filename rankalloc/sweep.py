@@ -52,7 +52,7 @@ from .flags import checked_copy, stage_command
 from .sweep_report import sweep_summary, write_reports
 from .sweep_folder import (SWEEP_MARKER, file_storage_inside, overwrite_sweep_folder,
                            refuse_a_folder_of_another_kind, safe_name)
-from .sweep_shared import SharedSearch, check_shared_budgets, parse_budgets, run_shared_search
+from .sweep_shared import SharedSearch, check_shared_budgets, check_shared_search, parse_budgets, run_shared_search
 from .sweep_study import (METHODS, RANKALLOC, check_study_exists, duplicate_of, make_grid_sampler, open_storage,
                           open_study, point_of, quiet_optuna, recover_crashed, storage_file, storage_name)
 from .tasks import check_task_source
@@ -277,6 +277,8 @@ def run_sweep(cfg: SweepConfig, command: str | None = None) -> SweepResult:
         if new_folder and out.is_dir() and not any(out.iterdir()):  # a refused sweep leaves no folder behind
             out.rmdir()  # (only an empty one: a worker started alongside may already use it)
         raise
+    if cfg.shared_search and not cfg.tune:
+        check_shared_search(cfg, out, budgets)  # before the study is made: a refused sweep leaves none behind
     out.mkdir(parents=True, exist_ok=True)
     (out / SWEEP_MARKER).touch()
     study = open_study(cfg, storage, out)

@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from . import io
 from .budget import auto_r_max, candidate_r_max, check_budget, parse_budget
@@ -128,6 +128,54 @@ def _shared_path(out: Path, recorded: str) -> Path:
     return inside if not Path(recorded).is_absolute() and (inside / "scores.json").is_file() else Path(recorded)
 
 
+def check_shared_search(cfg: SweepConfig, out: Path, budgets: list[int]) -> None:
+    """Refuse, before a study is opened, a sweep that the shared search already in ``out`` cannot serve
+    (other settings, or a budget it cannot be exported at): a refused sweep leaves nothing behind.
+
+    Raises:
+        ConfigError, BudgetError: as :func:`run_shared_search` would.
+    """
+    if (out / SHARED_SEARCH_FILE).is_file():
+        _check_exportable(*_recorded_shared_search(cfg, out, budgets), budgets)
+
+
+def _recorded_shared_search(cfg: SweepConfig, out: Path, budgets: list[int]) -> tuple[SharedSearch, Any]:
+    """The shared search recorded in ``out`` and its scores, checked to be the one this sweep asks for."""
+    from .export import Scores
+
+    shared = SharedSearch(**json.loads((out / SHARED_SEARCH_FILE).read_text()))
+    shared.path = str(_shared_path(out, shared.path))
+    scores = Scores.load(shared.path)
+    cfg_dict = to_dict(dataclasses.replace(cfg, data=with_data_defaults(cfg.data)))  # as the search records it
+    saved = scores.data["config"]
+    for key in ("seed", "max_steps", "model", "data", "search"):
+        old, new = saved[key], cfg_dict[key]
+        if key == "search":  # r_max is the sweep's choice (from the largest budget): compared below
+            old, new = {**old, "r_max": None}, {**new, "r_max": None}
+        if old != new:
+            raise ConfigError(f"the shared search in {shared.path} was run with other {key} settings; "
+                              "use the same settings, another --out, or --overwrite")
+    # a study may grow by budgets and reuse its search; settings the user gave must match it
+    asked = {"--search.r_max": (cfg.search.r_max, shared.r_max)}
+    if cfg.shared_budget not in ("geomean", "max"):
+        asked["--shared_budget"] = (shared_budget(cfg, budgets), shared.budget)
+    for flag, (given, ran) in asked.items():
+        if given is not None and given != ran:
+            raise ConfigError(f"the shared search in {shared.path} ran with {flag} {ran}, not {given}; use "
+                              f"{flag} {ran}, another --out, or --overwrite")
+    return shared, scores
+
+
+def _check_exportable(shared: SharedSearch, scores: Any, budgets: list[int]) -> None:
+    caps = [scores.r_max[t.name] for t in scores.targets]
+    for b in budgets:
+        try:
+            check_budget(b, [t.cost_per_rank for t in scores.targets], caps)
+        except BudgetError as e:
+            raise BudgetError(f"--budgets {b:,}: cannot be exported from the shared search in {shared.path} "
+                              f"(r_max {shared.r_max}): {str(e).split(' is ', 1)[-1]}") from None
+
+
 def run_shared_search(cfg: SweepConfig, out: Path, budgets: list[int]) -> SharedSearch:
     """Run the search every budget is re-exported from, once per sweep folder: a file lock makes
     concurrent workers wait for it, and a finished one (same settings) is reused.  Its largest rank
@@ -143,26 +191,7 @@ def run_shared_search(cfg: SweepConfig, out: Path, budgets: list[int]) -> Shared
     record = out / SHARED_SEARCH_FILE
     with _file_lock(out / ".shared_search.lock"):
         if record.is_file():
-            shared = SharedSearch(**json.loads(record.read_text()))
-            shared.path = str(_shared_path(out, shared.path))
-            scores = Scores.load(shared.path)
-            cfg_dict = to_dict(dataclasses.replace(cfg, data=with_data_defaults(cfg.data)))  # as the search records it
-            saved = scores.data["config"]
-            for key in ("seed", "max_steps", "model", "data", "search"):
-                old, new = saved[key], cfg_dict[key]
-                if key == "search":  # r_max is the sweep's choice (from the largest budget): compared below
-                    old, new = {**old, "r_max": None}, {**new, "r_max": None}
-                if old != new:
-                    raise ConfigError(f"the shared search in {shared.path} was run with other {key} settings; "
-                                      "use the same settings, another --out, or --overwrite")
-            # a study may grow by budgets and reuse its search; settings the user gave must match it
-            asked = {"--search.r_max": (cfg.search.r_max, shared.r_max)}
-            if cfg.shared_budget not in ("geomean", "max"):
-                asked["--shared_budget"] = (shared_budget(cfg, budgets), shared.budget)
-            for flag, (given, ran) in asked.items():
-                if given is not None and given != ran:
-                    raise ConfigError(f"the shared search in {shared.path} ran with {flag} {ran}, not {given}; use "
-                                      f"{flag} {ran}, another --out, or --overwrite")
+            shared, scores = _recorded_shared_search(cfg, out, budgets)
             far = [b for b in budgets if not TRUSTED_RATIO[0] <= b / shared.budget <= TRUSTED_RATIO[1]]
             if far:
                 logger.warning("budgets %s lie beyond %gx-%gx of the shared search's %s parameters; their re-exports "
@@ -195,11 +224,5 @@ def run_shared_search(cfg: SweepConfig, out: Path, budgets: list[int]) -> Shared
             # mounts the folder elsewhere, finds it
             io.write_json(record, {**dataclasses.asdict(shared), "path": "search"})
             scores = Scores.load(shared.path)
-    caps = [scores.r_max[t.name] for t in scores.targets]
-    for b in budgets:
-        try:
-            check_budget(b, [t.cost_per_rank for t in scores.targets], caps)
-        except BudgetError as e:
-            raise BudgetError(f"--budgets {b:,}: cannot be exported from the shared search in {shared.path} "
-                              f"(r_max {shared.r_max}): {str(e).split(' is ', 1)[-1]}") from None
+    _check_exportable(shared, scores, budgets)
     return shared

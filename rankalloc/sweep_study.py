@@ -49,13 +49,19 @@ def open_storage(cfg: SweepConfig, out: Path) -> Any:
                 except ImportError:  # optuna < 4.0
                     from optuna.storages import JournalFileStorage as JournalFileBackend, JournalStorage
 
-                if not journal or not Path(journal).parent.is_dir():
+                if not journal:
+                    raise ValueError("no file named after journal:")
+                if not Path(journal).parent.is_dir():
                     raise ValueError(f"no folder {Path(journal).parent} for the journal file")
                 return JournalStorage(JournalFileBackend(journal))
             url = postgres_driver_url(url)
             scheme = url.split("://", 1)[0].split("+", 1)[0] if "://" in url else ""
             if scheme not in ("sqlite", "postgresql", "mysql"):
                 raise ConfigError(f"--storage {shown}: not a storage URL; allowed: {ALLOWED_STORAGE}")
+            if scheme == "sqlite" and storage_file(url) is None:
+                raise ConfigError(f"--storage {shown}: an in-memory database ends with this process, so a rerun "
+                                  "could not resume the study and no other worker could join it; give a file, "
+                                  f"sqlite:///PATH; allowed: {ALLOWED_STORAGE}")
             engine: dict[str, Any] = {"pool_pre_ping": True}
             if scheme == "sqlite":
                 engine["connect_args"] = {"timeout": 60}  # several local workers wait for the write lock

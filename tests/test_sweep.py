@@ -389,6 +389,21 @@ def test_changed_settings_are_refused_on_resume(sqlite_sweep, capsys):
     assert f"study 't3' was run with --train.lr {TrainParams().lr!r}, not 0.0123" in err[-1]
 
 
+def test_a_sweep_the_shared_search_cannot_serve_leaves_no_study_behind(sqlite_sweep, capsys):
+    """Refused over the shared search already in the folder (other settings, or a budget it cannot be
+    exported at), a new study name must not be left in the storage: it would lock in the refused settings
+    and block --overwrite of the folder."""
+    import optuna
+
+    out, argv = sqlite_sweep
+    for extra, fragment in [(["--study-name", "other", "--max-steps", "3"], "was run with other max_steps settings"),
+                            (["--study-name", "third", "--budgets", "7k,14k,900k"], "cannot be exported from the "
+                                                                                    "shared search")]:
+        assert sweep.main(argv + extra) == 2
+        assert fragment in capsys.readouterr().err
+    assert optuna.get_all_study_names(f"sqlite:///{out / 'sweep.db'}") == ["t3"]
+
+
 # --------------------------------------------------------------------------------------------------
 # Storages
 # --------------------------------------------------------------------------------------------------
@@ -397,6 +412,9 @@ def test_changed_settings_are_refused_on_resume(sqlite_sweep, capsys):
     ("redis://localhost:6379/0", "not a storage URL"),
     ("postgresql://someone:s3cret@127.0.0.1:1/db", "cannot open it"),
     ("journal:/nonexistent-folder/sweep.log", "cannot open it"),
+    ("journal:", "no file named after journal:"),
+    ("sqlite://", "an in-memory database ends with this process"),
+    ("sqlite:///:memory:", "an in-memory database ends with this process"),
 ])
 def test_a_storage_that_cannot_be_opened_is_refused_in_one_line(tmp_path, capsys, url, fragment):
     out = tmp_path / "s"
