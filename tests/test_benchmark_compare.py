@@ -97,3 +97,19 @@ def test_summary_of_one_method_is_a_well_formed_table(tmp_path):
     rows = [line for line in (tmp_path / "solo" / "summary.md").read_text().splitlines() if line.startswith("|")]
     assert len(rows) == 3
     assert {line.count("|") for line in rows} == {10}  # 9 cells
+
+
+def test_forest_pairs_each_side_with_the_baseline_and_writes_plot_and_table(tmp_path):
+    """Differences +1, -1, +3 (points) against uniform: mean +1.00, std 2.00, 95% t interval +1 +- 4.30 * 2 / sqrt 3."""
+    forest = _benchmark_module("forest")
+    for seed, (a, b) in enumerate([(0.76, 0.75), (0.74, 0.75), (0.78, 0.75)]):
+        _cell(tmp_path / "g", "rankalloc", seed, a)
+        _cell(tmp_path / "g", "uniform", seed, b)
+    _cell(tmp_path / "g", "rankalloc", 9, 0.99)  # no partner: not counted
+    out = tmp_path / "plots" / "forest.png"
+    out.parent.mkdir()
+    assert forest.main(["--against", "g:uniform", "g:rankalloc=the search", "--bar", "1", "--out", str(out),
+                        "--results", str(tmp_path)]) == 0
+    assert out.stat().st_size > 0
+    row = [line for line in out.with_suffix(".md").read_text().splitlines() if line.startswith("| the search")]
+    assert row == ["| the search | 3 | +1.00 | 2.00 | -3.97 to +5.97 | 0.48 | +1.00 |"]
