@@ -270,8 +270,9 @@ class TrainParams:
                       "AdaLoRA: alpha = scale * init_r, as it divides by its initial rank).")
     lora_dropout: float = _f(0.0, "Dropout on the adapter input.")
     log_every: int = _f(25, "Steps between log lines.")
-    checkpoint_every: int = _f(100, "Steps between checkpoints (0: none); rerunning a killed retrain resumes from "
-                               "its last one (AdaLoRA's with its allocator's running scores).")
+    checkpoint_every: int = _f(100, "Steps between checkpoints, and one after the last step (0: none); rerunning a "
+                               "killed retrain resumes from its last one (AdaLoRA's with its allocator's running "
+                               "scores).")
     gradient_batches: int = _f(32, "Training batches whose mean loss gradient scores the components of "
                                "--baseline gradient.")
     adalora_lr: float = _f(5e-3, "AdamW learning rate of AdaLoRA (its authors tune a larger one than LoRA's; "

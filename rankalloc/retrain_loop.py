@@ -78,7 +78,8 @@ def train(model: nn.Module, train_split: Split, steps: int, lr: float, cfg: Retr
         if (step + 1) % p.log_every == 0 or step + 1 == steps:
             recent = [r["train_loss"] for r in history[-p.log_every:]]
             logger.info("step %d/%d  loss %.4f  lr %.2e", step + 1, steps, float(np.mean(recent)), row["lr"])
-        if checkpoint is not None and p.checkpoint_every and (step + 1) % p.checkpoint_every == 0 and step + 1 < steps:
+        last = step + 1 == steps  # also then: until the run is marked done, a kill resumes here, not from zero
+        if checkpoint is not None and p.checkpoint_every and ((step + 1) % p.checkpoint_every == 0 or last):
             rngs = distributed.gather(dist_info, rng_state())  # every rank's own random stream
             if dist_info.is_main:
                 _save(checkpoint, step + 1, model, opt, sched, sampler, history, meta or {}, adalora, rngs,

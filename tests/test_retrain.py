@@ -494,7 +494,7 @@ def test_a_retrain_killed_after_its_outputs_but_before_done_is_not_replaced_by_a
     class Killed(BaseException):
         pass
 
-    argv = ["--rank-map", str(rank_map_file), *SMALL, "--train.checkpoint_every", "2", "--out", str(tmp_path / "run")]
+    argv = ["--rank-map", str(rank_map_file), *SMALL, "--out", str(tmp_path / "run")]  # 4 steps, checkpoints every 100
     real_set_status = rundir.set_status
 
     def killed_when_marking_done(out, state, **extra):
@@ -514,6 +514,7 @@ def test_a_retrain_killed_after_its_outputs_but_before_done_is_not_replaced_by_a
         _run(argv + ["--train.lr", "0.05"])
     assert (run / "metrics.json").read_text() == metrics
     again = _run(argv)
+    assert again.metrics["resumed_from_step"] == 4  # the checkpoint after the last step: nothing to train again
     assert again.metrics["accuracy"] == json.loads(metrics)["accuracy"]
     assert json.loads((run / "status.json").read_text())["state"] == "done"
     assert not (run / "checkpoint.pt").exists()
