@@ -13,7 +13,6 @@ from rankalloc.discretize import discretize, rank_values
 
 def brute_force(scores, costs, budget, min_fill=0.99):
     vals = [rank_values(s) for s in scores]
-    best, best_cost, found_filled = None, None, False
     options = []
     for ranks in itertools.product(*[range(len(v)) for v in vals]):
         cost = sum(r * c for r, c in zip(ranks, costs))

@@ -1,8 +1,6 @@
 """Gradient-sensitivity scores: the right spectra, a model left untouched, any architecture, the budget."""
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch

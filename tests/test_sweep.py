@@ -497,7 +497,6 @@ def test_an_orphan_stamped_in_another_time_zone_is_not_failed_at_first_sight(tmp
     worker while failing one is not an error: the next look decides."""
     import datetime
 
-    import optuna
     from optuna.exceptions import StorageInternalError
     from optuna.trial import TrialState
 
