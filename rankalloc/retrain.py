@@ -233,11 +233,14 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
         raise RunDirError("--resume needs --out, the folder of the run to continue (without --out every run "
                           "gets a new folder, runs/retrain-METHOD-BUDGET-seedN-TIME)")
     spec = parse_budget(cfg.budget) if cfg.budget else None
+    from_map: dict[str, str] = {}  # flag -> the rank map's field it was taken from, for the messages
     if cfg.model.name == "auto":
         cfg.model.name = rank_map.base_model if rank_map else DEFAULT_MODEL
+        from_map.update({"--model": "base_model"} if rank_map else {})
     if rank_map and cfg.model.num_layers is None:
         cfg.model.num_layers = coerce(rank_map.search.get("num_layers"), int | None, "rank map search.num_layers")
         _validate_from_map(cfg.model, "search.num_layers")
+        from_map["--model.num_layers"] = "search.num_layers"
     elif rank_map and "num_layers" in rank_map.search:
         searched = coerce(rank_map.search["num_layers"], int | None, "rank map search.num_layers")
         deeper = searched is not None and (cfg.model.num_layers is None or cfg.model.num_layers > searched)
@@ -255,9 +258,16 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
     dist_info = distributed.init(cfg.device)
     command = distributed.launched_command(command, dist_info)
     set_seed(cfg.seed)
-    tokenizer = load_tokenizer(cfg.model)
-    task = prepare_task(cfg.data, tokenizer, cfg.seed, load_model_config(cfg.model), gate_split=False)
-    model = load_model(cfg.model, task.num_labels, task.family, tokenizer.pad_token_id, task.label_names)
+    try:
+        tokenizer = load_tokenizer(cfg.model)
+        task = prepare_task(cfg.data, tokenizer, cfg.seed, load_model_config(cfg.model), gate_split=False)
+        model = load_model(cfg.model, task.num_labels, task.family, tokenizer.pad_token_id, task.label_names)
+    except ModelError as e:  # a model setting the rank map gave: named as the map's
+        flag = next((f for f in from_map if str(e).startswith(f + " ")), None)
+        if flag is None:
+            raise
+        raise RankMapError(f"rank map {from_map[flag]}: {e} (a value recorded in the rank map; give {flag} to "
+                           "override it)") from None
     targets = retrain_targets(model, cfg, rank_map)
     if rank_map is not None:
         rank_map.check_against(targets, source=f"--rank-map {cfg.rank_map}")

@@ -714,3 +714,14 @@ def test_a_bad_value_recorded_in_the_map_is_named_as_the_maps(rank_map_file, tmp
     rm.save(tmp_path / "map.json")
     with pytest.raises(RankMapError, match=r"rank map search.num_layers: --model.num_layers must be a positive"):
         _run(["--rank-map", str(tmp_path / "map.json"), "--out", str(tmp_path / "r"), "--device", "cpu"])
+    rm.search["num_layers"] = 100
+    rm.save(tmp_path / "map.json")
+    with pytest.raises(RankMapError, match=r"rank map search.num_layers: --model.num_layers 100: .* has only 6 blocks.*"
+                                           r"give --model.num_layers to override it"):
+        _run(["--rank-map", str(tmp_path / "map.json"), "--out", str(tmp_path / "r"), "--device", "cpu"])
+    rm.search["num_layers"] = 1
+    rm.base_model = str(tmp_path / "no-such-model")
+    rm.save(tmp_path / "map.json")
+    with pytest.raises(RankMapError, match=r"rank map base_model: --model .*no-such-model.*give --model to override"):
+        _run(["--rank-map", str(tmp_path / "map.json"), "--out", str(tmp_path / "r"), "--device", "cpu"])
+    assert not (tmp_path / "r").exists()
