@@ -156,8 +156,12 @@ def _validate_from_map(section: Any, where: str) -> None:
     try:
         section.validate()
     except ConfigError as e:
-        raise RankMapError(f"rank map {where}: {e} (a value recorded in the rank map; give the flag to override "
-                           "it)") from None
+        raise _as_the_maps(where, e, "the flag") from None
+
+
+def _as_the_maps(field: str, error: Exception, flag: str) -> RankMapError:
+    """``error``, caused by a value the rank map's ``field`` gave, named as the map's (``flag`` overrides it)."""
+    return RankMapError(f"rank map {field}: {error} (a value recorded in the rank map; give {flag} to override it)")
 
 
 def _warn_other_split(recorded: Any, data: DataConfig) -> None:
@@ -266,8 +270,7 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
         flag = next((f for f in from_map if str(e).startswith(f + " ")), None)
         if flag is None:
             raise
-        raise RankMapError(f"rank map {from_map[flag]}: {e} (a value recorded in the rank map; give {flag} to "
-                           "override it)") from None
+        raise _as_the_maps(from_map[flag], e, flag) from None
     targets = retrain_targets(model, cfg, rank_map)
     if rank_map is not None:
         rank_map.check_against(targets, source=f"--rank-map {cfg.rank_map}")
@@ -337,7 +340,7 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
             trained.save(out / "rank_map.json")
             wall["save"] = time.time() - t
             wall["total"] = clock.elapsed()  # with the earlier processes of a resumed run, up to its checkpoint
-            if resume:
+            if clock.resumed_from is not None:
                 wall["earlier_processes"] = clock.earlier_s
 
             metrics = {
@@ -347,7 +350,7 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
                 "final_train_loss": float(np.mean([r["train_loss"] for r in history[-cfg.train.log_every:]])),
                 **adapter, "budget": int(budget), "budget_used": adapter["adapter_params"] / budget,
                 "ranks": trained.ranks, "warm_start": warm,
-                "resumed_from_step": resume["step"] if resume else None,
+                "resumed_from_step": clock.resumed_from,
                 "checks": checks, "wall_time_s": wall, "peak_memory_mb": clock.peak(),
                 "device": str(device), "seed": cfg.seed, "world_size": dist_info.world_size,
                 "recipe": to_dict(cfg.train) | {"lr_used": lr, "batch_size": cfg.data.batch_size,
