@@ -51,7 +51,6 @@ def draw(rows: list[dict], against: str, bar: float | None, out: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    sys.path.insert(0, str(HERE.parent))
     from rankalloc.io import save_figure
 
     budgets = sorted({b for r in rows for b in r["by_budget"]})
