@@ -25,8 +25,9 @@ import torch
 
 from .config import DataConfig, with_data_defaults
 from .errors import DataError, ModelError
-from .families import MODEL_INPUTS, Classification, Family, make_family
+from .families import Classification, Family, make_family
 from .tasks import RawTask, load_raw_task
+from .tokenization import MODEL_INPUTS
 
 logger = logging.getLogger(__name__)
 

@@ -24,10 +24,11 @@ from . import io
 from .baselines import adalora_summary
 from .config import RetrainConfig
 from .data import TaskData
-from .families import Family, pair_separator
+from .families import Family
 from .models import BUILTIN_MODELS, config_overrides, dtype_kwarg, hub_id, load_pretrained, resolve_model_path
 from .rank_map import RankMap, peft_settings
 from .targets import Target
+from .tokenization import pair_separator
 from .training import to_device
 
 logger = logging.getLogger(__name__)

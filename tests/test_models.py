@@ -322,11 +322,11 @@ def test_a_model_folder_without_a_usable_tokenizer_is_refused_in_one_line(tmp_pa
 def test_pair_texts_keep_a_boundary_when_the_tokenizer_has_no_pair_template(tmp_path):
     import pandas as pd
 
-    from rankalloc.families import _tokenize_texts
+    from rankalloc.tokenization import tokenize_texts
     from rankalloc.models import load_tokenizer
 
     tok = load_tokenizer(ModelConfig(name=_word_tokenizer(tmp_path / "eos", special=True)))
-    ids = _tokenize_texts(pd.DataFrame({"text": ["w1 w2"], "text_pair": ["w3"]}), tok, 8)["input_ids"][0]
+    ids = tokenize_texts(pd.DataFrame({"text": ["w1 w2"], "text_pair": ["w3"]}), tok, 8)["input_ids"][0]
     assert ids[:4].tolist() == [tok.convert_tokens_to_ids(t) for t in ("w1", "w2", "</s>", "w3")]
 
 
