@@ -220,11 +220,15 @@ def train_eval_frames(raw: RawTask, cfg: DataConfig, family: Family | None = Non
                                       np.random.default_rng([cfg.split_seed, _EVAL_SPLIT]),
                                       what="--data.eval_fraction")
         train_df, eval_df = train_df.iloc[rest], train_df.iloc[held]
-    uncapped = len(train_df)
+    uncapped, uncapped_eval = len(train_df), len(eval_df)
     train_df = _cap(train_df, cfg.max_train_examples, np.random.default_rng([cfg.split_seed, _TRAIN_CAP]))
     eval_df = _cap(eval_df, cfg.max_eval_examples, np.random.default_rng([cfg.split_seed, _EVAL_CAP]))
     if len(eval_df) == 0:
         raise DataError(f"task {raw.name}: the evaluation split is empty")
+    if len(eval_df) < uncapped_eval:
+        logger.info("task %s: evaluating on a seeded sample of %d of the %d evaluation examples "
+                    "(--data.max_eval_examples; null = all)", raw.name, len(eval_df), uncapped_eval)
+    _warn_shared_texts(train_df, eval_df, raw.name)
     if raw.family == "classification" and train_df["label"].nunique() < 2:
         cause = (f"the {len(train_df)} training examples sampled by --data.max_train_examples"
                  if len(train_df) < uncapped else "the training split after the held-out evaluation slice")
@@ -233,6 +237,19 @@ def train_eval_frames(raw: RawTask, cfg: DataConfig, family: Family | None = Non
                         "a classifier needs at least two (raise --data.max_train_examples, or give more examples "
                         "of the other classes)")
     return train_df.reset_index(drop=True), eval_df.reset_index(drop=True)
+
+
+def _warn_shared_texts(train_df: pd.DataFrame, eval_df: pd.DataFrame, name: str) -> None:
+    """Warn when evaluation examples repeat a training example's input (duplicate rows in the data, or an
+    evaluation file that overlaps the training file): on those the metric is not a held-out measure."""
+    def inputs(df: pd.DataFrame) -> pd.Series:
+        return df["text"] if "text_pair" not in df.columns else df["text"] + "\x1f" + df["text_pair"]
+
+    shared = int(inputs(eval_df).isin(set(inputs(train_df))).sum())
+    if shared:
+        logger.warning("task %s: %d of the %d evaluation examples have the same input text as a training example "
+                       "(duplicate rows in the data?); on those the metric is not a held-out measure",
+                       name, shared, len(eval_df))
 
 
 def _cap(df: pd.DataFrame, limit: int | None, rng: np.random.Generator) -> pd.DataFrame:

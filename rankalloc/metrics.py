@@ -12,6 +12,7 @@ Every function takes numpy arrays and returns plain floats, so results travel as
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 
@@ -23,7 +24,8 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray, num_labels: int) -> dict[str, float]:
     """accuracy, macro F1 (over the classes in ``labels``, whatever the model predicts, so that two models are
-    averaged over the same classes), eval loss (mean cross-entropy); MCC for two classes."""
+    averaged over the same classes; sklearn's default also averages over predicted classes the labels lack),
+    eval loss (mean cross-entropy); MCC for two classes."""
     from sklearn.metrics import f1_score, matthews_corrcoef
 
     labels = labels.astype(np.int64)
@@ -32,7 +34,9 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, num_labels: i
            "macro_f1": float(f1_score(labels, preds, labels=np.unique(labels), average="macro", zero_division=0)),
            "eval_loss": float(-_log_softmax(logits.astype(np.float64))[np.arange(len(labels)), labels].mean())}
     if num_labels == 2:
-        out["mcc"] = float(matthews_corrcoef(labels, preds))
+        with warnings.catch_warnings():  # one class in labels and predictions: MCC is 0, sklearn also warns
+            warnings.simplefilter("ignore")
+            out["mcc"] = float(matthews_corrcoef(labels, preds))
     return out
 
 

@@ -231,13 +231,30 @@ def resolve_family(cfg: DataConfig, df: pd.DataFrame) -> str:
         return "multiple_choice"
     if cfg.answer_column:
         return "causal_lm"
-    if cfg.label_column in df.columns and pd.api.types.is_float_dtype(df[cfg.label_column]):
-        values = df[cfg.label_column].dropna().to_numpy()
+    column = df[cfg.label_column] if cfg.label_column in df.columns else None
+    if column is not None and not pd.api.types.is_float_dtype(column):
+        column = _written_numbers(column)  # JSON or parquet targets stored as text: "0.25", "3.8"
+    if column is not None and pd.api.types.is_float_dtype(column):
+        values = column.dropna().to_numpy()
         if len(values) and not np.all(np.mod(values, 1) == 0):
             logger.info("column %r holds non-integer numbers: a regression task (set --data.family to "
                         "override)", cfg.label_column)
             return "regression"
     return "classification"
+
+
+DECIMAL_LITERAL = r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?"  # ASCII digits: what to_numeric reads
+
+
+def _written_numbers(values: pd.Series) -> pd.Series | None:
+    """A column of strings as float64 when every present value is a decimal number written as text, else None."""
+    present = values.dropna()
+    if not len(present) or not present.map(lambda v: isinstance(v, str)).all():
+        return None
+    present = present.str.strip()
+    if not present.str.fullmatch(DECIMAL_LITERAL).all():
+        return None
+    return pd.to_numeric(values.map(lambda v: v.strip() if isinstance(v, str) else v)).astype(np.float64)
 
 
 def select_columns(df: pd.DataFrame, cfg: DataConfig, family: str, where: str) -> pd.DataFrame:
@@ -319,8 +336,8 @@ def _is_missing(value: object) -> bool:
 
 def _options(df: pd.DataFrame, columns: list[str], where: str) -> pd.Series:
     """Each row's options: from one list-valued column (a list written as JSON or Python in CSV files) or
-    from several single-option columns.  Missing options at the end are skipped; a row missing an
-    option before a present one is dropped (with a warning), since its label counts the columns."""
+    from several single-option columns.  Missing options (None, NaN) at the end are skipped; a row missing
+    an option before a present one is dropped (with a warning), since its label counts the options."""
     rows = []
     gaps = 0
     for i in range(len(df)):
@@ -334,24 +351,23 @@ def _options(df: pd.DataFrame, columns: list[str], where: str) -> pd.Series:
             if not isinstance(value, (list, tuple, np.ndarray)):
                 raise DataError(f"{where}: row {i} of column {columns[0]!r} is not a list of options (give a list, "
                                 "or one column per option in --data.choice_columns)")
-            options = list(value)
+            values = list(value)
         else:
             values = [df[c].iloc[i] for c in columns]
-            present = [not _is_missing(v) for v in values]
-            last = max((j for j, kept in enumerate(present) if kept), default=-1)
-            if not all(present[:last + 1]):
-                gaps += 1
-                rows.append(None)
-                continue
-            options = [v for v, kept in zip(values, present) if kept]
-        options = [str(o) for o in options]
+        present = [not _is_missing(v) for v in values]
+        last = max((j for j, kept in enumerate(present) if kept), default=-1)
+        if not all(present[:last + 1]):
+            gaps += 1
+            rows.append(None)
+            continue
+        options = [str(v) for v, kept in zip(values, present) if kept]
         if len(options) < 2 or any(not o.strip() for o in options):
             raise DataError(f"{where}: row {i} has {len(options)} option(s) or an empty one; a multiple-choice "
                             "question needs at least two non-empty options")
         rows.append(options)
     if gaps:
         logger.warning("%s: dropping %d row(s) missing an option before a present one (the label counts the "
-                       "columns of %s)", where, gaps, ", ".join(columns))
+                       "options of %s)", where, gaps, ", ".join(columns))
     return pd.Series(rows, index=df.index, dtype=object)
 
 

@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import logging
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -19,10 +20,12 @@ import pandas as pd
 
 from .config import DataConfig
 from .errors import DataError
-from .task_columns import (INTEGER_CODE, column_list, drop_unlabelled, encode_labels, encode_targets, resolve_family,
-                           select_columns)
+from .task_columns import (DECIMAL_LITERAL, INTEGER_CODE, column_list, drop_unlabelled, encode_labels, encode_targets,
+                           resolve_family, select_columns)
 
-__all__ = ["LOCAL_EXTENSIONS", "RawTask", "decode_mixed", "encode_labels", "read_table"]
+__all__ = ["EVAL_SPLITS", "LOCAL_EXTENSIONS", "RawTask", "decode_mixed", "encode_labels", "read_table"]
+
+EVAL_SPLITS = ("validation", "valid", "val", "dev", "test")  # the first present is the evaluation split
 
 logger = logging.getLogger("rankalloc.tasks")  # one logger for the task modules, as before the split
 
@@ -73,9 +76,11 @@ def reject_hub_config(cfg: DataConfig, kind: str) -> None:
 
 
 def _text_columns(cfg: DataConfig) -> list[str]:
-    """The columns ``cfg`` reads as text: kept as written in a CSV file ("007", "3.10", "NA" are text)."""
+    """The columns ``cfg`` reads as text: kept as written in a CSV file ("007", "3.10", "NA" are text).  A
+    multiple-choice label too: it may be an option's own text ("16" among the options 14, 15, 16)."""
     answer = cfg.answer_column or ("answer" if cfg.family == "causal_lm" else None)  # as select_columns reads it
-    named = [cfg.text_column, cfg.text_pair_column, answer, *(cfg.choice_columns or [])]
+    choice_label = cfg.label_column if cfg.choice_columns or cfg.family == "multiple_choice" else None
+    named = [cfg.text_column, cfg.text_pair_column, answer, *(cfg.choice_columns or []), choice_label]
     return [c for c in named if c is not None]
 
 
@@ -100,10 +105,36 @@ def _load_local(cfg: DataConfig, path: Path) -> RawTask:
     return RawTask(path.stem, train, evaluation, names, "text_pair" in train.columns, family)
 
 
+def split_file(folder: Path, split: str) -> Path | None:
+    """``folder``'s file ``<split>.csv/.tsv/.json/.jsonl/.parquet`` (any case), or None.
+
+    Raises:
+        DataError: more than one such file (which one is meant is not clear).
+    """
+    found = [p for p in sorted(folder.iterdir())
+             if p.is_file() and p.stem.lower() == split and p.suffix.lower() in LOCAL_EXTENSIONS]
+    if len(found) > 1:
+        raise DataError(f"{folder}: {len(found)} files hold the {split} split ({', '.join(p.name for p in found)}); "
+                        "keep one")
+    return found[0] if found else None
+
+
+def load_folder(cfg: DataConfig, folder: Path, train: Path) -> RawTask:
+    """A folder of split files, each read as a local file: ``train`` and, unless ``--data.eval_file`` is
+    given, the first of :data:`EVAL_SPLITS` present as the evaluation split."""
+    if cfg.eval_file is None:
+        evaluation = next((p for p in (split_file(folder, s) for s in EVAL_SPLITS) if p is not None), None)
+        if evaluation is not None:
+            logger.info("--task %s: training on %s, evaluating on %s", cfg.task, train.name, evaluation.name)
+            cfg = dataclasses.replace(cfg, eval_file=str(evaluation))
+    raw = _load_local(cfg, train)
+    return dataclasses.replace(raw, name=folder.resolve().name)
+
+
 def read_table(path: Path, text_columns: Iterable[str] = ()) -> pd.DataFrame:
     """Read a .csv/.tsv/.json/.jsonl/.parquet file into a frame.
 
-    Text files are decoded line by line (UTF-8, else Latin-1: :func:`decode_mixed`).  In CSV/TSV only an
+    Text files are decoded line by line (UTF-8, else Windows-1252: :func:`decode_mixed`), or as UTF-16 after its mark.  In CSV/TSV only an
     empty cell is missing: "NA", "null" or "None" are text or class names, and ``text_columns`` keep their
     text as written ("007" stays "007", not 7.0).
 
@@ -154,9 +185,6 @@ def _refuse_ragged(df: pd.DataFrame, path: Path, delimiter: str) -> None:
                         "inside an unquoted text? Quote the fields that hold one")
 
 
-_NUMBER = r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?"  # ASCII digits: what to_numeric reads
-
-
 def _numbers_as_written(values: pd.Series) -> pd.Series:
     """A CSV column read as text, as numbers when every value is a number that reads back as written
     (pandas' own inference turns the label codes "007" and "07" into one class, 7)."""
@@ -165,26 +193,45 @@ def _numbers_as_written(values: pd.Series) -> pd.Series:
         return values
     if present.str.lower().isin(("true", "false")).all():  # booleans, as pandas reads them
         return values.map(lambda v: v if pd.isna(v) else v.strip().lower() == "true")
-    if not present.str.fullmatch(_NUMBER).all() or present.str.fullmatch(INTEGER_CODE).any():
+    if not present.str.fullmatch(DECIMAL_LITERAL).all() or present.str.fullmatch(INTEGER_CODE).any():
         return values
     return pd.to_numeric(values.str.strip())
 
 
-def decode_mixed(data: bytes) -> str:
-    """Decode bytes line by line: UTF-8 where valid, else Latin-1 (never fails, keeps every line)."""
+def decode_mixed(data: bytes, fallback: str = "cp1252") -> str:
+    """Decode bytes line by line: UTF-8 where valid, else ``fallback`` (Windows-1252 by default: Latin-1's
+    printable characters plus the quotes, dashes and euro sign Windows editors write in 0x80-0x9f), else
+    Latin-1 (never fails, keeps every line)."""
     lines = []
     for line in data.split(b"\n"):
         try:
             lines.append(line.decode("utf-8"))
         except UnicodeDecodeError:
-            lines.append(line.decode("latin-1"))
+            try:
+                lines.append(line.decode(fallback))
+            except UnicodeDecodeError:  # cp1252 leaves five bytes undefined
+                lines.append(line.decode("latin-1"))
     return "\n".join(lines)
 
 
+_UTF16_MARKS = (b"\xff\xfe", b"\xfe\xff")
+
+
 def _decoded(path: Path) -> str:
-    """A text file's contents (:func:`decode_mixed`), without a byte-order mark, which would otherwise
-    stick to the first column's name or break JSON."""
-    text = decode_mixed(path.read_bytes())
+    """A text file's contents (:func:`decode_mixed`; UTF-16 when it starts with UTF-16's byte-order mark),
+    without a byte-order mark, which would otherwise stick to the first column's name or break JSON.
+
+    Raises:
+        DataError: a UTF-16 file that does not decode as UTF-16.
+    """
+    data = path.read_bytes()
+    if data.startswith(_UTF16_MARKS):
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: starts with UTF-16's byte-order mark but is not valid UTF-16 ({e.reason} at "
+                            f"byte {e.start}); save it as UTF-8") from None
+    text = decode_mixed(data)
     return text[1:] if text.startswith("\ufeff") else text
 
 
@@ -307,6 +354,10 @@ def _load_hub(cfg: DataConfig, builtin_names: Iterable[str]) -> RawTask:
     try:
         splits = datasets.load_dataset(cfg.task, cfg.hub_config)
     except Exception as e:  # network, missing dataset, bad config: all user-fixable
+        if Path(cfg.task).expanduser().is_dir():
+            raise DataError(f"{label}: a folder holding neither a train.{{{','.join(s[1:] for s in LOCAL_EXTENSIONS)}}} "
+                            "file nor a dataset written by save_to_disk, and datasets.load_dataset could not read it "
+                            f"({_first_line(e)})") from None
         raise DataError(f"{label}: could not be loaded as a datasets hub name ({_first_line(e)}); "
                         f"{offline_hint}") from None
     name = cfg.task.rstrip("/").split("/")[-1] + (f"-{cfg.hub_config}" if cfg.hub_config else "")
@@ -337,14 +388,19 @@ def _load_saved(cfg: DataConfig, path: Path) -> RawTask:
 
 
 def _from_splits(splits: Any, cfg: DataConfig, label: str, name: str) -> RawTask:
-    """A ``datasets`` split dict as a task: train = "train", eval = "validation" or "test"; ``ClassLabel``
-    names are kept."""
+    """A ``datasets`` split dict as a task: train = "train", eval = the first of :data:`EVAL_SPLITS`;
+    ``ClassLabel`` names are kept."""
     import datasets
 
     if not hasattr(splits, "keys") or "train" not in splits:
         found = ", ".join(splits.keys()) if hasattr(splits, "keys") else type(splits).__name__
         raise DataError(f"{label}: has no 'train' split (splits: {found})")
-    eval_name = next((s for s in ("validation", "test") if s in splits), None)
+    eval_name = next((s for s in EVAL_SPLITS if s in splits), None)
+    if eval_name is None and len(splits) > 1:
+        others = ", ".join(repr(s) for s in splits if s != "train")
+        logger.warning("%s: no split is named %s, so split(s) %s are not used and part of 'train' is held out "
+                       "for evaluation; save the one to evaluate on as 'validation'", label,
+                       " or ".join(repr(s) for s in EVAL_SPLITS), others)
     table = splits["train"].to_pandas()
     family = resolve_family(cfg, table)
     train = select_columns(table, cfg, family, f"{label} split 'train'")
@@ -355,9 +411,12 @@ def _from_splits(splits: Any, cfg: DataConfig, label: str, name: str) -> RawTask
     class_names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
     wheres = (f"{label} split 'train' column {cfg.label_column!r}",
               f"{label} split {eval_name!r} column {cfg.label_column!r}")
+    eval_feature = splits[eval_name].features.get(cfg.label_column) if eval_name is not None else None
     if class_names is not None and evaluation is not None and family == "classification":
-        evaluation = _to_train_ids(evaluation, splits[eval_name].features.get(cfg.label_column), class_names,
-                                   wheres[1])
+        evaluation = _to_train_ids(evaluation, eval_feature, class_names, wheres[1])
+    elif (evaluation is not None and family == "classification" and isinstance(eval_feature, datasets.ClassLabel)
+          and train["label"].map(lambda v: isinstance(v, str)).all()):
+        evaluation = _to_names(evaluation, list(eval_feature.names), wheres[1])
     if family == "classification":  # ClassLabel -1: an unlabelled row; a plain column: see drop_unlabelled
         train, evaluation = drop_unlabelled(train, evaluation, *wheres, class_label=class_names is not None)
     if class_names is not None and family == "classification":
@@ -399,6 +458,23 @@ def _to_train_ids(evaluation: pd.DataFrame, feature: Any, names: list[str], wher
     mapped = labels.map(lambda v: ids[v] if isinstance(v, str) else v)
     evaluation = evaluation.copy()
     evaluation["label"] = mapped.astype("int64") if mapped.notna().all() else mapped
+    return evaluation
+
+
+def _to_names(evaluation: pd.DataFrame, names: list[str], where: str) -> pd.DataFrame | None:
+    """An evaluation split's ``ClassLabel`` ids as its class ``names``, for a training split that holds
+    plain class names; rows with a negative id (unlabelled) are dropped, and a split without a labelled
+    row is None (part of train is held out instead)."""
+    ids = evaluation["label"].astype("int64")
+    hidden = (ids < 0).to_numpy()
+    if hidden.all():
+        logger.warning("%s: no row has a label (negative class ids only); holding out part of the training "
+                       "split instead", where)
+        return None
+    if hidden.any():
+        logger.warning("%s: dropping %d row(s) without a label (class id -1)", where, int(hidden.sum()))
+    evaluation = evaluation[~hidden].copy()
+    evaluation["label"] = [names[i] for i in ids[~hidden]]
     return evaluation
 
 
