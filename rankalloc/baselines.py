@@ -115,7 +115,7 @@ def knapsack_candidates(targets: list[Target], budget: int, budget_text: str | N
     r_max = candidate_r_max(targets, budget)
     check_budget(budget, [t.cost_per_rank for t in targets], r_max.values(), budget_text,
                  "the random and gradient baselines draw from the search's automatic candidate ranks, which no "
-                 "flag raises")
+                 "flag raises", full_ranks=[t.max_rank for t in targets])
     return r_max
 
 

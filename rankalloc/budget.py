@@ -90,18 +90,25 @@ def feasible_range(costs: Iterable[int], r_max: Iterable[int]) -> tuple[int, int
 
 
 def check_budget(budget: int, costs: Iterable[int], r_max: Iterable[int], text: str | None = None,
-                 raise_cap: str = "raise --search.r_max to allow more", flag: str = "--budget") -> None:
+                 raise_cap: str = "raise --search.r_max to allow more", flag: str = "--budget",
+                 full_ranks: Iterable[int] | None = None) -> None:
     """Refuse a budget that no rank map can use; ``raise_cap`` says how the caller's user lifts the caps,
-    and errors name ``flag``.
+    and errors name ``flag``.  ``full_ranks`` (each module's full rank), when the caps can be lifted or grow
+    with the budget (the automatic ``r_max``), make the allowed range the one any setting reaches.
 
     Raises:
         BudgetError: below one rank of the cheapest module, or above the all-``r_max`` cost.
     """
+    costs = list(costs)
     lo, hi = feasible_range(costs, r_max)
+    top = feasible_range(costs, full_ranks)[1] if full_ranks is not None else hi
     shown = text if text is not None else f"{budget:,}"
     if budget < lo:
         raise BudgetError(f"{flag} {shown} ({budget:,} parameters) is below the smallest non-empty "
-                          f"allocation ({lo:,}: rank 1 on the cheapest module); allowed: {lo:,} to {hi:,}")
+                          f"allocation ({lo:,}: rank 1 on the cheapest module); allowed: {lo:,} to {top:,}")
+    if full_ranks is not None and budget > top:  # no cap could be raised far enough
+        raise BudgetError(f"{flag} {shown} ({budget:,} parameters) exceeds every module at full rank "
+                          f"({top:,}); allowed: {lo:,} to {top:,}")
     if budget > hi:
         raise BudgetError(f"{flag} {shown} ({budget:,} parameters) exceeds every module at its largest "
                           f"rank ({hi:,}); allowed: {lo:,} to {hi:,} ({raise_cap})")

@@ -37,3 +37,9 @@ class RunDirError(RankallocError):
 
 class DivergenceError(RankallocError, FloatingPointError):
     """Training produced a non-finite loss or gradient."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message (its type's name when it has none), for one-line messages."""
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .errors import ModelError
+from .errors import ModelError, first_line
 from .families import Classification, Family, is_decoder
 from .targets import Target, find_targets, head_modules, head_parameters
 
@@ -68,7 +68,7 @@ def load_tokenizer(cfg: ModelConfig):
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise ModelError(f"--model {cfg.name}: cannot load its tokenizer ({_first_line(e)}){_hub_hint(cfg.name)}") from None
+        raise ModelError(f"--model {cfg.name}: cannot load its tokenizer ({first_line(e)}){_hub_hint(cfg.name)}") from None
     if len(tok) < _MIN_VOCABULARY:
         raise ModelError(f"--model {cfg.name}: its tokenizer knows only {len(tok)} tokens, so texts would become "
                          "unknown tokens; save the model's own tokenizer in its folder")
@@ -94,7 +94,10 @@ def load_model_config(cfg: ModelConfig, **overrides: Any) -> Any:
     try:
         return AutoConfig.from_pretrained(resolve_model_path(cfg.name), **overrides)
     except (OSError, ValueError) as e:
-        raise ModelError(f"--model {cfg.name}: cannot load its config ({_first_line(e)}){_hub_hint(cfg.name)}") from None
+        raise ModelError(f"--model {cfg.name}: cannot load its config ({first_line(e)}){_hub_hint(cfg.name)}") from None
+    except NotImplementedError as e:  # a setting this config class refuses (Funnel cannot set num_hidden_layers)
+        flag = "; drop --model.num_layers" if cfg.num_layers is not None else ""
+        raise ModelError(f"--model {cfg.name}: its config refuses a setting ({first_line(e)}){flag}") from None
 
 
 def load_model(cfg: ModelConfig, num_labels: int = 2, family: Family | None = None,
@@ -109,8 +112,10 @@ def load_model(cfg: ModelConfig, num_labels: int = 2, family: Family | None = No
                                       output_loading_info=True)
     except (OSError, ValueError, RuntimeError, AssertionError, TypeError, KeyError) as e:  # a config the
         # model's own checks refuse (transformers asserts some)
+        hint = ("; a language model without a classification head can answer as --data.family causal_lm or "
+                "multiple_choice" if family.name in ("classification", "regression") and is_decoder(config) else "")
         raise ModelError(f"--model {cfg.name}: cannot load its weights as {family.describe()} "
-                         f"({_first_line(e)})") from None
+                         f"({first_line(e)}){hint}") from None
     mismatched = [entry[0] if isinstance(entry, (tuple, list)) else str(entry)
                   for entry in info.get("mismatched_keys", [])]
     heads = tuple(head_modules(model))
@@ -128,11 +133,41 @@ def load_model(cfg: ModelConfig, num_labels: int = 2, family: Family | None = No
     if fresh:
         logger.warning("--model %s: its checkpoint has no language-model head (%s is freshly initialised), so "
                        "answer scores start from random; use a causal-LM checkpoint", cfg.name, fresh[0])
+    if family.peft_task_type == "CAUSAL_LM":
+        check_causal(model, cfg.name)
     for p in model.parameters():
         p.requires_grad_(False)
     for p in head_parameters(model):
         p.requires_grad_(True)
     return model
+
+
+def check_causal(model: nn.Module, name: str, length: int = 6) -> None:
+    """Refuse a language model whose prediction at a position depends on a later token (XLNet's
+    permutation LM, an encoder's LM head): trained to predict answers, it would read them.  Probed with
+    one random sequence whose last token is changed: every earlier position's logits must stay put.
+
+    Raises:
+        ModelError: a later token changed an earlier prediction.
+    """
+    vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+    if vocab < 2:
+        return
+    ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(0))
+    changed = ids.clone()
+    changed[0, -1] = (ids[0, -1] + 1) % vocab
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            before, after = (model(input_ids=x.to(model.device)).logits[0, :-1].float() for x in (ids, changed))
+    finally:
+        model.train(was_training)
+    if not torch.allclose(before, after, rtol=1e-4, atol=1e-4 * float(before.abs().max().clamp(min=1.0))):
+        kind = getattr(model.config, "model_type", None)
+        raise ModelError(f"--model {name}: model type {kind!r} is not causal (its prediction at a position changes "
+                         "with a later token), so trained on answers it would read them; use a decoder-only model "
+                         "(GPT-2, Llama, ...) for --data.family causal_lm and option log-likelihoods")
 
 
 def load_pretrained(model_class: Any, path: str, **kwargs: Any) -> Any:
@@ -182,7 +217,7 @@ def skeleton_targets(cfg: ModelConfig, family: Family | None = None) -> list[Tar
             error = e
     else:
         raise ModelError(f"--model {cfg.name}: transformers has no model class for its config "
-                         f"({_first_line(error)})")
+                         f"({first_line(error)})")
     return find_targets(model, cfg)
 
 
@@ -265,6 +300,3 @@ def resolve_device(spec: str) -> torch.device:
     return torch.device(spec)
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

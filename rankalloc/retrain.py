@@ -36,7 +36,7 @@ from .config import DATASET_FIELDS, DEFAULT_TASK, SPLIT_FIELDS, DataConfig, Retr
 from .flags import checked_copy, coerce, stage_command, to_dict
 from .data import Split, prepare_task
 from .tasks import recorded_data
-from .errors import ConfigError, ModelError, RankMapError, RunDirError
+from .errors import ConfigError, ModelError, RankMapError, RunDirError, first_line
 from .families import Classification, Family
 from .models import BUILTIN_MODELS, count_parameters, load_model, load_model_config, load_tokenizer, resolve_device
 from .targets import Target, find_targets, head_modules, stores_fan_in_fan_out
@@ -78,8 +78,8 @@ def build_adapter(cfg: RetrainConfig, model: nn.Module, targets: list[Target], r
     family = family or Classification()
     base = io.recorded_location(cfg.model.name, BUILTIN_MODELS)
     if cfg.baseline == "adalora":
-        peft_model = get_peft_model(model, adalora_config(targets, budget, steps, p, heads, budget_text,
-                                                          family.peft_task_type))
+        peft_model = _peft_wrapped(get_peft_model, model, adalora_config(targets, budget, steps, p, heads,
+                                                                         budget_text, family.peft_task_type))
         install_param_budget(peft_model, budget)
         return peft_model, None
     if cfg.baseline == "uniform":
@@ -107,9 +107,22 @@ def build_adapter(cfg: RetrainConfig, model: nn.Module, targets: list[Target], r
     rank_map.peft = peft_settings(family.peft_task_type, heads, stores_fan_in_fan_out(model, targets),  # trained
                                   p.scale)
     lora = LoraConfig(**rank_map.lora_config(dropout=p.lora_dropout))
-    peft_model = get_peft_model(model, lora)
+    peft_model = _peft_wrapped(get_peft_model, model, lora)
     rank_map.check_built(peft_model)
     return peft_model, rank_map
+
+
+def _peft_wrapped(get_peft_model: Callable[..., nn.Module], model: nn.Module, config: Any) -> nn.Module:
+    """``get_peft_model(model, config)``, with peft's refusal (a module its LoRA does not support on this
+    architecture, a config it cannot build) as one line.
+
+    Raises:
+        ModelError: peft refused to build the adapter.
+    """
+    try:
+        return get_peft_model(model, config)
+    except (ValueError, TypeError, NotImplementedError) as e:
+        raise ModelError(f"peft cannot build this adapter on {type(model).__name__}: {first_line(e)}") from None
 
 
 FAMILY_COLUMNS = ("family", "text_pair_column", "choice_columns", "answer_column")  # what one family's data needs

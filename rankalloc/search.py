@@ -288,7 +288,8 @@ def run_search(cfg: SearchConfig, command: str | None = None,
     base_params = count_parameters(model)
     budget = spec.resolve(base_params)
     r_max = candidate_r_max(targets, budget, cfg.search.r_max)
-    check_budget(budget, [t.cost_per_rank for t in targets], r_max.values(), spec.text)
+    check_budget(budget, [t.cost_per_rank for t in targets], r_max.values(), spec.text,
+                 full_ranks=[t.max_rank for t in targets])
     device = distributed.device_for(dist_info, resolve_device(cfg.device))
     p = cfg.search
     gated = GatedModel(model, targets, r_max, p.scale, p.lora_dropout, p.gate_init, p.temperature,

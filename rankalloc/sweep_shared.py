@@ -119,7 +119,7 @@ def check_shared_budgets(cfg: SweepConfig, budgets: list[int]) -> None:
     costs = [t.cost_per_rank for t in targets]
     caps = list(candidate_r_max(targets, budgets[-1], cfg.search.r_max).values())
     for flag, b in [("--shared_budget", shared_budget(cfg, budgets))] + [("--budgets", b) for b in budgets]:
-        check_budget(b, costs, caps, flag=flag)
+        check_budget(b, costs, caps, flag=flag, full_ranks=[t.max_rank for t in targets])
 
 
 def _shared_path(out: Path, recorded: str) -> Path:

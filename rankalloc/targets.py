@@ -163,6 +163,11 @@ def find_targets(model: nn.Module, cfg: ModelConfig) -> list[Target]:
     if inert:
         logger.info("not adapter targets: %d Linear module(s) inside nn.MultiheadAttention (%s, ...), which reads "
                     "their weights directly, so LoRA there would do nothing", len(inert), inert[0])
+    refused = peft_refuses(model, [n for n, _ in candidates])
+    if refused:
+        logger.info("not adapter targets: %d module(s) peft's LoRA refuses on model type %r (%s, ...)", len(refused),
+                    getattr(getattr(model, "config", None), "model_type", None), refused[0])
+        candidates = [(n, m) for n, m in candidates if n not in set(refused)]
     if cfg.target_regex is not None:
         try:
             pattern = re.compile(cfg.target_regex)
@@ -196,6 +201,7 @@ def find_targets(model: nn.Module, cfg: ModelConfig) -> list[Target]:
         sample = ", ".join(n for n, _ in candidates[:8]) or "none"
         why = (f" ({len(inert)} inside nn.MultiheadAttention, e.g. {inert[0]}, are never targets: it reads their "
                "weights directly, so LoRA there would do nothing)") if inert else ""
+        why += f" ({len(refused)}, e.g. {refused[0]}, are refused by peft's LoRA on this model type)" if refused else ""
         raise ModelError(f"no adapter targets match {asked}; Linear-like modules of this model include: {sample}{why}")
     targets = []
     for name, module in chosen:
@@ -203,6 +209,25 @@ def find_targets(model: nn.Module, cfg: ModelConfig) -> list[Target]:
         layer, kind = _layer_and_kind(name, stack_names)
         targets.append(Target(name, d_in, d_out, layer, kind))
     return targets
+
+
+def peft_refuses(model: nn.Module, names: list[str]) -> list[str]:
+    """The modules of ``names`` that peft's LoRA refuses to adapt on ``model``'s architecture (Mamba's
+    ``out_proj`` and ``conv1d``, whose weights its fused kernels read directly), by peft's own rule; none
+    where this peft has no such rule."""
+    try:
+        from peft import LoraConfig
+        from peft.tuners.tuners_utils import _check_lora_target_modules_mamba as check
+    except ImportError:  # another peft: get_peft_model's own refusal is turned into one line instead
+        return []
+    config = LoraConfig(r=1, target_modules=["-"])
+    refused = []
+    for name in names:
+        try:
+            check(config, model, name.rsplit(".", 1)[-1])
+        except ValueError:
+            refused.append(name)
+    return refused
 
 
 def _warn_uncovered_weights(model: nn.Module, stack_names: list[str], chosen: list[tuple[str, nn.Module]]) -> None:

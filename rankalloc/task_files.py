@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from .config import DataConfig
-from .errors import DataError
+from .errors import DataError, first_line
 from .task_columns import (DECIMAL_LITERAL, INTEGER_CODE, column_list, drop_unlabelled, encode_labels, encode_targets,
                            resolve_family, select_columns)
 
@@ -51,11 +51,6 @@ class RawTask:
     @property
     def num_labels(self) -> int:
         return len(self.label_names)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 def _frame(texts: Iterable[str], labels: Iterable[int], pairs: Iterable[str] | None = None) -> pd.DataFrame:
@@ -170,7 +165,7 @@ def read_table(path: Path, text_columns: Iterable[str] = ()) -> pd.DataFrame:
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: the file is empty") from None
     except Exception as e:  # parser errors of pandas/pyarrow/json come in many types
-        raise DataError(f"{path}: cannot parse it as {suffix[1:]} ({_first_line(e)})") from None
+        raise DataError(f"{path}: cannot parse it as {suffix[1:]} ({first_line(e)})") from None
     if len(df) == 0:
         raise DataError(f"{path}: the file has no rows")
     return df
@@ -357,8 +352,8 @@ def _load_hub(cfg: DataConfig, builtin_names: Iterable[str]) -> RawTask:
         if Path(cfg.task).expanduser().is_dir():
             raise DataError(f"{label}: a folder holding neither a train.{{{','.join(s[1:] for s in LOCAL_EXTENSIONS)}}} "
                             "file nor a dataset written by save_to_disk, and datasets.load_dataset could not read it "
-                            f"({_first_line(e)})") from None
-        raise DataError(f"{label}: could not be loaded as a datasets hub name ({_first_line(e)}); "
+                            f"({first_line(e)})") from None
+        raise DataError(f"{label}: could not be loaded as a datasets hub name ({first_line(e)}); "
                         f"{offline_hint}") from None
     name = cfg.task.rstrip("/").split("/")[-1] + (f"-{cfg.hub_config}" if cfg.hub_config else "")
     return _from_splits(splits, cfg, label, name)
@@ -381,7 +376,7 @@ def _load_saved(cfg: DataConfig, path: Path) -> RawTask:
     try:
         splits = datasets.load_from_disk(str(path))
     except Exception as e:
-        raise DataError(f"{label}: a folder written by save_to_disk that could not be read ({_first_line(e)})") from None
+        raise DataError(f"{label}: a folder written by save_to_disk that could not be read ({first_line(e)})") from None
     if isinstance(splits, datasets.Dataset):
         splits = datasets.DatasetDict({"train": splits})
     return _from_splits(splits, cfg, label, path.resolve().name)

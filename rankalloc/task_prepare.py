@@ -22,8 +22,8 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from .errors import DataError
-from .task_files import RawTask, _first_line, _frame
+from .errors import DataError, first_line
+from .task_files import RawTask, _frame
 
 logger = logging.getLogger("rankalloc.tasks")  # one logger for the task modules, as before the split
 
@@ -67,7 +67,7 @@ def _read_tar_member(source: Path | bytes, suffix: str, where: str) -> bytes:
                     if handle is not None:
                         return handle.read()
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise DataError(f"{where}: not a readable .tar.gz ({_first_line(e)})") from None
+        raise DataError(f"{where}: not a readable .tar.gz ({first_line(e)})") from None
     finally:
         fileobj.close()
     raise DataError(f"{where}: has no member ending in {suffix}")
@@ -124,7 +124,7 @@ def _bigbench_examples(sdist: Path, member: str) -> list[dict]:
     try:
         examples = json.loads(_read_tar_member(sdist, member, str(sdist)))["examples"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise DataError(f"{member}: not a BIG-bench task file with 'examples' ({_first_line(e)})") from None
+        raise DataError(f"{member}: not a BIG-bench task file with 'examples' ({first_line(e)})") from None
     if not examples:
         raise DataError(f"{member}: no examples")
     return examples
@@ -254,7 +254,7 @@ def _load_prepared(name: str) -> RawTask:
         meta = json.loads(meta_path.read_text())
         frame = pd.read_parquet(data_path)
     except Exception as e:
-        raise DataError(f"prepared task {name!r} in {data_path.parent} is unreadable ({_first_line(e)}); "
+        raise DataError(f"prepared task {name!r} in {data_path.parent} is unreadable ({first_line(e)}); "
                         f"{redo}") from None
     if meta.get("format") != PREPARED_FORMAT or meta.get("sha256") != SDIST_SOURCES[name].sha256:
         raise DataError(f"prepared task {name!r} in {data_path.parent} comes from an older version; {redo}")

@@ -36,11 +36,11 @@ import numpy as np
 import pandas as pd
 
 from .config import DATASET_FIELDS, DataConfig, with_data_defaults
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, first_line
 from .flags import _Parser
 from .io import atomic_path, recorded_location, write_json
 from .task_columns import column_list, convert_family, encode_labels
-from .task_files import (LOCAL_EXTENSIONS, RawTask, _first_line, _frame, _is_saved_dataset, _load_hub,
+from .task_files import (LOCAL_EXTENSIONS, RawTask, _frame, _is_saved_dataset, _load_hub,
                          _load_local, _load_saved, decode_mixed, load_folder, reject_hub_config, split_file)
 from .task_prepare import (PREPARED_FORMAT, SDIST_SOURCES, _download_sdist, _extract_checked, _load_prepared,
                            is_prepared, prepared_paths)
@@ -180,7 +180,7 @@ def _load_tweets() -> RawTask:
         # Latin-1 for its non-UTF-8 lines, as every benchmark figure was measured (cp1252 would change 3,074 texts)
         df = pd.read_csv(io.StringIO(decode_mixed(path.read_bytes(), fallback="latin-1")))
     except Exception as e:
-        raise DataError(f"{path}: cannot parse the tweets CSV ({_first_line(e)})") from None
+        raise DataError(f"{path}: cannot parse the tweets CSV ({first_line(e)})") from None
     for column in ("sentiment", "text"):
         if column not in df.columns:
             raise DataError(f"{path}: no column {column!r}; available columns: {column_list(df.columns)}")

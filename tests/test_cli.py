@@ -70,7 +70,8 @@ def test_refusals_before_any_model_work(capsys, argv, fragment):
 
 @pytest.mark.parametrize("extra, fragment", [
     (["--budget", "767"], "below the smallest non-empty allocation"),
-    (["--budget", "10M", "--search.r_max", "4"], "exceeds every module at its largest rank"),
+    (["--budget", "1M", "--search.r_max", "4"], "exceeds every module at its largest rank"),
+    (["--budget", "10M"], "exceeds every module at full rank"),
     (["--budget", "5k", "--model.target_modules", "nope"], "no adapter targets match"),
     (["--budget", "5k", "--model.target_regex", "zzz"], "no adapter targets match"),
     (["--budget", "5k", "--model", "/nonexistent/model"], "no such folder"),
