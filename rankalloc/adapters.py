@@ -10,6 +10,7 @@ apart, as DARTS keeps ``arch_parameters()`` apart from ``parameters()``:
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from typing import Iterator
 
@@ -19,6 +20,8 @@ from torch import nn
 from .families import Classification, Family, Output
 from .gates import MODES, make_gates
 from .targets import Target, head_parameters, linear_shape
+
+logger = logging.getLogger(__name__)
 
 
 class GatedLoRA(nn.Module):
@@ -37,6 +40,7 @@ class GatedLoRA(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as peft: B = 0, so training starts at W
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.gates = make_gates(gates, r_max, init_keep, temperature).to(weight.device)
+        self.calls = 0  # forward passes through this layer (a layer whose weight the model reads directly has none)
 
     # Model code that reads the wrapped layer's parameters (T5 checks ``wo.weight.dtype``) sees the base
     # layer's, as it does through peft's LoRA layers.
@@ -49,6 +53,7 @@ class GatedLoRA(nn.Module):
         return getattr(self.base_layer, "bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
         result = self.base_layer(x)
         g = self.gates()
         h = self.dropout(x).to(self.lora_A.dtype)
@@ -72,10 +77,26 @@ class GatedModel(nn.Module):
             setattr(parent, attr, layer)
             self.layers[t.name] = layer
         self._costs = {t.name: t.cost_per_rank for t in self.targets}
+        self._idle_checked = False
 
     def forward(self, **batch) -> Output:
         """The task family's loss and outputs (see :mod:`rankalloc.families`)."""
-        return self.family.forward(self.model, batch)
+        output = self.family.forward(self.model, batch)
+        if not self._idle_checked:  # after the first pass, every target has run once
+            self._idle_checked = True
+            self._warn_idle_targets()
+        return output
+
+    def _warn_idle_targets(self) -> None:
+        """Warn about targets whose forward did not run: the model reads their weight directly (Mamba's
+        ``dt_proj``) or never reaches them (an unused layer group), so an adapter there does nothing, in
+        this search and in peft alike, yet is charged to the budget."""
+        idle = [name for name, layer in self.layers.items() if layer.calls == 0]
+        if idle:
+            logger.warning("%d of %d adapter targets did not run in a forward pass (%s%s): the model reads their "
+                           "weights directly or never reaches them, so an adapter there does nothing yet costs "
+                           "budget; leave them out with --model.target_regex", len(idle), len(self.layers),
+                           ", ".join(idle[:3]), ", ..." if len(idle) > 3 else "")
 
     # ---- parameter groups ---------------------------------------------------------------------------
     def adapter_parameters(self) -> list[nn.Parameter]:

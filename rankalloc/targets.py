@@ -194,7 +194,7 @@ def find_targets(model: nn.Module, cfg: ModelConfig) -> list[Target]:
                         "adapt them", len(routers), routers[0])
             chosen = [(n, m) for n, m in chosen if n not in routers]
         asked = "the default (Linear-like modules inside the transformer blocks)"
-        _warn_uncovered_weights(model, stack_names, chosen)
+        _warn_uncovered_weights(model, stack_names)
         if len(stack_names) > 1:
             logger.info("adapter targets in %d block stacks: %s", len(stack_names), ", ".join(stack_names))
     if not chosen:
@@ -230,10 +230,10 @@ def peft_refuses(model: nn.Module, names: list[str]) -> list[str]:
     return refused
 
 
-def _warn_uncovered_weights(model: nn.Module, stack_names: list[str], chosen: list[tuple[str, nn.Module]]) -> None:
+def _warn_uncovered_weights(model: nn.Module, stack_names: list[str]) -> None:
     """Say so when much of the blocks' weight lies in matrices outside Linear-like modules (XLNet's attention,
     fused mixture-of-experts weights): those get no adapter, and the budget goes to the rest."""
-    covered = {id(p) for _, m in chosen for p in m.parameters()}
+    covered = {id(p) for m in model.modules() if is_linear_like(m) for p in m.parameters()}
     stacks = [m for n, m in model.named_modules() if n in stack_names]
     total, outside = 0, {}
     for stack_name, stack in zip(stack_names, stacks):

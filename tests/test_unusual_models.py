@@ -78,3 +78,30 @@ def test_the_allowed_budget_range_is_what_any_cap_reaches():
     with pytest.raises(BudgetError, match=r"exceeds every module at full rank \(9,600\); allowed: 100 to 9,600$"):
         check_budget(10_000, costs, caps, full_ranks=full)
     check_budget(1200, costs, caps, full_ranks=full)
+
+
+def test_targets_the_model_never_calls_are_warned_about(caplog, minilm_1layer):
+    from transformers import MambaConfig, MambaForCausalLM
+
+    from rankalloc.adapters import GatedModel
+
+    torch.manual_seed(0)
+    mamba = MambaForCausalLM(MambaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, state_size=4, expand=2))
+    targets = find_targets(mamba, ModelConfig())
+    gated = GatedModel(mamba, targets, {t.name: 2 for t in targets}, 2.0, family=CausalLM())
+    ids = torch.randint(0, 64, (2, 8))
+    with caplog.at_level("WARNING"):
+        gated(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+        gated(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+    assert caplog.text.count("did not run in a forward pass") == 1  # said once, after the first pass
+    assert "2 of 6 adapter targets did not run" in caplog.text and "mixer.dt_proj" in caplog.text
+    caplog.clear()
+    cfg, model = minilm_1layer
+    import copy
+
+    bert = copy.deepcopy(model)
+    targets = find_targets(bert, cfg)
+    gated = GatedModel(bert, targets, {t.name: 2 for t in targets}, 2.0)
+    with caplog.at_level("WARNING"):
+        gated(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.zeros(2, dtype=torch.long))
+    assert "did not run" not in caplog.text
