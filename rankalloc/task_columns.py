@@ -298,6 +298,12 @@ def select_columns(df: pd.DataFrame, cfg: DataConfig, family: str, where: str) -
         out["text_pair"] = df[cfg.text_pair_column]
     if family != "causal_lm":
         out["label"] = df[cfg.label_column]
+    for column in ("text", "text_pair", "answer"):
+        if column in out:
+            _refuse_structured_text(out[column], {"text": cfg.text_column, "text_pair": cfg.text_pair_column,
+                                                  "answer": cfg.answer_column or "answer"}[column], where)
+            blank = out[column].map(lambda v: isinstance(v, str) and not v.strip())
+            out.loc[blank, column] = None  # empty or whitespace-only text: missing, in every format alike
     required = [c for c in ("text", "text_pair", "answer", "choices") if c in out]
     missing = out[required].isna().any(axis=1)
     if missing.all():
@@ -315,6 +321,16 @@ def select_columns(df: pd.DataFrame, cfg: DataConfig, family: str, where: str) -
         if c in out:
             out[c] = out[c].astype(str)
     return out
+
+
+def _refuse_structured_text(values: pd.Series, column: str, where: str) -> None:
+    """A text column must hold texts: a list or mapping would be trained on as its printed form."""
+    structured = np.flatnonzero(values.map(lambda v: isinstance(v, (list, tuple, dict, np.ndarray))).to_numpy())
+    if len(structured):
+        first = values.iloc[structured[0]]
+        raise DataError(f"{where}: column {column!r} holds a {type(first).__name__} in row {values.index[structured[0]]} "
+                        f"({_short(first)}); a text column needs one text per row (join the parts into one text, "
+                        "or give them as --data.text_pair_column)")
 
 
 def _parsed_list(text: str) -> object:

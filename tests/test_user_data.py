@@ -191,3 +191,17 @@ def test_mcc_of_one_class_raises_no_library_warning():
         warnings.simplefilter("error")
         metrics = classification_metrics(np.eye(2)[[0, 0, 0, 0]] * 5, labels, 2)
     assert metrics["mcc"] == 0.0 and metrics["accuracy"] == 1.0
+
+
+def test_a_list_in_a_text_column_is_refused_and_blank_texts_are_missing_in_every_format(tmp_path, caplog):
+    rows = [{"text": ["a", "b"] if i == 3 else f"t{i}", "label": i % 2} for i in range(8)]
+    (tmp_path / "lists.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(DataError, match=r"column 'text' holds a list in row 3 \(\['a', 'b'\]\); a text column needs "
+                                        "one text per row"):
+        load_raw_task(DataConfig(task=str(tmp_path / "lists.jsonl")))
+    blanks = pd.DataFrame({"text": ["t0", "  ", "", "t3", "t4", "t5"], "label": [0, 1, 0, 1, 0, 1]})
+    blanks.to_csv(tmp_path / "blanks.csv", index=False)
+    blanks.to_json(tmp_path / "blanks.jsonl", orient="records", lines=True)
+    for name in ("blanks.csv", "blanks.jsonl"):
+        raw = load_raw_task(DataConfig(task=str(tmp_path / name)))
+        assert raw.train["text"].tolist() == ["t0", "t3", "t4", "t5"], name
