@@ -77,26 +77,21 @@ class GatedModel(nn.Module):
             setattr(parent, attr, layer)
             self.layers[t.name] = layer
         self._costs = {t.name: t.cost_per_rank for t in self.targets}
-        self._idle_checked = False
 
     def forward(self, **batch) -> Output:
         """The task family's loss and outputs (see :mod:`rankalloc.families`)."""
-        output = self.family.forward(self.model, batch)
-        if not self._idle_checked:  # after the first pass, every target has run once
-            self._idle_checked = True
-            self._warn_idle_targets()
-        return output
+        return self.family.forward(self.model, batch)
 
-    def _warn_idle_targets(self) -> None:
-        """Warn about targets whose forward did not run: the model reads their weight directly (Mamba's
-        ``dt_proj``) or never reaches them (an unused layer group), so an adapter there does nothing, in
-        this search and in peft alike, yet is charged to the budget."""
+    def warn_idle_targets(self) -> None:
+        """Warn about targets whose forward never ran (in this process): the model reads their weight
+        directly (Mamba's ``dt_proj``) or never reaches them (an unused layer group, an expert never routed
+        to), so an adapter there does nothing, in this search and in peft alike, yet is charged to the budget."""
         idle = [name for name, layer in self.layers.items() if layer.calls == 0]
         if idle:
-            logger.warning("%d of %d adapter targets did not run in a forward pass (%s%s): the model reads their "
-                           "weights directly or never reaches them, so an adapter there does nothing yet costs "
-                           "budget; leave them out with --model.target_regex", len(idle), len(self.layers),
-                           ", ".join(idle[:3]), ", ..." if len(idle) > 3 else "")
+            logger.warning("%d of %d adapter targets never ran in a forward pass of this search (%s%s): the model "
+                           "reads their weights directly or never reaches them, so an adapter there does nothing "
+                           "yet costs budget; leave them out with --model.target_regex", len(idle),
+                           len(self.layers), ", ".join(idle[:3]), ", ..." if len(idle) > 3 else "")
 
     # ---- parameter groups ---------------------------------------------------------------------------
     def adapter_parameters(self) -> list[nn.Parameter]:

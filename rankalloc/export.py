@@ -121,7 +121,8 @@ def export_rank_map(scores: Scores, budget: int, max_rank: int | None = None,
     caps = {t.name: min(scores.r_max[t.name], max_rank or scores.r_max[t.name]) for t in scores.targets}
     capped = max_rank is not None and any(max_rank < r for r in scores.r_max.values())
     check_budget(budget, [t.cost_per_rank for t in scores.targets], caps.values(), budget_text,
-                 ("raise --max-rank, or " if capped else "") + "search again with a larger --search.r_max")
+                 ("raise --max-rank, or " if capped else "") + "search again with a larger --search.r_max",
+                 full_ranks=[t.max_rank for t in scores.targets])
     kept = [sorted(scores.scores[t.name], reverse=True)[:caps[t.name]] for t in scores.targets]
     ranks = discretize(kept, [t.cost_per_rank for t in scores.targets], budget, rounding=rounding)
     searched = scores.data["searched_budget"]

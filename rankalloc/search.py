@@ -164,6 +164,7 @@ def search_loop(cfg: SearchConfig, gated: GatedModel, task: TaskData, budget: in
     data_fingerprint = task.fingerprint()  # a resume checks that it runs on the same examples
     gated.train()
     gated.set_gate_mode("sample")
+    first_step = state.step  # of this process (a resume starts later)
     while state.step < steps:
         step = state.step
         gated.set_temperature(gate_temperature(step, p, steps, warmup))  # a function of the step: resumes exactly
@@ -210,6 +211,8 @@ def search_loop(cfg: SearchConfig, gated: GatedModel, task: TaskData, budget: in
                 save_checkpoint(out, cfg, gated, state, opts, rngs, data_fingerprint)
             last_ckpt = str(out / rundir.CHECKPOINT)
     gated.set_temperature(gate_temperature(steps - 1, p, steps, warmup))  # scores are read at the final temperature
+    if state.step > first_step:
+        gated.warn_idle_targets()
     return state
 
 

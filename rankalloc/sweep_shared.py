@@ -170,7 +170,8 @@ def _check_exportable(shared: SharedSearch, scores: Any, budgets: list[int]) -> 
     caps = [scores.r_max[t.name] for t in scores.targets]
     for b in budgets:
         try:
-            check_budget(b, [t.cost_per_rank for t in scores.targets], caps)
+            check_budget(b, [t.cost_per_rank for t in scores.targets], caps,
+                         full_ranks=[t.max_rank for t in scores.targets])
         except BudgetError as e:
             raise BudgetError(f"--budgets {b:,}: cannot be exported from the shared search in {shared.path} "
                               f"(r_max {shared.r_max}): {str(e).split(' is ', 1)[-1]}") from None

@@ -17,6 +17,7 @@ import ast
 import json
 import logging
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -252,8 +253,8 @@ def _written_numbers(values: pd.Series) -> pd.Series | None:
     if not len(present) or not present.map(lambda v: isinstance(v, str)).all():
         return None
     present = present.str.strip()
-    if not present.str.fullmatch(DECIMAL_LITERAL).all():
-        return None
+    if not present.str.fullmatch(DECIMAL_LITERAL).all() or present.str.fullmatch(INTEGER_CODE).any():
+        return None  # "007" is a class code (see INTEGER_CODE), so the column holds class names
     return pd.to_numeric(values.map(lambda v: v.strip() if isinstance(v, str) else v)).astype(np.float64)
 
 
@@ -303,7 +304,8 @@ def select_columns(df: pd.DataFrame, cfg: DataConfig, family: str, where: str) -
             _refuse_structured_text(out[column], {"text": cfg.text_column, "text_pair": cfg.text_pair_column,
                                                   "answer": cfg.answer_column or "answer"}[column], where)
             blank = out[column].map(lambda v: isinstance(v, str) and not v.strip())
-            out.loc[blank, column] = None  # empty or whitespace-only text: missing, in every format alike
+            if blank.any():  # empty or whitespace-only text: missing, in every format alike
+                out[column] = out[column].astype(object).where(~blank, None)
     required = [c for c in ("text", "text_pair", "answer", "choices") if c in out]
     missing = out[required].isna().any(axis=1)
     if missing.all():
@@ -388,9 +390,10 @@ def _options(df: pd.DataFrame, columns: list[str], where: str) -> pd.Series:
 
 
 def encode_targets(family: str, train: pd.DataFrame, evaluation: pd.DataFrame | None, train_where: str,
-                   eval_where: str) -> list[str]:
+                   eval_where: str, typed: tuple[bool, bool] = (True, True)) -> list[str]:
     """Encode the ``label`` column of train (and eval) in place for ``family``; return the label names
-    (classes; ``["target"]`` for regression; option numbers for multiple choice; none for causal LM)."""
+    (classes; ``["target"]`` for regression; option numbers for multiple choice; none for causal LM).
+    ``typed``, for train and eval: False where the labels come from CSV or TSV text (see :func:`_option_index`)."""
     if family == "classification":
         return _encode_in_place(train, evaluation, train_where, eval_where)
     frames = [(train, train_where)] + ([(evaluation, eval_where)] if evaluation is not None else [])
@@ -399,8 +402,8 @@ def encode_targets(family: str, train: pd.DataFrame, evaluation: pd.DataFrame | 
             frame["label"] = _float_targets(frame["label"], where, must_vary=k == 0)
         return ["target"]
     if family == "multiple_choice":
-        for frame, where in frames:
-            frame["label"] = _option_index(frame, where)
+        for (frame, where), typed_labels in zip(frames, typed):
+            frame["label"] = _option_index(frame, where, typed_labels)
         return [str(i) for i in range(max(int(f["choices"].map(len).max()) for f, _ in frames))]
     return []
 
@@ -418,15 +421,45 @@ def _float_targets(values: pd.Series, where: str, must_vary: bool = True) -> np.
     return numbers
 
 
-def _option_index(frame: pd.DataFrame, where: str) -> np.ndarray:
-    """The right option's index: an integer in [0, options), or the option's own text."""
+_WHOLE_NUMBER = r"[+-]?[0-9]+(\.0*)?"  # an index as written: "2", or "2.0" from a float column
+
+
+def _option_index(frame: pd.DataFrame, where: str, typed: bool = True) -> np.ndarray:
+    """The right option's index: an integer in [0, options), a letter, or the option's own text.
+
+    From a source that types its values (JSON, parquet, datasets) a string that is an option's text is that
+    option, and a number is an index.  In a CSV or TSV file (``typed`` False) every label is text, so a
+    column whose every label reads as an index in range is read as indices ("0"-"3" with the options 1, 2,
+    3, 4), unless every label is also an option's text and the two readings differ: then which is meant
+    cannot be told, and the column is refused.  Otherwise an option's text wins ("16" among 14, 15, 16).
+
+    Raises:
+        DataError: a label that is none of these, or an untyped column that reads both ways.
+    """
+    labels, choices = frame["label"].tolist(), frame["choices"].tolist()
+    if not typed:
+        texts = [str(label).strip() for label in labels]
+        as_index = [int(float(t)) if re.fullmatch(_WHOLE_NUMBER, t) and 0 <= int(float(t)) < len(options) else None
+                    for t, options in zip(texts, choices)]
+        if None not in as_index:
+            differ = [i for i, (t, k, options) in enumerate(zip(texts, as_index, choices))
+                      if t in options and options.index(t) != k]
+            if differ and all(t in options for t, options in zip(texts, choices)):
+                i = differ[0]
+                raise DataError(f"{where}: every label is both an option index and the text of one of its row's "
+                                f"options, and the two readings differ in {len(differ)} row(s) (first: row "
+                                f"{frame.index[i]}, label {texts[i]!r}); a CSV or TSV file cannot say which is "
+                                "meant: write the labels as letters A, B, ..., or give the file as JSON, JSONL or "
+                                "parquet (an integer is an index there, a string an option's text)")
+            return np.array(as_index, dtype=np.int64)
+        labels = texts
     out = np.empty(len(frame), dtype=np.int64)
-    for i, (row, label, options) in enumerate(zip(frame.index, frame["label"], frame["choices"])):
+    for i, (row, label, options) in enumerate(zip(frame.index, labels, choices)):
         text = str(label).strip()
-        if isinstance(label, str) and label in options:  # the option's own text wins over a number-like text
-            out[i] = options.index(label)
-        elif text.lstrip("+-").isdigit() and 0 <= int(text) < len(options):
-            out[i] = int(text)
+        if isinstance(label, str) and text in options:  # the option's own text wins over a number-like text
+            out[i] = options.index(text)
+        elif re.fullmatch(_WHOLE_NUMBER, text) and 0 <= int(float(text)) < len(options):
+            out[i] = int(float(text))
         elif isinstance(label, float) and label.is_integer() and 0 <= int(label) < len(options):
             out[i] = int(label)
         elif len(text) == 1 and text.isalpha() and 0 <= ord(text.upper()) - ord("A") < len(options):

@@ -96,7 +96,10 @@ def _load_local(cfg: DataConfig, path: Path) -> RawTask:
     wheres = f"{path} column {cfg.label_column!r}", f"{cfg.eval_file} column {cfg.label_column!r}"
     if family == "classification":
         train, evaluation = drop_unlabelled(train, evaluation, *wheres)
-    names = encode_targets(family, train, evaluation, *wheres)
+    untyped = (".csv", ".tsv")  # every value is text there
+    typed = (path.suffix.lower() not in untyped,
+             cfg.eval_file is None or Path(cfg.eval_file).suffix.lower() not in untyped)
+    names = encode_targets(family, train, evaluation, *wheres, typed=typed)
     return RawTask(path.stem, train, evaluation, names, "text_pair" in train.columns, family)
 
 

@@ -220,9 +220,11 @@ def test_an_export_killed_midway_can_be_overwritten(tmp_path, tiny_gpt2, monkeyp
     run_export(ExportConfig(run=str(run), budget="1500", out=str(out), overwrite=True))
     assert json.loads((out / "rank_map.json").read_text())["total_params"] <= 1500
     with pytest.raises(BudgetError, match=r"\(search again with a larger --search.r_max\)$"):
-        run_export(ExportConfig(run=str(run), budget="1M", out=str(tmp_path / "big")))
+        run_export(ExportConfig(run=str(run), budget="20k", out=str(tmp_path / "big")))
     with pytest.raises(BudgetError, match=r"\(raise --max-rank, or search again"):
-        run_export(ExportConfig(run=str(run), budget="1M", max_rank=1, out=str(tmp_path / "big")))
+        run_export(ExportConfig(run=str(run), budget="20k", max_rank=1, out=str(tmp_path / "big")))
+    with pytest.raises(BudgetError, match=r"exceeds every module at full rank \(32,768\); allowed: 64 to 32,768$"):
+        run_export(ExportConfig(run=str(run), budget="1M", out=str(tmp_path / "big")))  # no r_max reaches it
 
 
 def test_an_export_folder_held_by_another_process_is_refused(tmp_path, tiny_gpt2):

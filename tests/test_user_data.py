@@ -30,15 +30,49 @@ def count_questions(n: int = 40) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
-def test_a_number_like_answer_is_the_option_with_that_text_in_every_format(tmp_path, suffix):
+def test_a_number_like_answer_is_the_options_text_where_types_say_so_and_refused_where_they_cannot(tmp_path):
     df = count_questions()
-    path = tmp_path / f"mc{suffix}"
-    df.to_csv(path, index=False) if suffix == ".csv" else df.to_json(path, orient="records", lines=True)
-    raw = load_raw_task(DataConfig(task=str(path), text_column="question", choice_columns=["o1", "o2", "o3"],
-                                   label_column="answer"))
+    df.to_json(tmp_path / "mc.jsonl", orient="records", lines=True)  # answers are strings: option texts
+    flags = dict(text_column="question", choice_columns=["o1", "o2", "o3"], label_column="answer")
+    raw = load_raw_task(DataConfig(task=str(tmp_path / "mc.jsonl"), **flags))
     chosen = [options[label] for options, label in zip(raw.train["choices"], raw.train["label"])]
     assert chosen == df["answer"].tolist()
+    df.to_csv(tmp_path / "mc.csv", index=False)  # "1" is an index or an option's text: a CSV cannot say
+    with pytest.raises(DataError, match=r"every label is both an option index and the text of one of its row's "
+                                        r"options, and the two readings differ in \d+ row\(s\)"):
+        load_raw_task(DataConfig(task=str(tmp_path / "mc.csv"), **flags))
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl", ".parquet"])
+def test_index_labels_over_numeric_options_are_indices_in_every_format(tmp_path, suffix):
+    df = pd.DataFrame({"q": [f"question {i}" for i in range(8)], "o0": [1] * 8, "o1": [2] * 8, "o2": [3] * 8,
+                       "o3": [4] * 8, "label": [1, 2, 3, 0, 1, 2, 3, 0]})
+    path = tmp_path / f"mc{suffix}"
+    {".csv": lambda: df.to_csv(path, index=False), ".tsv": lambda: df.to_csv(path, index=False, sep="\t"),
+     ".jsonl": lambda: df.to_json(path, orient="records", lines=True),
+     ".parquet": lambda: df.to_parquet(path, index=False)}[suffix]()
+    raw = load_raw_task(DataConfig(task=str(path), text_column="q", choice_columns=["o0", "o1", "o2", "o3"]))
+    assert raw.train["label"].tolist() == [1, 2, 3, 0, 1, 2, 3, 0]
+
+
+def test_csv_index_labels_written_as_floats_are_indices(tmp_path):
+    df = pd.DataFrame({"q": [f"q{i}" for i in range(6)], "a": ["x"] * 6, "b": ["y"] * 6, "c": ["z"] * 6,
+                       "label": [0.0, 1.0, 2.0, 0.0, 1.0, 2.0]})
+    df.to_csv(tmp_path / "mc.csv", index=False)
+    raw = load_raw_task(DataConfig(task=str(tmp_path / "mc.csv"), text_column="q", choice_columns=["a", "b", "c"]))
+    assert raw.train["label"].tolist() == [0, 1, 2, 0, 1, 2]
+
+
+def test_numbers_and_booleans_in_text_columns_are_written_as_they_were(tmp_path):
+    with open(tmp_path / "qa.jsonl", "w") as f:
+        for i in range(6):
+            f.write(json.dumps({"question": f"what is {i}+{i}?", "answer": 2 * i}) + "\n")
+    raw = load_raw_task(DataConfig(task=str(tmp_path / "qa.jsonl"), text_column="question", answer_column="answer"))
+    assert raw.train["answer"].tolist() == ["0", "2", "4", "6", "8", "10"]
+    pd.DataFrame({"a": [True, False] * 4, "b": ["p"] * 8, "label": [0, 1] * 4}).to_json(
+        tmp_path / "bools.jsonl", orient="records", lines=True)
+    raw = load_raw_task(DataConfig(task=str(tmp_path / "bools.jsonl"), text_column="a", text_pair_column="b"))
+    assert raw.train["text"].tolist() == ["True", "False"] * 4
 
 
 def test_an_answer_that_is_an_option_text_beyond_the_option_count_is_not_refused(tmp_path):
@@ -61,11 +95,15 @@ def test_regression_targets_written_as_text_are_a_regression_task(tmp_path, suff
     assert raw.train["label"].to_numpy() == pytest.approx(np.round(np.linspace(0, 5, 20), 2))
 
 
-def test_integer_class_names_written_as_text_stay_classes(tmp_path):
+def test_integer_class_names_and_class_codes_written_as_text_stay_classes(tmp_path):
     pd.DataFrame({"text": list("abcdef"), "label": ["1", "2", "1", "2", "1", "2"]}).to_json(
         tmp_path / "d.jsonl", orient="records", lines=True)
     raw = load_raw_task(DataConfig(task=str(tmp_path / "d.jsonl")))
     assert raw.family == "classification" and raw.label_names == ["1", "2"]
+    pd.DataFrame({"text": list("abcdef"), "label": ["007", "0.5", "1.25"] * 2}).to_json(
+        tmp_path / "codes.jsonl", orient="records", lines=True)
+    raw = load_raw_task(DataConfig(task=str(tmp_path / "codes.jsonl")))
+    assert raw.family == "classification" and raw.label_names == ["0.5", "007", "1.25"]
 
 
 def test_an_option_missing_inside_a_list_is_not_the_option_none(tmp_path, caplog):
