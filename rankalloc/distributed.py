@@ -19,6 +19,7 @@ search alternates two parameter groups with different batches, which DDP's singl
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import os
@@ -30,10 +31,14 @@ import torch
 import torch.distributed as dist
 
 from . import rundir
-from .errors import RunDirError
+from .errors import ConfigError, RunDirError
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+TIMEOUT_ENV = "RANKALLOC_DIST_TIMEOUT_S"  # seconds a rank waits in a collective (rank 0 alone writes outputs)
+DEFAULT_TIMEOUT_S = 1800.0
 
 
 @dataclass(frozen=True)
@@ -41,8 +46,6 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    owns_group: bool = False   # whether init made the process group (then shutdown ends it)
-    log_level: int = logging.NOTSET  # the rankalloc logger's level before init quietened other ranks
 
     @property
     def is_main(self) -> bool:
@@ -53,24 +56,52 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init(device_spec: str = "auto", timeout_s: float = 300.0) -> DistInfo:
-    """Join the process group if a launcher started us; pick gloo on CPU and NCCL on GPU."""
+def init(device_spec: str = "auto", timeout_s: float | None = None) -> DistInfo:
+    """Join the process group if a launcher started us; pick gloo on CPU and NCCL on GPU.
+
+    The group stays for the rest of the process (ended at exit), so that a script may run one stage
+    after another on every rank: ending a group and starting the next on the same launcher store races.
+    A group the caller made is used as it is.  ``timeout_s`` (default ``$RANKALLOC_DIST_TIMEOUT_S``, else
+    30 minutes) bounds every wait, including the other ranks' wait while rank 0 alone evaluates and writes.
+
+    Raises:
+        ConfigError: ``$RANKALLOC_DIST_TIMEOUT_S`` is not a positive number.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device_spec != "cpu" and torch.cuda.is_available()
-    owns_group = not dist.is_initialized()  # a group the caller made is the caller's to end
-    if owns_group:
+    if not dist.is_initialized():
         if use_cuda:
             torch.cuda.set_device(local)
         dist.init_process_group("nccl" if use_cuda else "gloo",
-                                timeout=datetime.timedelta(seconds=timeout_s))
-    info = DistInfo(rank, world, local, owns_group, logging.getLogger("rankalloc").level)
-    if not info.is_main:  # one voice: rank 0 logs, the others only warn
-        logging.getLogger("rankalloc").setLevel(logging.WARNING)
+                                timeout=datetime.timedelta(seconds=timeout_s or _timeout_from_env()))
+        atexit.register(_end_group)
+    info = DistInfo(rank, world, local)
+    quiet = logging.getLogger("rankalloc")
+    if not info.is_main and quiet.getEffectiveLevel() < logging.WARNING:  # one voice: rank 0 logs, the
+        quiet.setLevel(logging.WARNING)  # others only warn, for as long as the process (and its group) lasts
     logger.info("distributed: %d processes, backend %s", world, dist.get_backend())
     return info
+
+
+def _timeout_from_env() -> float:
+    text = os.environ.get(TIMEOUT_ENV)
+    if text is None:
+        return DEFAULT_TIMEOUT_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0:
+        raise ConfigError(f"${TIMEOUT_ENV}={text!r} is not a timeout; allowed: a positive number of seconds")
+    return seconds
+
+
+def _end_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def launched_command(command: str, info: DistInfo) -> str:
@@ -242,10 +273,3 @@ def open_run_on_all(info: DistInfo, out: Path, *, overwrite: bool, resume: bool,
         raise
     return out, loaded
 
-
-def shutdown(info: DistInfo) -> None:
-    """End what ``init`` began: the process group it made (not one the caller made), the quiet logger."""
-    if info.enabled and info.owns_group and dist.is_initialized():
-        dist.destroy_process_group()
-    if info.enabled and not info.is_main:
-        logging.getLogger("rankalloc").setLevel(info.log_level)

@@ -43,7 +43,7 @@ from .targets import Target, find_targets, head_modules, stores_fan_in_fan_out
 from .rank_map import RankMap, peft_settings
 from .retrain_loop import load_resumable, predict, train
 from .sensitivity import gradient_spectra
-from .training import RunClock, set_seed
+from .training import RunClock, keeps_caller_rng, set_seed
 from .retrain_outputs import describe_adapter, save_outputs
 from .warm_start import warm_start
 
@@ -226,6 +226,7 @@ def retrain_targets(model: nn.Module, cfg: RetrainConfig, rank_map: RankMap | No
 # --------------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------------
+@keeps_caller_rng
 def run_retrain(cfg: RetrainConfig, command: str | None = None,
                 on_step: Callable[[dict[str, Any]], None] | None = None) -> RetrainResult | None:
     """Train and evaluate one adapter into ``cfg.out`` (under torchrun: rank 0 returns it, others None).
@@ -385,8 +386,6 @@ def run_retrain(cfg: RetrainConfig, command: str | None = None,
         if dist_info.is_main:
             rundir.fail_run(out, e, command=command)
         raise
-    finally:
-        distributed.shutdown(dist_info)
     # the adapter holds the result now: its checkpoint goes, but only once the status says done (killed
     # before that, the run resumes from it and ends the same, where a rerun could replace the result)
     rundir.finish_run(out, command=command, drop=(rundir.CHECKPOINT,))

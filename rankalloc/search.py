@@ -46,7 +46,7 @@ from .targets import Target, find_targets, head_modules, stores_fan_in_fan_out
 from .rank_map import RankMap, peft_settings
 from .search_checkpoint import SearchState, load_checkpoint, save_checkpoint
 from .tasks import recorded_data
-from .training import check_finite, evaluate, grads_finite, rng_state, set_seed, to_device
+from .training import check_finite, evaluate, grads_finite, keeps_caller_rng, rng_state, set_seed, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -261,6 +261,7 @@ def discretisation_gap(gated: GatedModel, task: TaskData, ranks: dict[str, int],
             "draws": draws}
 
 
+@keeps_caller_rng
 def run_search(cfg: SearchConfig, command: str | None = None,
                on_step: Callable[[dict[str, Any]], None] | None = None) -> SearchResult | None:
     """Run a whole search into ``cfg.out`` and write the rank map, peft config and report.
@@ -318,8 +319,6 @@ def run_search(cfg: SearchConfig, command: str | None = None,
         if dist_info.is_main:
             rundir.fail_run(out, e, command=command)
         raise
-    finally:
-        distributed.shutdown(dist_info)
     rundir.finish_run(out, command=command)
     return result
 

@@ -1,17 +1,20 @@
 """Small pieces shared by the search and the retrain loops: seeding, RNG state, batches, evaluation."""
 from __future__ import annotations
 
+import functools
 import math
 import random
 import resource
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
 from .errors import DivergenceError
+
+T = TypeVar("T")
 
 
 def set_seed(seed: int) -> None:
@@ -34,6 +37,20 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def keeps_caller_rng(stage: Callable[..., T]) -> Callable[..., T]:
+    """``stage`` (which seeds the global RNGs from its config) leaves its caller's random streams as they were."""
+    @functools.wraps(stage)
+    def run(*args: Any, **kwargs: Any) -> T:
+        state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        try:
+            return stage(*args, **kwargs)
+        finally:
+            set_rng_state(state)
+    return run
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -245,3 +245,52 @@ def test_a_sweep_under_torchrun_is_refused_in_one_line(tmp_path):
                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "a sweep does not run under torchrun" in proc.stderr
     assert not (tmp_path / "sw").exists()
+
+
+def test_stages_chained_without_a_group_of_the_scripts_share_the_first_stages_group(tmp_path, tiny_llama):
+    """A torchrun script that made no group: a search, a refused search, then a retrain, on every rank. The
+    group the first stage made stays for the next (ending it and starting another on the launcher's store
+    races), a refused stage leaves it usable, and rank 1 keeps logging warnings only."""
+    script = tmp_path / "chain.py"
+    script.write_text(f"""
+import logging
+import torch.distributed as dist
+from rankalloc import RankallocError, RetrainConfig, SearchConfig, run_retrain, run_search
+from rankalloc.config import DataConfig, ModelConfig, SearchParams
+
+data = dict(task="tweets", max_train_examples=160, max_eval_examples=32, max_length=24, batch_size=8)
+search = dict(device="cpu", max_steps=4, model=ModelConfig(name={tiny_llama!r}), data=DataConfig(**data),
+              search=SearchParams(r_max=4, warmup_steps=2, gap_batches=1))
+run_search(SearchConfig(budget="1500", out={str(tmp_path / "s")!r}, **search))
+print("searched", dist.is_initialized(), flush=True)
+group = dist.group.WORLD
+try:
+    run_search(SearchConfig(budget="50M", out={str(tmp_path / "refused")!r}, **search))
+except RankallocError:
+    print("refused", dist.is_initialized(), flush=True)
+run_retrain(RetrainConfig(rank_map={str(tmp_path / "s" / "rank_map.json")!r}, device="cpu", max_steps=2,
+                          out={str(tmp_path / "r")!r}, model=ModelConfig(name={tiny_llama!r}),
+                          data=DataConfig(**data)))
+print("chained", dist.get_rank(), dist.group.WORLD is group, logging.getLogger("rankalloc").getEffectiveLevel(),
+      flush=True)
+""")
+    proc = subprocess.run(_torchrun(2, [str(script)]), cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("searched True") == 2 and proc.stdout.count("refused True") == 2
+    assert "chained 1 True 30" in proc.stdout and "chained 0 True" in proc.stdout
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["world_size"] == 2
+
+
+def test_the_collective_timeout_is_read_from_the_environment(monkeypatch):
+    from rankalloc import distributed
+    from rankalloc.errors import ConfigError
+
+    monkeypatch.delenv(distributed.TIMEOUT_ENV, raising=False)
+    assert distributed._timeout_from_env() == 1800.0
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "7200")
+    assert distributed._timeout_from_env() == 7200.0
+    for bad in ("soon", "0", "-5", "nan"):
+        monkeypatch.setenv(distributed.TIMEOUT_ENV, bad)
+        with pytest.raises(ConfigError, match=r"\$RANKALLOC_DIST_TIMEOUT_S=.* is not a timeout; allowed: a positive"):
+            distributed._timeout_from_env()

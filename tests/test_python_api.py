@@ -3,11 +3,14 @@ recorded command that rebuilds the config."""
 from __future__ import annotations
 
 import json
+import random
 import re
 import shlex
 import sys
 
+import numpy as np
 import pytest
+import torch
 
 import rankalloc
 from rankalloc.errors import ConfigError
@@ -73,8 +76,13 @@ def test_search_then_retrain_from_python(tmp_path, monkeypatch):
     cfg = rankalloc.SearchConfig(budget="6912", seed=0, device="cpu", out=str(tmp_path / "search"), model=model,
                                  data=rankalloc.config.DataConfig(**DATA),
                                  search=rankalloc.config.SearchParams(steps=4, warmup_steps=1, gap_batches=1))
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    caller_rng = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
     result = rankalloc.run_search(cfg)
     assert result.rank_map.total_params <= 6912
+    # the stage seeds itself from its config, and leaves the caller's random streams as they were
+    assert random.getstate() == caller_rng[0] and (np.random.get_state()[1] == caller_rng[1]).all()
+    assert torch.equal(torch.get_rng_state(), caller_rng[2])
 
     # the recorded command is the config's, not the notebook's argv, and it rebuilds the same config
     command = json.loads((result.out / "summary.json").read_text())["command"]
