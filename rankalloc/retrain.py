@@ -71,15 +71,15 @@ def build_adapter(cfg: RetrainConfig, model: nn.Module, targets: list[Target], r
 
     ``--baseline gradient`` scores on ``train_split`` (on ``device``) before the adapter exists.
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     heads = sorted(head_modules(model))
     p = cfg.train
     family = family or Classification()
     base = io.recorded_location(cfg.model.name, BUILTIN_MODELS)
     if cfg.baseline == "adalora":
-        peft_model = _peft_wrapped(get_peft_model, model, adalora_config(targets, budget, steps, p, heads,
-                                                                         budget_text, family.peft_task_type))
+        peft_model = _peft_model(model, adalora_config(targets, budget, steps, p, heads, budget_text,
+                                                       family.peft_task_type))
         install_param_budget(peft_model, budget)
         return peft_model, None
     if cfg.baseline == "uniform":
@@ -107,18 +107,20 @@ def build_adapter(cfg: RetrainConfig, model: nn.Module, targets: list[Target], r
     rank_map.peft = peft_settings(family.peft_task_type, heads, stores_fan_in_fan_out(model, targets),  # trained
                                   p.scale)
     lora = LoraConfig(**rank_map.lora_config(dropout=p.lora_dropout))
-    peft_model = _peft_wrapped(get_peft_model, model, lora)
+    peft_model = _peft_model(model, lora)
     rank_map.check_built(peft_model)
     return peft_model, rank_map
 
 
-def _peft_wrapped(get_peft_model: Callable[..., nn.Module], model: nn.Module, config: Any) -> nn.Module:
+def _peft_model(model: nn.Module, config: Any) -> nn.Module:
     """``get_peft_model(model, config)``, with peft's refusal (a module its LoRA does not support on this
     architecture, a config it cannot build) as one line.
 
     Raises:
         ModelError: peft refused to build the adapter.
     """
+    from peft import get_peft_model
+
     try:
         return get_peft_model(model, config)
     except (ValueError, TypeError, NotImplementedError) as e:

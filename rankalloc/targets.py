@@ -167,7 +167,8 @@ def find_targets(model: nn.Module, cfg: ModelConfig) -> list[Target]:
     if refused:
         logger.info("not adapter targets: %d module(s) peft's LoRA refuses on model type %r (%s, ...)", len(refused),
                     getattr(getattr(model, "config", None), "model_type", None), refused[0])
-        candidates = [(n, m) for n, m in candidates if n not in set(refused)]
+        left_out = set(refused)
+        candidates = [(n, m) for n, m in candidates if n not in left_out]
     if cfg.target_regex is not None:
         try:
             pattern = re.compile(cfg.target_regex)
