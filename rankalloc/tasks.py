@@ -39,9 +39,11 @@ from .config import DATASET_FIELDS, DataConfig, with_data_defaults
 from .errors import ConfigError, DataError, first_line
 from .flags import _Parser
 from .io import atomic_path, recorded_location, write_json
-from .task_columns import column_list, convert_family, encode_labels
-from .task_files import (LOCAL_EXTENSIONS, RawTask, _frame, _is_saved_dataset, _load_hub,
-                         _load_local, _load_saved, decode_mixed, load_folder, reject_hub_config, split_file)
+from .task_columns import column_list, convert_family
+from .task_datasets import _is_saved_dataset, _load_hub, _load_saved
+from .task_files import (LOCAL_EXTENSIONS, RawTask, _frame, _load_local, decode_mixed, load_folder, reject_hub_config,
+                         split_file)
+from .task_labels import encode_labels
 from .task_prepare import (PREPARED_FORMAT, SDIST_SOURCES, _download_sdist, _extract_checked, _load_prepared,
                            is_prepared, prepared_paths)
 
