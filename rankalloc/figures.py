@@ -129,7 +129,8 @@ def plot_trajectory(path: str | Path, history: list[dict]) -> None:
     logger.debug("wrote trajectory %s", path)
 
 
-def plot_pareto(path: str | Path, points: list[dict], title: str | None = None, metric: str = "accuracy") -> None:
+def plot_pareto(path: str | Path, points: list[dict], title: str | None = None, metric: str = "accuracy",
+                xlabel: str = "adapter parameters") -> None:
     """A point's ``score`` (the task family's ``metric``) against adapter parameters: one marker/line series
     per ``method`` (sorted by params), error bars where ``score_std`` is given; log x axis when the parameter
     span exceeds 10x.  Points with a ``panel`` key (e.g. the task) get one subplot per panel, each method
@@ -147,7 +148,7 @@ def plot_pareto(path: str | Path, points: list[dict], title: str | None = None, 
     fig = _new_figure((6.5 if len(panels) == 1 else 4.2 * len(panels), 4.5))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, panel in zip(axes, panels):
-        _draw_pareto(ax, [p for p in points if str(p.get("panel", "")) == panel], methods, metric)
+        _draw_pareto(ax, [p for p in points if str(p.get("panel", "")) == panel], methods, metric, xlabel)
         if panel:
             ax.set_title(panel)
     if not points:
@@ -161,7 +162,7 @@ def plot_pareto(path: str | Path, points: list[dict], title: str | None = None, 
     logger.debug("wrote pareto plot %s", path)
 
 
-def _draw_pareto(ax: Any, points: list[dict], methods: list[str], metric: str) -> None:
+def _draw_pareto(ax: Any, points: list[dict], methods: list[str], metric: str, xlabel: str) -> None:
     from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
     markers = ["o", "s", "^", "D", "v", "P", "X", "*"]
@@ -192,11 +193,13 @@ def _draw_pareto(ax: Any, points: list[dict], methods: list[str], metric: str) -
     positive = [v for v in all_params if v > 0]
     if positive and min(positive) == min(all_params) and max(positive) / min(positive) > 10:
         ax.set_xscale("log")
-        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        # 1-2-5 ticks over up to two decades; beyond, their labels would run into each other
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if max(positive) / min(positive) <= 100
+                                              else (1.0,)))
         ax.xaxis.set_minor_formatter(NullFormatter())
     else:
         ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: human_params(v)))
-    ax.set_xlabel("adapter parameters")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(metric)
     ax.grid(True, which="major", alpha=0.3)

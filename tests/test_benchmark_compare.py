@@ -113,3 +113,14 @@ def test_forest_pairs_each_side_with_the_baseline_and_writes_plot_and_table(tmp_
     assert out.stat().st_size > 0
     row = [line for line in out.with_suffix(".md").read_text().splitlines() if line.startswith("| the search")]
     assert row == ["| the search | 3 | +1.00 | 2.00 | -3.97 to +5.97 | 0.48 | +1.00 |"]
+
+
+def test_ceiling_trains_every_weight_of_the_model(tmp_path):
+    """The ceiling is full fine-tuning: every parameter of the (1-block) model trains, not the head alone as
+    load_model leaves it, and the cell reports the task's metrics over the evaluation examples it used."""
+    ceiling = _benchmark_module("ceiling")
+    record = ceiling.cell("tweets", 1e-4, 0, ("--model.num_layers", "1", "--max-steps", "2",
+                                              "--data.max_train_examples", "96", "--data.max_eval_examples", "40"))
+    assert record["trainable_params"] == record["model_params"] > 10_000_000  # embeddings and encoder included
+    assert record["steps"] == 2 and record["eval_examples"] == 40
+    assert 0.0 <= record["accuracy"] <= 1.0 and record["metric"] == "accuracy"
