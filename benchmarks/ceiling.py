@@ -34,6 +34,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import run as bench  # noqa: E402  (the benchmark's recipe, machine and revision helpers)
+from summarize import score  # noqa: E402  (a cell's metric; older cells hold accuracy only)
 
 OUT = HERE / "results" / "ceiling"
 
@@ -91,15 +92,15 @@ def summary(out: Path) -> str:
     uniform: dict[tuple[str, int, int], float] = {}
     for p in (HERE / "results" / "full").glob("*-uniform-s*.json"):
         r = json.loads(p.read_text())
-        uniform[(r["task"], r["budget"], r["seed"])] = 100 * r["accuracy"]
-    lines = ["| task | lr | seeds | full fine-tuning accuracy | " +
+        uniform[(r["task"], r["budget"], r["seed"])] = 100 * score(r)
+    lines = ["| task | lr | seeds | full fine-tuning score (the task's metric) | " +
              " | ".join(f"full − uniform at {b:,}" for b in bench.BUDGETS) + " |",
              "|---|---:|---:|---:|" + "---:|" * len(bench.BUDGETS)]
     for task in dict.fromkeys(r["task"] for r in records):
         by_lr: dict[float, dict[int, float]] = {}
         for r in records:
             if r["task"] == task:
-                by_lr.setdefault(r["lr"], {})[r["seed"]] = 100 * r["accuracy"]
+                by_lr.setdefault(r["lr"], {})[r["seed"]] = 100 * score(r)
         for lr, accs in sorted(by_lr.items()):
             values = list(accs.values())
             spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
@@ -122,19 +123,19 @@ def plot(out: Path, lr: float) -> None:
         r = json.loads(p.read_text())
         if r["method"] in ("rankalloc", "uniform", "adalora"):
             name = {"rankalloc": "rankalloc", "uniform": "uniform LoRA", "adalora": "AdaLoRA"}[r["method"]]
-            groups.setdefault((r["task"], name, r["budget"]), []).append(100 * r["accuracy"])
+            groups.setdefault((r["task"], name, r["budget"]), []).append(100 * score(r))
     for p in sorted(out.glob("*.json")):
         r = json.loads(p.read_text())
         if r["lr"] == lr:
             groups.setdefault((r["task"], f"full fine-tuning (lr {lr:g})", r["trainable_params"]), []).append(
-                100 * r["accuracy"])
+                100 * score(r))
     tasks = {task for task, name, _ in groups if name.startswith("full")}
     points = [{"panel": task, "method": name, "params": params, "score": statistics.fmean(v),
                "score_std": statistics.stdev(v) if len(v) > 1 else None}
               for (task, name, params), v in sorted(groups.items(), key=lambda kv: kv[0][1] != "uniform LoRA")
               if task in tasks]
-    plot_pareto(out / "headroom.png", points, title="LoRA budgets and full fine-tuning (mean ± std over seeds 0-2)",
-                metric="accuracy (%)", xlabel="trained parameters (the task head not counted for LoRA)")
+    plot_pareto(out / "headroom.png", points, title="LoRA budgets and full fine-tuning (mean ± std over seeds)",
+                metric="score (%): accuracy on these tasks", xlabel="trained parameters (the task head not counted for LoRA)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record, indent=2) + "\n")
         tmp.replace(path)
-        print(f"    accuracy {100 * record['accuracy']:.2f}  trainable {record['trainable_params']:,}  "
+        print(f"    {record['metric']} {100 * record['score']:.2f}  trainable {record['trainable_params']:,}  "
               f"{record['total_s']:.0f} s", flush=True)
     table = summary(OUT)
     runs = sorted({(r["meta"]["command"], r["meta"]["git_revision"], r["meta"]["date"], r["meta"]["machine"])
