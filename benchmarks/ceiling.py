@@ -37,10 +37,15 @@ import run as bench  # noqa: E402  (the benchmark's recipe, machine and revision
 from summarize import score  # noqa: E402  (a cell's metric; older cells hold accuracy only)
 
 OUT = HERE / "results" / "ceiling"
+TRAINED = {"all": "full fine-tuning", "matrices": "target matrices, full rank"}
 
 
-def cell(task_name: str, lr: float, seed: int, extra: tuple[str, ...] = ()) -> dict:
-    """One full fine-tuning run; ``extra`` retrain flags follow the recipe's (tests cut the model and steps)."""
+def cell(task_name: str, lr: float, seed: int, extra: tuple[str, ...] = (), trainable: str = "all") -> dict:
+    """One full fine-tuning run; ``extra`` retrain flags follow the recipe's (tests cut the model and steps).
+
+    ``trainable="matrices"`` trains only the weights of LoRA's targets (the 36 matrices of MiniLM-L6) and the
+    task head, at full rank: the most any rank allocation over those matrices could reach, where ``"all"``
+    also trains embeddings, LayerNorms and biases, which no LoRA adapter touches."""
     import torch
 
     from rankalloc.config import RetrainConfig, with_data_defaults
@@ -48,6 +53,7 @@ def cell(task_name: str, lr: float, seed: int, extra: tuple[str, ...] = ()) -> d
     from rankalloc.flags import parse_args
     from rankalloc.models import count_parameters, load_model, load_model_config, load_tokenizer
     from rankalloc.retrain_loop import predict, train
+    from rankalloc.targets import find_targets, head_parameters
     from rankalloc.training import RunClock, set_seed
 
     # the retrain's config, so data and recipe are read exactly as a retrain reads them; its check asks for
@@ -61,9 +67,15 @@ def cell(task_name: str, lr: float, seed: int, extra: tuple[str, ...] = ()) -> d
     tokenizer = load_tokenizer(cfg.model)
     task = prepare_task(cfg.data, tokenizer, seed, load_model_config(cfg.model), gate_split=False)
     model = load_model(cfg.model, task.num_labels, task.family, tokenizer.pad_token_id, task.label_names)
-    for p in model.parameters():  # full fine-tuning: every weight trains
-        p.requires_grad_(True)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if trainable == "all":  # full fine-tuning: every weight trains
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:  # the adapters' target matrices at full rank, and the head (which load_model leaves trainable)
+        modules = dict(model.named_modules())
+        for target in find_targets(model, cfg.model):
+            modules[target.name].weight.requires_grad_(True)
+        assert all(p.requires_grad for p in head_parameters(model))
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     device = torch.device("cpu")
     clock = RunClock(t0, device)
     steps = cfg.train.epochs * (len(task.train) // cfg.data.batch_size)
@@ -74,9 +86,9 @@ def cell(task_name: str, lr: float, seed: int, extra: tuple[str, ...] = ()) -> d
     train_s = time.time() - t
     logits, labels = predict(model, task.eval, cfg.data.eval_batch_size, device, task.family)
     scores = task.family.metrics(logits, labels, task.num_labels)
-    return {"task": task.name, "method": "full", "lr": lr, "seed": seed, "metric": task.family.primary_metric,
+    return {"task": task.name, "method": "full", "trainable": trainable, "lr": lr, "seed": seed, "metric": task.family.primary_metric,
             "score": scores[task.family.primary_metric], "accuracy": scores.get("accuracy"),
-            "macro_f1": scores.get("macro_f1"), "trainable_params": trainable,
+            "macro_f1": scores.get("macro_f1"), "trainable_params": n_trainable,
             "model_params": count_parameters(model), "steps": steps,
             "final_train_loss": statistics.fmean(r["train_loss"] for r in history[-cfg.train.log_every:]),
             "train_s": train_s, "total_s": time.time() - t0, "peak_memory_mb": clock.peak(),
@@ -93,22 +105,23 @@ def summary(out: Path) -> str:
     for p in (HERE / "results" / "full").glob("*-uniform-s*.json"):
         r = json.loads(p.read_text())
         uniform[(r["task"], r["budget"], r["seed"])] = 100 * score(r)
-    lines = ["| task | lr | seeds | full fine-tuning score (the task's metric) | " +
-             " | ".join(f"full − uniform at {b:,}" for b in bench.BUDGETS) + " |",
-             "|---|---:|---:|---:|" + "---:|" * len(bench.BUDGETS)]
+    lines = ["| task | trained | lr | seeds | score (the task's metric) | " +
+             " | ".join(f"− uniform at {b:,}" for b in bench.BUDGETS) + " |",
+             "|---|---|---:|---:|---:|" + "---:|" * len(bench.BUDGETS)]
     for task in dict.fromkeys(r["task"] for r in records):
-        by_lr: dict[float, dict[int, float]] = {}
+        by_lr: dict[tuple[str, float], dict[int, float]] = {}
         for r in records:
             if r["task"] == task:
-                by_lr.setdefault(r["lr"], {})[r["seed"]] = 100 * score(r)
-        for lr, accs in sorted(by_lr.items()):
+                by_lr.setdefault((r.get("trainable", "all"), r["lr"]), {})[r["seed"]] = 100 * score(r)
+        for (trainable, lr), accs in sorted(by_lr.items()):
             values = list(accs.values())
             spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
             cells = []
             for b in bench.BUDGETS:
                 diffs = [a - uniform[(task, b, seed)] for seed, a in accs.items() if (task, b, seed) in uniform]
                 cells.append(f"{statistics.fmean(diffs):+.2f} ({len(diffs)})" if diffs else "—")
-            lines.append(f"| {task} | {lr:g} | {', '.join(map(str, sorted(accs)))} | {statistics.fmean(values):.2f}"
+            lines.append(f"| {task} | {TRAINED[trainable]} | {lr:g} | {', '.join(map(str, sorted(accs)))} | "
+                         f"{statistics.fmean(values):.2f}"
                          f"{spread} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\nIn brackets: the seeds paired with a uniform LoRA cell of `results/full`."
 
@@ -127,9 +140,10 @@ def plot(out: Path, lr: float) -> None:
     for p in sorted(out.glob("*.json")):
         r = json.loads(p.read_text())
         if r["lr"] == lr:
-            groups.setdefault((r["task"], f"full fine-tuning (lr {lr:g})", r["trainable_params"]), []).append(
+            groups.setdefault((r["task"], f"{TRAINED[r.get('trainable', 'all')]} (lr {lr:g})", r["trainable_params"]),
+                              []).append(
                 100 * score(r))
-    tasks = {task for task, name, _ in groups if name.startswith("full")}
+    tasks = {task for task, name, _ in groups if name.endswith(f"(lr {lr:g})")}
     points = [{"panel": task, "method": name, "params": params, "score": statistics.fmean(v),
                "score_std": statistics.stdev(v) if len(v) > 1 else None}
               for (task, name, params), v in sorted(groups.items(), key=lambda kv: kv[0][1] != "uniform LoRA")
@@ -143,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", default=",".join(bench.TASKS))
     parser.add_argument("--seeds", default=",".join(map(str, bench.SEEDS)))
     parser.add_argument("--lrs", default="1e-4", help="comma-separated AdamW learning rates")
+    parser.add_argument("--trainable", choices=sorted(TRAINED), default="all",
+                        help="all: every weight; matrices: LoRA's target matrices at full rank and the head")
     parser.add_argument("--plot-lr", type=float, default=1e-4,
                         help="the learning rate whose cells headroom.png shows (the one chosen on tweets, seed 0)")
     args = parser.parse_args(argv)
@@ -153,12 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     cells = [(t, float(lr), int(s)) for t in args.tasks.split(",") for lr in args.lrs.split(",")
              for s in args.seeds.split(",")]
     for i, (task, lr, seed) in enumerate(cells, 1):
-        path = OUT / f"{task}-lr{lr:g}-s{seed}.json"
+        path = OUT / f"{task}-{'' if args.trainable == 'all' else args.trainable + '-'}lr{lr:g}-s{seed}.json"
         if path.is_file():
             print(f"[{i}/{len(cells)}] {path.name}: done already", flush=True)
             continue
-        print(f"[{i}/{len(cells)}] {task} full fine-tuning lr={lr:g} seed={seed} ...", flush=True)
-        record = cell(task, lr, seed) | {"meta": meta}
+        print(f"[{i}/{len(cells)}] {task} {TRAINED[args.trainable]} lr={lr:g} seed={seed} ...", flush=True)
+        record = cell(task, lr, seed, trainable=args.trainable) | {"meta": meta}
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record, indent=2) + "\n")
         tmp.replace(path)

@@ -124,3 +124,21 @@ def test_ceiling_trains_every_weight_of_the_model(tmp_path):
     assert record["trainable_params"] == record["model_params"] > 10_000_000  # embeddings and encoder included
     assert record["steps"] == 2 and record["eval_examples"] == 40
     assert 0.0 <= record["accuracy"] <= 1.0 and record["metric"] == "accuracy"
+
+
+def test_ceiling_on_the_target_matrices_trains_those_weights_and_the_head_only(tmp_path):
+    """trainable="matrices": LoRA's target matrices at full rank plus the head; embeddings, LayerNorms and
+    biases stay frozen, so the count is exactly the targets' weights and the head's parameters."""
+    from rankalloc.config import ModelConfig
+    from rankalloc.models import load_model
+    from rankalloc.targets import find_targets, head_parameters
+
+    ceiling = _benchmark_module("ceiling")
+    record = ceiling.cell("tweets", 1e-4, 0, ("--model.num_layers", "1", "--max-steps", "1",
+                                              "--data.max_train_examples", "96", "--data.max_eval_examples", "40"),
+                          trainable="matrices")
+    model = load_model(ModelConfig(num_layers=1), num_labels=3)
+    targets = find_targets(model, ModelConfig(num_layers=1))
+    expected = sum(t.in_features * t.out_features for t in targets) + sum(p.numel() for p in head_parameters(model))
+    assert len(targets) == 6 and record["trainable"] == "matrices"
+    assert record["trainable_params"] == expected < record["model_params"]
