@@ -23,6 +23,7 @@ knapsack of :mod:`rankalloc.discretize`, so the final adapter uses between 99% a
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Callable
 
@@ -36,11 +37,12 @@ from torch import nn
 from .budget import candidate_r_max, check_budget
 from .config import TrainParams
 from .discretize import discretize
-from .errors import BudgetError
+from .errors import BudgetError, ConfigError
 from .targets import Target
 from .sensitivity import component_scores
 
 ADAPTER = "default"
+logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -62,6 +64,11 @@ def uniform_rank(targets: list[Target], budget: int, budget_text: str | None = N
     if r > limit:
         raise BudgetError(f"--budget {shown} affords rank {r} everywhere, above the smallest module's "
                           f"largest rank {limit}; allowed: {per_rank:,} to {per_rank * limit:,}")
+    if r * per_rank < 0.99 * budget:  # one rank everywhere is the step: B need not be a multiple of it
+        logger.warning("uniform rank %d on all %d targets uses %s of the budget %s parameters (%.1f%%); one more "
+                       "rank everywhere (%s) would exceed it. Compare methods at a multiple of %s, where uniform "
+                       "fills it", r, len(targets), f"{r * per_rank:,}", f"{budget:,}", 100 * r * per_rank / budget,
+                       f"{(r + 1) * per_rank:,}", f"{per_rank:,}")
     return int(r)
 
 
@@ -176,10 +183,22 @@ def orthogonality_penalty(model: nn.Module, adapter: str = ADAPTER) -> torch.Ten
 
 
 def adalora_schedule(total_steps: int, p: TrainParams) -> tuple[int, int]:
-    """(tinit, tfinal) in steps, leaving at least one step of budget decrease."""
+    """(tinit, tfinal) in steps, leaving at least one step of budget decrease, and at least one scored step
+    before the first pruning.
+
+    peft scores the triplets only at steps ``< total_steps - tfinal`` (the retrain's steps count from 1) and
+    prunes from step ``tinit + 1`` on, or at ``total_steps - tfinal`` at the latest; so ``total_steps - tfinal``
+    must be at least 2, or the first pruning finds no scores (with ``tinit`` 0 on a short run it did).
+
+    Raises:
+        ConfigError: fewer than 2 steps, where AdaLoRA cannot score before it prunes.
+    """
+    if total_steps < 2:
+        raise ConfigError(f"--baseline adalora needs at least 2 training steps (it scores its triplets before it "
+                          f"prunes them); this run has {total_steps}: raise --max-steps or the training examples")
     tinit = int(p.adalora_tinit * total_steps)
     tfinal = int(round(p.adalora_tfinal * total_steps))
-    tfinal = max(0, min(tfinal, total_steps - tinit - 1))
+    tfinal = max(0, min(tfinal, total_steps - max(tinit, 1) - 1))
     return tinit, tfinal
 
 

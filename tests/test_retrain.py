@@ -252,6 +252,48 @@ def test_baselines_use_the_budget_within_two_percent(baseline, budget, tmp_path,
         assert kept.peft["modules_to_save"] == ["classifier"] and kept.lora_config()["modules_to_save"] == ["classifier"]
 
 
+def test_adalora_schedule_scores_before_its_first_pruning():
+    """peft scores at steps < T - tfinal and prunes from tinit + 1 (or at T - tfinal): T - tfinal >= 2 on every
+    run length and setting the config allows, and one step of budget decrease remains."""
+    from rankalloc.baselines import adalora_schedule
+    from rankalloc.config import TrainParams
+
+    for tinit_share, tfinal_share in [(0.1, 0.4), (0.0, 0.0), (0.05, 0.9), (0.0, 0.99), (0.5, 0.49)]:
+        p = TrainParams(adalora_tinit=tinit_share, adalora_tfinal=tfinal_share)
+        for steps in range(2, 40):
+            tinit, tfinal = adalora_schedule(steps, p)
+            assert steps - tfinal >= 2 and steps - tfinal - tinit >= 1 and tfinal >= 0, (tinit_share, steps)
+
+
+@pytest.mark.parametrize("extra", [["--max-steps", "2"], ["--max-steps", "8", "--train.adalora_tinit", "0.05",
+                                                          "--train.adalora_tfinal", "0.9"]])
+def test_a_short_adalora_run_trains_where_it_crashed(extra, tmp_path):
+    """Pruning started at step 1 with no scores collected (peft's KeyError on lora_E) on these settings."""
+    result = _run(["--baseline", "adalora", "--budget", "12000", "--out", str(tmp_path / "run"), *SMALL, *extra])
+    assert 0 < result.metrics["adapter_params"] <= 12000
+
+
+def test_adalora_on_one_step_is_refused_in_one_line_before_writing(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"needs at least 2 training steps.*this run has 1") as caught:
+        _run(["--baseline", "adalora", "--budget", "12000", "--out", str(out), *SMALL, "--max-steps", "1"])
+    assert "\n" not in str(caught.value) and not out.exists()
+
+
+def test_uniform_below_99_percent_of_the_budget_says_so(targets, caplog):
+    """Uniform moves in steps of one rank on every target (6,912 on this 1-block model): at 13,000 it keeps
+    rank 1 (53%) and says why, where a multiple of the step fills it silently."""
+    from rankalloc.baselines import uniform_rank
+
+    with caplog.at_level("WARNING", logger="rankalloc"):
+        assert uniform_rank(targets, 13_000) == 1
+    assert "uses 6,912 of the budget 13,000 parameters (53.2%)" in caplog.text and "multiple of 6,912" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rankalloc"):
+        assert uniform_rank(targets, 13_824) == 2
+    assert caplog.text == ""
+
+
 def test_random_ranks_are_seeded_fill_the_budget_and_respect_r_max(targets):
     from rankalloc.baselines import random_ranks
     from rankalloc.budget import auto_r_max
