@@ -156,8 +156,8 @@ def plot_pareto(path: str | Path, points: list[dict], title: str | None = None, 
         logger.warning("plot_pareto: no points to plot (%s)", path)
     if title:
         fig.suptitle(title) if len(panels) > 1 else axes[0].set_title(title)
-    if methods:
-        axes[0].legend(fontsize=9, loc="best")
+    if methods:  # on the panel that shows the most methods (a method may lack points on some panels)
+        max(axes, key=lambda ax: len(ax.get_legend_handles_labels()[1])).legend(fontsize=9, loc="best")
     save_figure(path, fig, dpi=110)
     logger.debug("wrote pareto plot %s", path)
 
