@@ -48,8 +48,10 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------------
 # Uniform LoRA
 # --------------------------------------------------------------------------------------------------
-def uniform_rank(targets: list[Target], budget: int, budget_text: str | None = None) -> int:
-    """The largest ``r`` with ``r * sum(d_in + d_out) <= budget``.
+def uniform_rank(targets: list[Target], budget: int, budget_text: str | None = None,
+                 warn_unfilled: bool = True) -> int:
+    """The largest ``r`` with ``r * sum(d_in + d_out) <= budget``; below 99% of ``budget`` it warns (unless
+    ``warn_unfilled`` is False: a check that builds nothing).
 
     Raises:
         BudgetError: rank 1 on every target already exceeds ``budget``, or ``r`` would exceed a module.
@@ -64,7 +66,7 @@ def uniform_rank(targets: list[Target], budget: int, budget_text: str | None = N
     if r > limit:
         raise BudgetError(f"--budget {shown} affords rank {r} everywhere, above the smallest module's "
                           f"largest rank {limit}; allowed: {per_rank:,} to {per_rank * limit:,}")
-    if r * per_rank < 0.99 * budget:  # one rank everywhere is the step: B need not be a multiple of it
+    if warn_unfilled and r * per_rank < 0.99 * budget:  # one rank everywhere is the step: B need not be a multiple
         logger.warning("uniform rank %d on all %d targets uses %s of the budget %s parameters (%.1f%%); one more "
                        "rank everywhere (%s) would exceed it. Compare methods at a multiple of %s, where uniform "
                        "fills it", r, len(targets), f"{r * per_rank:,}", f"{budget:,}", 100 * r * per_rank / budget,
@@ -131,7 +133,7 @@ def check_baseline_budget(method: str, targets: list[Target], budget: int, p: Tr
     """Raise the BudgetError that ``--baseline method --budget budget`` would raise, without a model or data
     (a sweep checks all its points before its first trial)."""
     if method == "uniform":
-        uniform_rank(targets, budget, budget_text)
+        uniform_rank(targets, budget, budget_text, warn_unfilled=False)  # the trial's retrain warns
     elif method == "adalora":
         adalora_config(targets, budget, 100, p, [], budget_text)  # the step count does not enter the check
     else:  # random, gradient: the search's candidate ranks and knapsack

@@ -283,7 +283,8 @@ def test_adalora_on_one_step_is_refused_in_one_line_before_writing(tmp_path):
 def test_uniform_below_99_percent_of_the_budget_says_so(targets, caplog):
     """Uniform moves in steps of one rank on every target (6,912 on this 1-block model): at 13,000 it keeps
     rank 1 (53%) and says why, where a multiple of the step fills it silently."""
-    from rankalloc.baselines import uniform_rank
+    from rankalloc.baselines import check_baseline_budget, uniform_rank
+    from rankalloc.config import TrainParams
 
     with caplog.at_level("WARNING", logger="rankalloc"):
         assert uniform_rank(targets, 13_000) == 1
@@ -291,6 +292,7 @@ def test_uniform_below_99_percent_of_the_budget_says_so(targets, caplog):
     caplog.clear()
     with caplog.at_level("WARNING", logger="rankalloc"):
         assert uniform_rank(targets, 13_824) == 2
+        check_baseline_budget("uniform", targets, 13_000, TrainParams())  # a sweep's check: its trial warns
     assert caplog.text == ""
 
 
