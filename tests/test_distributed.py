@@ -214,8 +214,11 @@ def test_a_script_chains_stages_on_every_rank_in_its_own_process_group(tmp_path,
     return before rank 0's files exist, the group stays the script's, and the runs record the launcher."""
     script = tmp_path / "chain.py"
     script.write_text(f"""
-import json, sys
+import json, os, sys
 import torch.distributed as dist
+
+def say(*parts):  # one write per line: two ranks share the unbuffered stdout pipe, and print writes each part
+    os.write(1, (" ".join(map(str, parts)) + "\\n").encode())
 from rankalloc import RetrainConfig, SearchConfig, run_retrain, run_search
 from rankalloc.config import DataConfig, ModelConfig, SearchParams
 
@@ -228,7 +231,7 @@ run_retrain(RetrainConfig(rank_map={str(tmp_path / "s" / "rank_map.json")!r}, de
                           out={str(tmp_path / "r")!r}, model=ModelConfig(name={tiny_llama!r}),
                           data=DataConfig(**data)))
 dist.barrier()  # the script's group is still there
-print("chained", dist.get_rank(), flush=True)
+say("chained", dist.get_rank())
 """)
     proc = subprocess.run(_torchrun(2, [str(script)]), cwd=REPO, env=_env(), capture_output=True, text=True,
                           timeout=600)
@@ -253,8 +256,11 @@ def test_stages_chained_without_a_group_of_the_scripts_share_the_first_stages_gr
     races), a refused stage leaves it usable, and rank 1 keeps logging warnings only."""
     script = tmp_path / "chain.py"
     script.write_text(f"""
-import logging
+import logging, os
 import torch.distributed as dist
+
+def say(*parts):  # one write per line: two ranks share the unbuffered stdout pipe, and print writes each part
+    os.write(1, (" ".join(map(str, parts)) + "\\n").encode())
 from rankalloc import RankallocError, RetrainConfig, SearchConfig, run_retrain, run_search
 from rankalloc.config import DataConfig, ModelConfig, SearchParams
 
@@ -262,17 +268,16 @@ data = dict(task="tweets", max_train_examples=160, max_eval_examples=32, max_len
 search = dict(device="cpu", max_steps=4, model=ModelConfig(name={tiny_llama!r}), data=DataConfig(**data),
               search=SearchParams(r_max=4, warmup_steps=2, gap_batches=1))
 run_search(SearchConfig(budget="1500", out={str(tmp_path / "s")!r}, **search))
-print("searched", dist.is_initialized(), flush=True)
+say("searched", dist.is_initialized())
 group = dist.group.WORLD
 try:
     run_search(SearchConfig(budget="50M", out={str(tmp_path / "refused")!r}, **search))
 except RankallocError:
-    print("refused", dist.is_initialized(), flush=True)
+    say("refused", dist.is_initialized())
 run_retrain(RetrainConfig(rank_map={str(tmp_path / "s" / "rank_map.json")!r}, device="cpu", max_steps=2,
                           out={str(tmp_path / "r")!r}, model=ModelConfig(name={tiny_llama!r}),
                           data=DataConfig(**data)))
-print("chained", dist.get_rank(), dist.group.WORLD is group, logging.getLogger("rankalloc").getEffectiveLevel(),
-      flush=True)
+say("chained", dist.get_rank(), dist.group.WORLD is group, logging.getLogger("rankalloc").getEffectiveLevel())
 """)
     proc = subprocess.run(_torchrun(2, [str(script)]), cwd=REPO, env=_env(), capture_output=True, text=True,
                           timeout=600)
