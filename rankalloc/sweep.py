@@ -104,6 +104,12 @@ class Sweep:
             method = trial.suggest_categorical("method", METHODS)
         trial.set_user_attr("method", method)
         trial.set_user_attr("budget", budget)
+        storage = trial.study._storage
+        if getattr(storage, "get_heartbeat_interval", lambda: None)():  # beat before the worker mark: optuna's
+            # heartbeat thread may write its first beat after it, and a trial with a worker but no heartbeat
+            # is neither stale to optuna nor an orphan to recover_crashed, so a worker killed between them
+            # would hold its point forever
+            storage.record_heartbeat(trial._trial_id)
         trial.set_user_attr("worker", self.worker)
         if not cfg.tune or method != RANKALLOC:  # a grid point: run once in the whole study
             dup = duplicate_of(trial.study, trial.number, (method, budget))

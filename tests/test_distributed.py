@@ -30,8 +30,10 @@ def _search_args(model: str, out: Path, batch: int, steps: int = 10) -> list[str
             "--search.warmup_steps", "2", "--search.checkpoint_every", "2", "--search.gap_batches", "1"]
 
 
-def _torchrun(nproc: int, args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+def _torchrun(nproc: int, args: list[str], monitor_interval: float | None = None) -> list[str]:
+    monitor = [f"--monitor-interval={monitor_interval}"] if monitor_interval else []
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *monitor,
+            *args]
 
 
 def _final(out: Path):
@@ -153,8 +155,10 @@ def test_a_refused_out_stops_every_rank_at_once(tmp_path, tiny_llama):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("precious")
-    proc = subprocess.run(_torchrun(2, _search_args(tiny_llama, mine, batch=8) + ["--overwrite"]), cwd=REPO,
-                          env=_env(), capture_output=True, text=True, timeout=240)
+    # the launcher checks its workers every 2 s, not 0.1: once rank 0 has exited it ends rank 1, which must
+    # have said why it stopped by then
+    proc = subprocess.run(_torchrun(2, _search_args(tiny_llama, mine, batch=8) + ["--overwrite"], monitor_interval=2),
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode != 0
     assert "not a rankalloc run folder" in proc.stderr
     assert "rank 0 stopped before training" in proc.stderr

@@ -490,6 +490,33 @@ def test_a_trial_killed_before_its_first_heartbeat_is_failed_and_retried(tmp_pat
     assert len([t for t in study.trials if t.state == TrialState.WAITING]) == 1
 
 
+def test_a_worker_killed_right_after_marking_its_trial_is_failed_by_its_heartbeat(tmp_path, monkeypatch):
+    """optuna's heartbeat thread may send its first beat after the objective marks the trial with its worker.
+    A worker killed between the two left a trial that was neither stale (no heartbeat) nor an orphan (a
+    worker recorded), holding its point forever: the objective beats before it marks."""
+    from optuna.trial import TrialState
+
+    cfg, _ = parse_args(SweepConfig, ["--budgets", "7k", "--heartbeat_interval", "1", "--grace_period", "2"], "t", "")
+    study = sweep_study.open_study(cfg, sweep_study.open_storage(cfg, tmp_path), tmp_path)
+    trial = study.ask()  # no heartbeat thread: the worst case, its first beat never came
+
+    class Killed(Exception):
+        pass
+
+    def mark_then_die(key, value, mark=trial.set_user_attr):
+        mark(key, value)
+        if key == "worker":
+            raise Killed
+
+    monkeypatch.setattr(trial, "set_user_attr", mark_then_die)
+    with pytest.raises(Killed):
+        sweep.Sweep(cfg, tmp_path, [7000], [("uniform", 7000)], None).objective(trial)
+    assert study.trials[trial.number].user_attrs["worker"]
+    time.sleep(3)
+    sweep_study.recover_crashed(study, cfg)
+    assert study.trials[trial.number].state == TrialState.FAIL
+
+
 def test_an_orphan_stamped_in_another_time_zone_is_not_failed_at_first_sight(tmp_path, monkeypatch):
     """optuna's SQL storages stamp a trial's start in the creating machine's local time, with no zone.  A
     worker whose clock reads that stamp three hours off must not fail a trial that has just started;
@@ -547,7 +574,8 @@ def _pg_reachable() -> str | None:
 
 
 pg = pytest.mark.skipif(_pg_reachable() is not None, reason=str(_pg_reachable()))
-PG_ARGS = ["--heartbeat_interval", "1", "--grace_period", "4", "--baseline", "uniform"]
+PG_ARGS = ["--heartbeat_interval", "1", "--grace_period", "15", "--baseline", "uniform"]  # a grace two cores
+# under load cannot outlast while a live worker's heartbeat waits for the CPU
 
 
 def _worker(out: Path, study: str, budgets: str, log: Path) -> subprocess.Popen:
