@@ -1,4 +1,5 @@
-"""Gated LoRA: ``y = W x + s * B diag(g) A x`` around any Linear-like base layer; inject and remove.
+"""Gated LoRA: ``y = W x + s * B diag(g) A x`` around any Linear-like base layer, or ``W_e + s * B_e diag(g) A_e``
+for every expert ``e`` of a fused expert weight; inject and remove.
 
 ``GatedModel`` owns the wrapped model and keeps the three parameter groups of the bilevel search
 apart, as DARTS keeps ``arch_parameters()`` apart from ``parameters()``:
@@ -16,10 +17,11 @@ from typing import Iterator
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .families import Classification, Family, Output
 from .gates import MODES, make_gates
-from .targets import Target, head_parameters, linear_shape
+from .targets import Target, expert_shape, head_parameters, linear_shape
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +62,33 @@ class GatedLoRA(nn.Module):
         return result + (self.scale * ((h @ self.lora_A.t()) * g) @ self.lora_B.t()).to(result.dtype)
 
 
+class GatedExpertLoRA(nn.Module):
+    """A parametrization of a fused expert weight (``experts x out x in``, or ``experts x in x out`` where its
+    module says ``is_transposed``): ``W_e + s * B_e diag(g) A_e`` for every expert ``e``, one gate per rank-1
+    component shared by all experts, as one peft rank gives every expert a component.  The model reads the
+    weight directly, so the update is added to the weight rather than to the output: like peft's
+    ``target_parameters`` layers, it takes no dropout."""
+
+    def __init__(self, owner: nn.Module, param_name: str, r_max: int, scale: float, init_keep: float = 0.9,
+                 temperature: float = 0.5, gates: str = "hard_concrete") -> None:
+        super().__init__()
+        experts, d_in, d_out = expert_shape(owner, param_name)
+        weight = getattr(owner, param_name)
+        self.experts, self.in_features, self.out_features, self.r_max = experts, d_in, d_out, r_max
+        self.transposed = bool(getattr(owner, "is_transposed", False))
+        self.scale = float(scale)
+        self.lora_A = nn.Parameter(torch.empty(experts, r_max, d_in, dtype=torch.float32, device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(experts, d_out, r_max, dtype=torch.float32, device=weight.device))
+        nn.init.kaiming_uniform_(self.lora_A.data.view(experts * r_max, d_in), a=math.sqrt(5))  # peft's, per expert
+        self.gates = make_gates(gates, r_max, init_keep, temperature).to(weight.device)
+        self.calls = 0
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        delta = torch.einsum("eor,r,eri->eoi", self.lora_B, self.gates(), self.lora_A) * self.scale
+        return weight + (delta.transpose(1, 2) if self.transposed else delta).to(weight.dtype)
+
+
 class GatedModel(nn.Module):
     """A base model whose targets are wrapped with :class:`GatedLoRA`."""
 
@@ -70,17 +99,23 @@ class GatedModel(nn.Module):
         self.model = model
         self.family = family or Classification()
         self.targets = list(targets)
-        self.layers: dict[str, GatedLoRA] = {}
+        self.layers: dict[str, GatedLoRA | GatedExpertLoRA] = {}
         for t in self.targets:
             parent, attr = _parent(model, t.name)
-            layer = GatedLoRA(getattr(parent, attr), r_max[t.name], scale, dropout, init_keep, temperature, gates)
-            setattr(parent, attr, layer)
+            if t.experts:
+                layer = GatedExpertLoRA(parent, attr, r_max[t.name], scale, init_keep, temperature, gates)
+                parametrize.register_parametrization(parent, attr, layer, unsafe=True)  # unsafe: no trial call
+            else:
+                layer = GatedLoRA(getattr(parent, attr), r_max[t.name], scale, dropout, init_keep, temperature, gates)
+                setattr(parent, attr, layer)
             self.layers[t.name] = layer
         self._costs = {t.name: t.cost_per_rank for t in self.targets}
 
     def forward(self, **batch) -> Output:
-        """The task family's loss and outputs (see :mod:`rankalloc.families`)."""
-        return self.family.forward(self.model, batch)
+        """The task family's loss and outputs (see :mod:`rankalloc.families`).  A fused expert weight is
+        computed once per forward pass (one gate sample), however many experts read it."""
+        with parametrize.cached():
+            return self.family.forward(self.model, batch)
 
     def warn_idle_targets(self) -> None:
         """Warn about targets whose forward never ran (in this process): the model reads their weight
@@ -179,7 +214,10 @@ def remove_gated_lora(gated: GatedModel) -> nn.Module:
     """Put the original base layers back and return the plain model."""
     for name, layer in gated.layers.items():
         parent, attr = _parent(gated.model, name)
-        setattr(parent, attr, layer.base_layer)
+        if isinstance(layer, GatedExpertLoRA):
+            parametrize.remove_parametrizations(parent, attr, leave_parametrized=False)
+        else:
+            setattr(parent, attr, layer.base_layer)
     gated.layers = {}
     return gated.model
 

@@ -152,6 +152,10 @@ def adalora_config(targets: list[Target], budget: int, total_steps: int, p: Trai
     rank (peft requires it; :class:`ParamBudgetAllocator` replaces its triplet budget by ``B``).
     ``lora_alpha = scale * init_r``: AdaLoRA divides by its initial rank, so the scale is ``scale``.
     """
+    fused = [t.name for t in targets if t.experts]
+    if fused:
+        raise ConfigError(f"--baseline adalora: peft's AdaLoRA adapts Linear modules only, not fused expert weights "
+                          f"({fused[0]}, ...); leave them out with --model.target_regex, or use another baseline")
     per_rank = sum(t.cost_per_rank for t in targets)
     check_budget(budget, [t.cost_per_rank for t in targets], [t.max_rank for t in targets], budget_text,
                  "every module at full rank: a budget this large fine-tunes them all")

@@ -64,8 +64,8 @@ class Scores:
                               "restore the file")
         try:
             _check_scores(data)
-            targets = [Target(m["name"], m["in_features"], m["out_features"], m["layer"], m["kind"])
-                       for m in data["modules"]]
+            targets = [Target(m["name"], m["in_features"], m["out_features"], m["layer"], m["kind"],
+                              m.get("experts", 0)) for m in data["modules"]]
             return cls(targets, {m["name"]: int(m["r_max"]) for m in data["modules"]},
                        {m["name"]: [float(x) for x in m["scores"]] for m in data["modules"]}, data)
         except RankMapError as e:
@@ -105,7 +105,7 @@ def _check_scores(data: dict[str, Any]) -> None:
         if m["name"] in seen:
             raise ValueError(f"module {m['name']!r} appears twice")
         seen.add(m["name"])
-        for key in ("in_features", "out_features", "r_max"):
+        for key in ("in_features", "out_features", "r_max") + (("experts",) if "experts" in m else ()):
             positive_int(m[key], f"{m['name']!r} {key}")
         scores = m["scores"]
         if not isinstance(scores, list) or len(scores) != m["r_max"] or not all(

@@ -4,11 +4,13 @@
 {"format": "rankalloc.rank_map", "version": 1, "base_model": "...", "model_fingerprint": "...",
  "budget": 500000, "total_params": 499968,
  "modules": {"<full.module.name>": {"rank": 12, "in_features": 384, "out_features": 384}},
+             "<full.name.of.a.fused.expert.weight>": {"rank": 4, "in_features": 384, "out_features": 1536, "experts": 8}},
  "search": {"task": "...", "seed": 0, "steps": 0, "final_lambda": 0.0, "rankalloc_version": "..."},
  "peft": {"task_type": "SEQ_CLS", "modules_to_save": ["classifier"], "fan_in_fan_out": false, "scale": 2.0}}
 ```
 
-``peft`` (optional; older maps lack it) records how the run built its adapter beyond the ranks, so that
+``experts`` (optional) marks a mixture-of-experts block's fused 3-D weight, adapted through peft's
+``target_parameters``: each rank is a rank-1 component in every one of its experts.  ``peft`` (optional; older maps lack it) records how the run built its adapter beyond the ranks, so that
 ``RankMap.load(path).lora_config()`` alone builds what the run trained.
 
 A rank map is checked against a model before use: every module must exist with the recorded shape,
@@ -50,7 +52,8 @@ class RankMap:
     def from_ranks(cls, targets: list[Target], ranks: dict[str, int], *, base_model: str, budget: int,
                    search: dict[str, Any] | None = None, peft: dict[str, Any] | None = None) -> "RankMap":
         modules = {t.name: {"rank": int(ranks[t.name]), "in_features": t.in_features,
-                            "out_features": t.out_features} for t in targets}
+                            "out_features": t.out_features, **({"experts": t.experts} if t.experts else {})}
+                   for t in targets}
         return cls(base_model, fingerprint(targets), int(budget), modules, dict(search or {}), dict(peft or {}))
 
     @property
@@ -59,7 +62,8 @@ class RankMap:
 
     @property
     def total_params(self) -> int:
-        return sum(m["rank"] * (m["in_features"] + m["out_features"]) for m in self.modules.values())
+        return sum(m["rank"] * m.get("experts", 1) * (m["in_features"] + m["out_features"])
+                   for m in self.modules.values())
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": VERSION, "base_model": self.base_model,
@@ -117,6 +121,12 @@ class RankMap:
                 raise RankMapError(f"{source}: module {name}: rank {entry['rank']} exceeds "
                                    f"min(d_in, d_out) = {limit}")
             clean[name] = {k: int(entry[k]) for k in ("rank", "in_features", "out_features")}
+            if "experts" in entry:
+                experts = entry["experts"]
+                if not isinstance(experts, int) or isinstance(experts, bool) or experts < 1:
+                    raise RankMapError(f"{source}: module {name}: experts must be a positive integer (the experts "
+                                       f"of a fused expert weight), got {experts!r}")
+                clean[name]["experts"] = experts
         budget = data["budget"]
         if not isinstance(budget, int) or isinstance(budget, bool) or budget <= 0:
             raise RankMapError(f"{source}: budget must be a positive integer, got {budget!r}")
@@ -142,10 +152,10 @@ class RankMap:
                         if isinstance(targets_or_model, list) else "a Linear-like module of this model (it has")
                 raise RankMapError(f"{source}: module {name} is not {what}, e.g. {sample}); was the rank map made "
                                    "for another model?")
-            d_in, d_out = shapes[name]
-            if (d_in, d_out) != (entry["in_features"], entry["out_features"]):
-                raise RankMapError(f"{source}: module {name} is {entry['in_features']}x{entry['out_features']} "
-                                   f"in the rank map but {d_in}x{d_out} in the model")
+            d_in, d_out, experts = shapes[name]
+            if (d_in, d_out, experts) != (entry["in_features"], entry["out_features"], entry.get("experts", 0)):
+                raise RankMapError(f"{source}: module {name} is {_shape(entry['in_features'], entry['out_features'], entry.get('experts', 0))} "
+                                   f"in the rank map but {_shape(d_in, d_out, experts)} in the model")
         if isinstance(targets_or_model, list):
             fp = fingerprint(targets_or_model)
             if set(self.modules) == {t.name for t in targets_or_model} and fp != self.model_fingerprint:
@@ -171,17 +181,24 @@ class RankMap:
         kept = {name: m["rank"] for name, m in self.modules.items() if m["rank"] > 0}
         if not kept:
             raise RankMapError("the rank map gives every module rank 0: there is nothing to train")
+        fused = sorted(name for name in kept if self.modules[name].get("experts"))
+        if fused and dropout:
+            raise RankMapError(f"lora_dropout {dropout} with fused expert weights ({fused[0]}, ...): peft's "
+                               "target_parameters take no dropout; set --train.lora_dropout 0, or leave them out "
+                               "with --model.target_regex")
         common = Counter(kept.values()).most_common()
         r = max(common, key=lambda kv: (kv[1], -kv[0]))[0]
         cfg: dict[str, Any] = {
             "r": r,
             "lora_alpha": _alpha(scale, r),
             "lora_dropout": dropout,
-            "target_modules": sorted(kept),
+            "target_modules": sorted(set(kept) - set(fused)),  # [] where only fused weights: peft's way to say so
             "rank_pattern": {_anchored(name): rank for name, rank in kept.items()},
             "alpha_pattern": {_anchored(name): _alpha(scale, rank) for name, rank in kept.items()},
             "bias": "none",
         }
+        if fused:
+            cfg["target_parameters"] = fused
         if fan_in_fan_out:
             cfg["fan_in_fan_out"] = True
         if task_type is not None:
@@ -205,7 +222,10 @@ class RankMap:
         for name, module in peft_model.named_modules():
             r = getattr(module, "r", None)
             if isinstance(r, dict) and "default" in r and hasattr(module, "lora_A"):
-                built[name.removeprefix("base_model.model.")] = int(r["default"])
+                name = name.removeprefix("base_model.model.")
+                if hasattr(module, "parameter_name"):  # a fused expert weight's wrapper (nested per parameter)
+                    name = f"{name.replace('.base_layer', '')}.{module.parameter_name}"
+                built[name] = int(r["default"])
         for name, m in self.modules.items():
             want, got = m["rank"], built.get(name, 0)
             if want != got:
@@ -276,9 +296,18 @@ def _alpha(scale: float, rank: int) -> float | int:
     return int(alpha) if float(alpha).is_integer() else alpha
 
 
-def _module_shapes(targets_or_model: Any) -> dict[str, tuple[int, int]]:
-    if isinstance(targets_or_model, list):
-        return {t.name: (t.in_features, t.out_features) for t in targets_or_model}
-    from .targets import is_linear_like, linear_shape
+def _shape(d_in: int, d_out: int, experts: int) -> str:
+    return f"{d_in}x{d_out}" + (f" in each of {experts} experts" if experts else "")
 
-    return {n: linear_shape(m) for n, m in targets_or_model.named_modules() if n and is_linear_like(m)}
+
+def _module_shapes(targets_or_model: Any) -> dict[str, tuple[int, int, int]]:
+    """(d_in, d_out, experts) by name: of the targets, or of every Linear-like module and fused expert weight."""
+    if isinstance(targets_or_model, list):
+        return {t.name: (t.in_features, t.out_features, t.experts) for t in targets_or_model}
+    from .targets import expert_shape, fused_expert_weights, is_linear_like, linear_shape
+
+    shapes = {n: (*linear_shape(m), 0) for n, m in targets_or_model.named_modules() if n and is_linear_like(m)}
+    for name, module, param_name in fused_expert_weights(targets_or_model):
+        experts, d_in, d_out = expert_shape(module, param_name)
+        shapes[name] = (d_in, d_out, experts)
+    return shapes

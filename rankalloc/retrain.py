@@ -21,6 +21,7 @@ import re
 import sys
 import time
 import typing
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -39,7 +40,7 @@ from .tasks import recorded_data
 from .errors import ConfigError, ModelError, RankMapError, RunDirError, first_line
 from .families import Classification, Family
 from .models import BUILTIN_MODELS, count_parameters, load_model, load_model_config, load_tokenizer, resolve_device
-from .targets import Target, find_targets, head_modules, stores_fan_in_fan_out
+from .targets import Target, find_targets, fused_expert_weights, head_modules, stores_fan_in_fan_out
 from .rank_map import RankMap, peft_settings
 from .retrain_loop import load_resumable, predict, train
 from .sensitivity import gradient_spectra
@@ -122,7 +123,11 @@ def _peft_model(model: nn.Module, config: Any) -> nn.Module:
     from peft import get_peft_model
 
     try:
-        return get_peft_model(model, config)
+        with warnings.catch_warnings():
+            if getattr(config, "target_parameters", None):  # peft checks these keys against module names only,
+                # not fused expert weights' names; check_built checks every rank peft applied
+                warnings.filterwarnings("ignore", message=r".*(rank|alpha)_pattern keys did not match")
+            return get_peft_model(model, config)
     except (ValueError, TypeError, NotImplementedError) as e:
         raise ModelError(f"peft cannot build this adapter on {type(model).__name__}: {first_line(e)}") from None
 
@@ -211,7 +216,7 @@ def retrain_targets(model: nn.Module, cfg: RetrainConfig, rank_map: RankMap | No
         targets = find_targets(model, cfg.model)
         chosen, flag = {t.name for t in targets}, ("--model.target_modules" if cfg.model.target_modules is not None
                                                    else "--model.target_regex")
-        model_modules = {name for name, _ in model.named_modules()}
+        model_modules = {name for name, _ in model.named_modules()} | {n for n, _, _ in fused_expert_weights(model)}
         left_out = [name for name in rank_map.modules if name not in chosen and name in model_modules]
         if left_out:
             raise RankMapError(f"{flag} leaves out {left_out[0]}, which the rank map --rank-map {cfg.rank_map} "

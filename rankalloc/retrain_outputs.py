@@ -227,10 +227,11 @@ def _max_diff(model: nn.Module, family: Family, probe: dict[str, torch.Tensor], 
 def _quiet_peft() -> Iterator[None]:
     """Silence two peft warnings that are false alarms here: AdaLoRA modules pruned to rank 0 save
     zero-sized tensors (not unsharded ZeRO-3 shards), and AdaLoRA's own ``rank_pattern`` (masks, applied
-    by its loader) does not match LoRA's ``rank_pattern`` key syntax."""
+    by its loader) does not match LoRA's ``rank_pattern`` key syntax, nor do fused expert weights' keys match
+    the module names peft checks them against (it applies them: the reload's logits are compared)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*LoRA tensor\(s\) have invalid shape")
-        warnings.filterwarnings("ignore", message=r".*rank_pattern keys did not match")
+        warnings.filterwarnings("ignore", message=r".*(rank|alpha)_pattern keys did not match")
         yield
 
 

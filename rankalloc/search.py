@@ -352,7 +352,8 @@ def finish(cfg: SearchConfig, gated: GatedModel, task: TaskData, targets: list[T
         "fan_in_fan_out": fan_in_fan_out,
         "config": to_dict(cfg),
         "modules": [{"name": t.name, "in_features": t.in_features, "out_features": t.out_features,
-                     "layer": t.layer, "kind": t.kind, "r_max": r_max[t.name], "scores": s}
+                     "layer": t.layer, "kind": t.kind, "r_max": r_max[t.name], "scores": s,
+                     **({"experts": t.experts} if t.experts else {})}
                     for t, s in zip(targets, scores)]})
     io.write_json(out / "history.json", state.history)
     from .report import write_search_report

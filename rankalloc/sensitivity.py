@@ -33,10 +33,14 @@ _SAMPLER_OFFSET = 7919
 
 
 def weight_of(model: nn.Module, target: Target) -> nn.Parameter:
-    """The frozen weight of ``target`` (``Linear``: out x in; GPT-2's ``Conv1D``: in x out)."""
-    weight = getattr(model.get_submodule(target.name), "weight", None)
-    if not isinstance(weight, nn.Parameter) or weight.dim() != 2:
-        raise ValueError(f"target {target.name} has no 2-D weight to score")
+    """The frozen weight of ``target`` (``Linear``: out x in; GPT-2's ``Conv1D``: in x out; a fused expert
+    weight: one such matrix per expert)."""
+    if target.experts:
+        weight = model.get_parameter(target.name)
+    else:
+        weight = getattr(model.get_submodule(target.name), "weight", None)
+    if not isinstance(weight, nn.Parameter) or weight.dim() != (3 if target.experts else 2):
+        raise ValueError(f"target {target.name} has no {3 if target.experts else 2}-D weight to score")
     return weight
 
 
@@ -81,7 +85,9 @@ def gradient_spectra(model: nn.Module, targets: list[Target], split: Split, fami
                     total += g.float()
     finally:
         model.train(was_training)
-    return [torch.linalg.svdvals(total / batches).cpu().numpy() for total in sums]
+    # a fused expert weight: one spectrum per expert, summed, since its k-th component is one in every expert
+    return [torch.linalg.svdvals(total / batches).reshape(-1, min(total.shape[-2:])).sum(0).cpu().numpy()
+            for total in sums]
 
 
 def component_scores(targets: list[Target], spectra: list[np.ndarray], r_max: dict[str, int]) -> list[list[float]]:

@@ -3,7 +3,9 @@
 Targets are never found by BERT names: the transformer's block stack is the ``nn.ModuleList`` holding
 the most parameters (``bert.encoder.layer``, ``transformer.h``, ``model.layers``, ...; an
 encoder-decoder's second stack too), and by default every Linear-like module inside them (``nn.Linear``
-or transformers' GPT-2 ``Conv1D``) is a target, except mixture-of-experts routers.  The task head
+or transformers' GPT-2 ``Conv1D``) is a target, except mixture-of-experts routers, and so is every fused
+3-D expert weight a module holds itself (Mixtral's ``experts.gate_up_proj``, peft's ``target_parameters``;
+one rank there is a rank-1 component in every expert, so it costs ``experts * (d_in + d_out)``).  The task head
 (top-level children other than the base model) is trained normally and never counted in the adapter
 budget.
 """
@@ -25,18 +27,22 @@ logger = logging.getLogger("rankalloc.models")  # one logger for model loading a
 
 @dataclass(frozen=True)
 class Target:
-    """One adapter target: a Linear-like module with ``in_features`` inputs and ``out_features`` outputs."""
+    """One adapter target: a Linear-like module with ``in_features`` inputs and ``out_features`` outputs,
+    or (``experts > 0``) a mixture-of-experts block's fused 3-D weight, named by its parameter
+    (``model.layers.0.mlp.experts.gate_up_proj``), holding ``experts`` matrices of that shape.  A rank of a
+    fused weight gives every expert a rank-1 component, as peft's ``target_parameters`` does."""
 
     name: str
     in_features: int
     out_features: int
     layer: int | None  # index in the block stack, None if outside it
     kind: str  # name relative to its block, e.g. "attention.self.query"
+    experts: int = 0  # > 0: a fused expert weight of this many experts
 
     @property
     def cost_per_rank(self) -> int:
-        """Parameters of one rank of LoRA on this module: a row of A plus a column of B."""
-        return self.in_features + self.out_features
+        """Parameters of one rank of LoRA on this target: a row of A plus a column of B (for each expert)."""
+        return max(1, self.experts) * (self.in_features + self.out_features)
 
     @property
     def max_rank(self) -> int:
@@ -91,6 +97,36 @@ def stores_fan_in_fan_out(model: nn.Module, targets: list[Target]) -> bool:
                for n, m in model.named_modules() if n in names)
 
 
+def expert_shape(module: nn.Module, param_name: str) -> tuple[int, int, int]:
+    """(experts, in_features, out_features) of a fused 3-D expert weight: stored (experts, out, in), as
+    ``F.linear`` reads each expert, unless its module says ``is_transposed`` (experts, in, out) - peft's rule."""
+    e, a, b = getattr(module, param_name).shape
+    return (int(e), int(a), int(b)) if getattr(module, "is_transposed", False) else (int(e), int(b), int(a))
+
+
+def fused_expert_weights(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """(full name, owning module, parameter name) of every 3-D weight a module holds itself (not through a
+    Linear-like child) with one matrix per expert of the config: the fused experts of a mixture-of-experts
+    block (Mixtral's ``experts.gate_up_proj``), not other 3-D weights (XLNet's per-head attention)."""
+    counts = _expert_counts(model)
+    found = []
+    for name, module in model.named_modules():
+        if not name or not counts or is_linear_like(module):
+            continue
+        for param_name, p in module.named_parameters(recurse=False):
+            if p.dim() == 3 and p.shape[0] in counts:
+                found.append((f"{name}.{param_name}", module, param_name))
+    return found
+
+
+def _expert_counts(model: nn.Module) -> set[int]:
+    """The expert counts the model's config names (its text config's too: a multimodal model's)."""
+    config = getattr(model, "config", None)
+    configs = [config, getattr(config, "get_text_config", lambda: None)()]
+    return {getattr(c, key) for c in configs if c is not None for key in _EXPERT_COUNTS
+            if isinstance(getattr(c, key, None), int) and getattr(c, key) > 0}
+
+
 def linear_shape(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a Linear-like module."""
     if isinstance(module, nn.Linear):
@@ -132,9 +168,7 @@ def _routers(model: nn.Module, chosen: list[tuple[str, nn.Module]]) -> list[str]
     """Names among ``chosen`` of mixture-of-experts routers (named gate or router, one output per expert of
     the config: Mixtral's ``block_sparse_moe.gate``, JetMoE's ``router.layer``) and of scalar gates (one
     output, as Qwen2-MoE's ``shared_expert_gate``)."""
-    config = getattr(model, "config", None)
-    counts = {getattr(config, key) for key in _EXPERT_COUNTS if isinstance(getattr(config, key, None), int)}
-    counts.discard(0)
+    counts = _expert_counts(model)
 
     def router_named(name: str) -> bool:
         return "gate" in name.rsplit(".", 1)[-1] or "router" in name
@@ -160,6 +194,8 @@ def find_targets(model: nn.Module, cfg: ModelConfig) -> list[Target]:
             inert.append(name)
             continue
         candidates.append((name, module))
+    fused = [(n, m, p) for n, m, p in fused_expert_weights(model)
+             if not any(n.startswith(h + ".") for h in heads) and not (inside_mha and n.startswith(inside_mha))]
     if inert:
         logger.info("not adapter targets: %d Linear module(s) inside nn.MultiheadAttention (%s, ...), which reads "
                     "their weights directly, so LoRA there would do nothing", len(inert), inert[0])
@@ -175,41 +211,50 @@ def find_targets(model: nn.Module, cfg: ModelConfig) -> list[Target]:
         except re.error as e:
             raise ModelError(f"--model.target_regex {cfg.target_regex!r} is not a valid regex ({e})") from None
         chosen = [(n, m) for n, m in candidates if pattern.fullmatch(n)]
+        chosen_fused = [f for f in fused if pattern.fullmatch(f[0])]
         asked = f"--model.target_regex {cfg.target_regex!r}"
     elif cfg.target_modules is not None:
         suffixes = list(cfg.target_modules)
         chosen = [(n, m) for n, m in candidates if any(_has_suffix(n, s) for s in suffixes)]
+        chosen_fused = [f for f in fused if any(_has_suffix(f[0], s) for s in suffixes)]
         asked = f"--model.target_modules {','.join(suffixes)}"
-        unmatched = [s for s in suffixes if not any(_has_suffix(n, s) for n, _ in chosen)]
-        if chosen and unmatched:  # a typo would silently narrow the targets (and so the budget's meaning)
-            kinds = sorted({_layer_and_kind(n, stack_names)[1] for n, _ in candidates})
+        names = [n for n, _ in chosen] + [f[0] for f in chosen_fused]
+        unmatched = [s for s in suffixes if not any(_has_suffix(n, s) for n in names)]
+        if names and unmatched:  # a typo would silently narrow the targets (and so the budget's meaning)
+            kinds = sorted({_layer_and_kind(n, stack_names)[1] for n in [c[0] for c in candidates + fused]})
             raise ModelError(f"--model.target_modules: {', '.join(unmatched)} match(es) no module of {cfg.name} that "
-                             f"can take an adapter (Linear-like, outside the task head and nn.MultiheadAttention); "
+                             f"can take an adapter (Linear-like or a fused 3-D expert weight, outside the task head and "
+                             f"nn.MultiheadAttention); "
                              f"such module names end in: {', '.join(kinds[:12])}")
     else:
         chosen = [(n, m) for n, m in candidates if any(n.startswith(stack + ".") for stack in stack_names)]
+        chosen_fused = [f for f in fused if any(f[0].startswith(stack + ".") for stack in stack_names)]
         routers = _routers(model, chosen)
         if routers:
             logger.info("not adapter targets by default: %d mixture-of-experts router(s) and scalar gate(s) (%s, "
                         "...), which choose experts rather than transform; name them in --model.target_regex to "
                         "adapt them", len(routers), routers[0])
             chosen = [(n, m) for n, m in chosen if n not in routers]
-        asked = "the default (Linear-like modules inside the transformer blocks)"
-        _warn_uncovered_weights(model, stack_names)
+        asked = "the default (Linear-like modules and fused expert weights inside the transformer blocks)"
+        _warn_uncovered_weights(model, stack_names, {id(getattr(m, p)) for _, m, p in chosen_fused})
         if len(stack_names) > 1:
             logger.info("adapter targets in %d block stacks: %s", len(stack_names), ", ".join(stack_names))
-    if not chosen:
-        sample = ", ".join(n for n, _ in candidates[:8]) or "none"
+    if not chosen and not chosen_fused:
+        sample = ", ".join([n for n, _ in candidates[:8]] + [f[0] for f in fused[:2]]) or "none"
         why = (f" ({len(inert)} inside nn.MultiheadAttention, e.g. {inert[0]}, are never targets: it reads their "
                "weights directly, so LoRA there would do nothing)") if inert else ""
         why += f" ({len(refused)}, e.g. {refused[0]}, are refused by peft's LoRA on this model type)" if refused else ""
         raise ModelError(f"no adapter targets match {asked}; Linear-like modules of this model include: {sample}{why}")
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     targets = []
     for name, module in chosen:
         d_in, d_out = linear_shape(module)
-        layer, kind = _layer_and_kind(name, stack_names)
-        targets.append(Target(name, d_in, d_out, layer, kind))
-    return targets
+        targets.append((order[name], Target(name, d_in, d_out, *_layer_and_kind(name, stack_names))))
+    for name, module, param_name in chosen_fused:
+        experts, d_in, d_out = expert_shape(module, param_name)
+        targets.append((order[name.rpartition(".")[0]] + 0.5,
+                        Target(name, d_in, d_out, *_layer_and_kind(name, stack_names), experts=experts)))
+    return [t for _, t in sorted(targets, key=lambda item: item[0])]
 
 
 def peft_refuses(model: nn.Module, names: list[str]) -> list[str]:
@@ -231,10 +276,10 @@ def peft_refuses(model: nn.Module, names: list[str]) -> list[str]:
     return refused
 
 
-def _warn_uncovered_weights(model: nn.Module, stack_names: list[str]) -> None:
-    """Say so when much of the blocks' weight lies in matrices outside Linear-like modules (XLNet's attention,
-    fused mixture-of-experts weights): those get no adapter, and the budget goes to the rest."""
-    covered = {id(p) for m in model.modules() if is_linear_like(m) for p in m.parameters()}
+def _warn_uncovered_weights(model: nn.Module, stack_names: list[str], fused: set[int]) -> None:
+    """Say so when much of the blocks' weight lies in matrices that get no adapter (XLNet's attention):
+    neither in Linear-like modules nor fused expert weights (ids ``fused``); the budget goes to the rest."""
+    covered = {id(p) for m in model.modules() if is_linear_like(m) for p in m.parameters()} | fused
     stacks = [m for n, m in model.named_modules() if n in stack_names]
     total, outside = 0, {}
     for stack_name, stack in zip(stack_names, stacks):
@@ -245,7 +290,8 @@ def _warn_uncovered_weights(model: nn.Module, stack_names: list[str]) -> None:
     share = sum(outside.values()) / max(1, total)
     if share >= 0.1:
         logger.warning("%.0f%% of the transformer blocks' weights are matrices outside Linear layers (%s, ...), "
-                       "which get no adapter; rankalloc adapts Linear-like modules only", 100 * share,
+                       "which get no adapter; rankalloc adapts Linear-like modules and fused 3-D expert weights "
+                       "only", 100 * share,
                        ", ".join(sorted(outside, key=outside.__getitem__, reverse=True)[:3]))
 
 
@@ -272,5 +318,6 @@ def _layer_and_kind(name: str, stack_names: list[str]) -> tuple[int | None, str]
 
 def fingerprint(targets: list[Target]) -> str:
     """A short hash of target names and shapes: equal fingerprints mean a rank map fits."""
-    lines = "\n".join(f"{t.name}:{t.in_features}:{t.out_features}" for t in sorted(targets, key=lambda t: t.name))
+    lines = "\n".join(f"{t.name}:{t.in_features}:{t.out_features}" + (f":{t.experts}" if t.experts else "")
+                      for t in sorted(targets, key=lambda t: t.name))
     return hashlib.sha256(lines.encode()).hexdigest()[:16]

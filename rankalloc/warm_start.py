@@ -54,15 +54,21 @@ def warm_start(peft_model: nn.Module, run: str | Path, rank_map: RankMap) -> dic
             if rank == 0:
                 continue
             A, B = state["adapters"][f"{name}.lora_A"], state["adapters"][f"{name}.lora_B"]
-            if rank > A.shape[0]:
+            if rank > A.shape[-2 if module.get("experts") else 0]:
                 raise RankMapError(f"--init-from {run}: {name} has rank {rank} in the rank map but the search "
-                                   f"trained only {A.shape[0]} components there")
+                                   f"trained only {A.shape[-2 if module.get('experts') else 0]} components there")
             keep = kept_components(scores.scores[name], rank)
-            layer = model.get_submodule(name)
+            layer = peft_layer(model, name, fused=bool(module.get("experts")))
             # the retrain's scale alpha / r may differ from the search's (--train.scale): B absorbs the ratio
             factor = float(scores.data.get("scale", layer.scaling[ADAPTER])) / layer.scaling[ADAPTER]
-            layer.lora_A[ADAPTER].weight.copy_(A[keep].to(layer.lora_A[ADAPTER].weight))
-            layer.lora_B[ADAPTER].weight.copy_((factor * B[:, keep]).to(layer.lora_B[ADAPTER].weight))
+            if module.get("experts"):  # search: A (experts, r, in), B (experts, out, r); peft stacks the experts'
+                # components as rows (expert, k) of A and columns (k, expert) of B
+                A = A[:, keep].reshape(-1, A.shape[-1])
+                B = B[:, :, keep].permute(1, 2, 0).reshape(B.shape[1], -1)
+            else:
+                A, B = A[keep], B[:, keep]
+            layer.lora_A[ADAPTER].weight.copy_(A.to(layer.lora_A[ADAPTER].weight))
+            layer.lora_B[ADAPTER].weight.copy_((factor * B).to(layer.lora_B[ADAPTER].weight))
             copied += 1
         heads = 0
         for head, head_state in state["heads"].items():
@@ -79,3 +85,15 @@ def warm_start(peft_model: nn.Module, run: str | Path, rank_map: RankMap) -> dic
     logger.info("warm start from %s: %d adapted modules and %d head tensors from the search's step %d", run,
                 copied, heads, state["step"])
     return {"modules": copied, "head_tensors": heads, "search_step": int(state["step"])}
+
+
+def peft_layer(model: nn.Module, name: str, fused: bool) -> nn.Module:
+    """The peft LoRA layer of target ``name``: its module, or for a fused expert weight the wrapper of that
+    parameter (peft nests one wrapper per parameter of a module)."""
+    if not fused:
+        return model.get_submodule(name)
+    owner, _, param_name = name.rpartition(".")
+    layer = model.get_submodule(owner)
+    while getattr(layer, "parameter_name", param_name) != param_name:
+        layer = layer.base_layer
+    return layer

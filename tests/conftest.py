@@ -60,6 +60,29 @@ def tiny_llama(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_mixtral(tmp_path_factory) -> str:
+    """A random 2-block Mixtral whose 4 experts are fused 3-D weights (experts x out x in)."""
+    from transformers import MixtralConfig
+
+    cfg = MixtralConfig(vocab_size=30522, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                        max_position_embeddings=128, num_labels=3, pad_token_id=0)
+    return _save_random(tmp_path_factory.mktemp("mixtral"), cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt_oss(tmp_path_factory) -> str:
+    """A random 2-block gpt-oss: fused experts stored transposed (experts x in x out), with biases."""
+    from transformers import GptOssConfig
+
+    cfg = GptOssConfig(vocab_size=30522, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4,
+                       num_experts_per_tok=2, max_position_embeddings=128, num_labels=3, pad_token_id=0,
+                       layer_types=["full_attention"] * 2)
+    return _save_random(tmp_path_factory.mktemp("gpt_oss"), cfg)
+
+
+@pytest.fixture(scope="session")
 def minilm_1layer():
     """The real pretrained MiniLM-L6, sliced to its first block, with a 3-class head."""
     from rankalloc.config import ModelConfig

@@ -46,13 +46,13 @@ def test_llama_targets(tiny_llama):
     assert (k.in_features, k.out_features) == (32, 16)  # grouped-query attention
 
 
-@pytest.mark.parametrize("model", ["minilm", "gpt2", "llama"])
-def test_targets_from_the_config_alone_equal_those_of_the_loaded_model(model, tiny_gpt2, tiny_llama):
+@pytest.mark.parametrize("model", ["minilm", "gpt2", "llama", "mixtral"])
+def test_targets_from_the_config_alone_equal_those_of_the_loaded_model(model, tiny_gpt2, tiny_llama, tiny_mixtral):
     cfg = {"minilm": ModelConfig(num_layers=2), "gpt2": ModelConfig(name=tiny_gpt2),
-           "llama": ModelConfig(name=tiny_llama)}[model]
+           "llama": ModelConfig(name=tiny_llama), "mixtral": ModelConfig(name=tiny_mixtral)}[model]
     skeleton = skeleton_targets(cfg)  # built on the meta device: no weights read
     assert skeleton == find_targets(load_model(cfg, num_labels=3), cfg)
-    assert len(skeleton) == {"minilm": 12, "gpt2": 8, "llama": 14}[model]
+    assert len(skeleton) == {"minilm": 12, "gpt2": 8, "llama": 14, "mixtral": 12}[model]
 
 
 @pytest.mark.parametrize("field, value, expected", [
