@@ -85,8 +85,11 @@ class GatedExpertLoRA(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        delta = torch.einsum("eor,r,eri->eoi", self.lora_B, self.gates(), self.lora_A) * self.scale
-        return weight + (delta.transpose(1, 2) if self.transposed else delta).to(weight.dtype)
+        gated_B = (self.lora_B * (self.scale * self.gates())).to(weight.dtype)  # (experts, out, r)
+        A = self.lora_A.to(weight.dtype)  # (experts, r, in)
+        if self.transposed:  # W_e + (B_e A_e)^T = W_e + A_e^T B_e^T
+            return torch.baddbmm(weight, A.transpose(1, 2), gated_B.transpose(1, 2))
+        return torch.baddbmm(weight, gated_B, A)  # one tensor the size of the weight, no separate update
 
 
 class GatedModel(nn.Module):
