@@ -18,13 +18,15 @@ ranks must lie in ``[0, min(d_in, d_out)]``; the first mismatch is named in a on
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from . import io
 from .errors import RankMapError
@@ -244,6 +246,51 @@ class RankMap:
         cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
         io.write_json(path, cfg)
         return cfg
+
+
+@contextlib.contextmanager
+def peft_as_named() -> Iterator[None]:
+    """Build or load a peft adapter with exactly the modules and parameters its config names.
+
+    Under transformers 5, peft rewrites the LoRA config of some mixture-of-experts model types (DeepSeek, GLM-MoE,
+    ERNIE-MoE, ...) as if written for transformers 4: every target ending in ``gate_proj``, ``up_proj`` or
+    ``down_proj`` (dense MLPs and shared experts alike) becomes the fused ``gate_up_proj``/``down_proj`` of
+    every layer, at twice the rank.  A rank map names transformers 5's modules already, so the rewrite would
+    build another adapter than the map's; it is switched off here.
+    """
+    try:
+        from peft.utils import transformers_weight_conversion as conversion
+    except ImportError:  # a peft without the rewrite
+        yield
+        return
+    rewrite = getattr(conversion, "convert_peft_config_for_transformers", None)
+    if rewrite is None:
+        yield
+        return
+    conversion.convert_peft_config_for_transformers = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        conversion.convert_peft_config_for_transformers = rewrite
+
+
+def peft_would_rewrite(config: Any, model: Any) -> bool:
+    """Whether peft's own loading (outside :func:`peft_as_named`) would rewrite ``config`` on ``model``."""
+    try:
+        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+    except ImportError:
+        return False
+    probe = copy.deepcopy(config)
+    try:
+        convert_peft_config_for_transformers(probe, model=model, conversions=None)
+    except Exception:  # it refuses the config: loading would fail
+        return True
+
+    def key(c: Any) -> tuple:
+        return (set(c.target_modules or ()), set(getattr(c, "target_parameters", None) or ()),
+                dict(c.rank_pattern or {}), dict(c.alpha_pattern or {}))
+
+    return key(probe) != key(config)
 
 
 def peft_settings(task_type: str | None, modules_to_save: list[str], fan_in_fan_out: bool,

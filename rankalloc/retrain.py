@@ -41,7 +41,7 @@ from .errors import ConfigError, ModelError, RankMapError, RunDirError, first_li
 from .families import Classification, Family
 from .models import BUILTIN_MODELS, count_parameters, load_model, load_model_config, load_tokenizer, resolve_device
 from .targets import Target, find_targets, fused_expert_weights, head_modules, stores_fan_in_fan_out
-from .rank_map import RankMap, peft_settings
+from .rank_map import RankMap, peft_as_named, peft_settings
 from .retrain_loop import load_resumable, predict, train
 from .sensitivity import gradient_spectra
 from .training import RunClock, keeps_caller_rng, set_seed
@@ -123,7 +123,7 @@ def _peft_model(model: nn.Module, config: Any) -> nn.Module:
     from peft import get_peft_model
 
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), peft_as_named():
             if getattr(config, "target_parameters", None):  # peft checks these keys against module names only,
                 # not fused expert weights' names; check_built checks every rank peft applied
                 warnings.filterwarnings("ignore", message=r".*(rank|alpha)_pattern keys did not match")

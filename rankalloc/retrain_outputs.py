@@ -26,7 +26,7 @@ from .config import RetrainConfig
 from .data import TaskData
 from .families import Family
 from .models import BUILTIN_MODELS, config_overrides, dtype_kwarg, hub_id, load_pretrained, resolve_model_path
-from .rank_map import RankMap, peft_settings
+from .rank_map import RankMap, peft_as_named, peft_settings, peft_would_rewrite
 from .targets import Target
 from .tokenization import pair_separator
 from .training import to_device
@@ -94,7 +94,8 @@ def save_outputs(out: Path, cfg: RetrainConfig, peft_model: nn.Module, tokenizer
         tokenizer.save_pretrained(str(tmp))
         io.write_json(tmp / BASE_MODEL_KWARGS, kwargs)
         _add_loading_note(tmp / "README.md", published, task.family, builtin=cfg.model.name if cfg.model.name in BUILTIN_MODELS else None,
-                          pairs=pair_separator(tokenizer) if cfg.data.text_pair_column else None)
+                          pairs=pair_separator(tokenizer) if cfg.data.text_pair_column else None,
+                          as_named=peft_would_rewrite(peft_model.peft_config["default"], peft_model.get_base_model()))
     probe = task.eval.batch(slice(0, min(len(task.eval), cfg.data.eval_batch_size)))
     checks = {"saved_adapter_params": saved_adapter_params(out / "adapter"),
               "reload_max_abs_diff": _reload_difference(cfg, task, out / "adapter", probe, logits, device)}
@@ -140,16 +141,22 @@ def _named_as_published(peft_model: nn.Module, published: str) -> Iterator[None]
 
 
 def _add_loading_note(card: Path, base: str, family: Family, builtin: str | None = None,
-                      pairs: str | None = None) -> None:
+                      pairs: str | None = None, as_named: bool = False) -> None:
     """Write the model card in place of peft's blank template (whose tags named the local folder the base was
     read from): what the adapter is, and how to rebuild the trained model (peft alone would load the adapter
     on a base with the model's own config: another label count, depth or padding id); ``_reload_difference``
     measures exactly this load.  ``builtin``: the alias of rankalloc's packaged copy of ``base``; ``pairs``: the
-    separator that joined a pair's two texts (a tokenizer without a pair template)."""
+    separator that joined a pair's two texts (a tokenizer without a pair template); ``as_named``: peft would
+    rename this adapter's targets on loading (see :func:`rankalloc.rank_map.peft_as_named`), so the note says
+    how to stop it."""
     import peft
     import transformers
 
     model_class = family.model_class().__name__
+    keep_names = ("\n# peft renames this model type's MLP targets as if saved under transformers 4; these are transformers "
+                  "5's:\nfrom peft.utils import transformers_weight_conversion\n"
+                  "transformers_weight_conversion.convert_peft_config_for_transformers = lambda *args, **kwargs: None"
+                  if as_named else "")
     offline = (f'\n# offline, rankalloc\'s packaged copy of it: from rankalloc.models import resolve_model_path; '
                f'resolve_model_path("{builtin}")' if builtin else "")
     joined = (f"\nThe two texts of a pair were joined into one before tokenizing, as `text + {pairs!r} + pair` (this "
@@ -171,7 +178,7 @@ kwargs = json.load(open(f"{{adapter}}/{BASE_MODEL_KWARGS}"))
 if "id2label" in kwargs:  # JSON keeps the class ids as strings
     kwargs["id2label"] = {{int(k): v for k, v in kwargs["id2label"].items()}}{offline}
 base = {model_class}.from_pretrained("{base}", {dtype_kwarg()}=torch.float32, ignore_mismatched_sizes=True,
-       **kwargs)
+       **kwargs){keep_names}
 model = PeftModel.from_pretrained(base, adapter)
 tokenizer = AutoTokenizer.from_pretrained(adapter)
 ```
@@ -210,7 +217,7 @@ def _reload_difference(cfg: RetrainConfig, task: TaskData, folder: Path, probe: 
     from peft import PeftModel
 
     base = load_pretrained(task.family.model_class(), resolve_model_path(cfg.model.name), **base_model_kwargs(folder))
-    with _quiet_peft():
+    with _quiet_peft(), peft_as_named():
         reloaded = PeftModel.from_pretrained(base, str(folder)).to(device)
     return _max_diff(reloaded, task.family, probe, logits, device)
 

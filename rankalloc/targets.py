@@ -99,7 +99,9 @@ def stores_fan_in_fan_out(model: nn.Module, targets: list[Target]) -> bool:
 
 def expert_shape(module: nn.Module, param_name: str) -> tuple[int, int, int]:
     """(experts, in_features, out_features) of a fused 3-D expert weight: stored (experts, out, in), as
-    ``F.linear`` reads each expert, unless its module says ``is_transposed`` (experts, in, out) - peft's rule."""
+    ``F.linear`` reads each expert, unless its module says ``is_transposed`` (experts, in, out) - peft's rule,
+    which the weight copy into peft's layers relies on.  (Llama-4 stores (experts, in, out) without saying so:
+    its in and out are recorded swapped, which changes neither the cost nor the adapter peft builds.)"""
     e, a, b = getattr(module, param_name).shape
     return (int(e), int(a), int(b)) if getattr(module, "is_transposed", False) else (int(e), int(b), int(a))
 
@@ -120,9 +122,12 @@ def fused_expert_weights(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
 
 
 def _expert_counts(model: nn.Module) -> set[int]:
-    """The expert counts the model's config names (its text config's too: a multimodal model's)."""
+    """The expert counts the model's config names, its sub-configs' too (a multimodal model's text config,
+    DBRX's ``ffn_config``)."""
     config = getattr(model, "config", None)
     configs = [config, getattr(config, "get_text_config", lambda: None)()]
+    configs += [v for c in list(configs) if c is not None for v in vars(c).values() if hasattr(v, "to_dict")
+                and hasattr(v, "model_type")]
     return {getattr(c, key) for c in configs if c is not None for key in _EXPERT_COUNTS
             if isinstance(getattr(c, key, None), int) and getattr(c, key) > 0}
 
@@ -170,8 +175,9 @@ def _routers(model: nn.Module, chosen: list[tuple[str, nn.Module]]) -> list[str]
     output, as Qwen2-MoE's ``shared_expert_gate``)."""
     counts = _expert_counts(model)
 
-    def router_named(name: str) -> bool:
-        return "gate" in name.rsplit(".", 1)[-1] or "router" in name
+    def router_named(name: str) -> bool:  # HunYuan's router is the Linear "wg" of a module named "gate"
+        parts = name.split(".")
+        return "gate" in parts[-1] or (len(parts) > 1 and parts[-2] == "gate") or "router" in name
 
     return [n for n, m in chosen
             if linear_shape(m)[1] == 1 or (linear_shape(m)[1] in counts and router_named(n))]

@@ -170,3 +170,63 @@ def test_a_rank_map_records_and_checks_the_expert_count(tmp_path, tiny_mixtral):
     with pytest.raises(RankMapError, match=f"module {up} is 32x96 in each of 8 experts in the rank map but "
                                            "32x96 in each of 4 experts in the model"):
         RankMap.from_dict(data).check_against(load_model(cfg, num_labels=3))
+
+
+@pytest.fixture(scope="module")
+def tiny_deepseek(tmp_path_factory) -> str:
+    """A random 2-block DeepSeek-V3: a dense first block (gate_proj, up_proj, down_proj), then routed experts
+    (fused) beside a shared expert (Linear gate_proj, ...)."""
+    from conftest import _save_random
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.for_model("deepseek_v3", vocab_size=30522, hidden_size=32, intermediate_size=48,
+                               moe_intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=4, max_position_embeddings=128, num_experts_per_tok=2,
+                               pad_token_id=0, n_routed_experts=4, first_k_dense_replace=1, n_group=1, topk_group=1,
+                               q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                               v_head_dim=8, n_shared_experts=1, num_labels=3)
+    return _save_random(tmp_path_factory.mktemp("deepseek"), cfg)
+
+
+def test_peft_does_not_rename_the_maps_mlp_targets_as_transformers_4_ones(tmp_path, tiny_deepseek):
+    """peft rewrites this model type's LoRA config as if written for transformers 4: every gate_proj/up_proj/
+    down_proj target (the dense block's, the shared expert's) would become the fused experts of every block at
+    twice the rank.  The retrain builds and reloads exactly the map's adapter, and its model card says how."""
+    import re
+
+    from peft import LoraConfig
+
+    from rankalloc.rank_map import peft_would_rewrite
+    from rankalloc.retrain import run_retrain
+
+    model_cfg = ModelConfig(name=tiny_deepseek)
+    run_retrain(RetrainConfig(baseline="uniform", budget="6000", out=str(tmp_path / "u"), device="cpu", max_steps=2,
+                              model=model_cfg, data=DataConfig(**DATA)), command="test")
+    result = json.loads((tmp_path / "u" / "metrics.json").read_text())
+    assert result["ranks"]["model.layers.0.mlp.gate_proj"] == result["ranks"]["model.layers.1.mlp.experts.down_proj"]
+    assert result["adapter_params"] == RankMap.load(tmp_path / "u" / "rank_map.json").total_params == 5904
+    assert result["checks"]["reload_max_abs_diff"] < 1e-5
+    rank_map = RankMap.load(tmp_path / "u" / "rank_map.json")
+    assert peft_would_rewrite(LoraConfig(**rank_map.lora_config()), load_model(model_cfg, num_labels=3))
+    card = (tmp_path / "u" / "adapter" / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    namespace: dict = {}
+    exec(code.replace("path/to/this/folder", str(tmp_path / "u" / "adapter")), namespace)  # the card's own load
+    rank_map.check_built(namespace["model"])
+
+
+def test_routers_named_by_their_module_or_counted_in_a_sub_config_are_not_targets():
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    hunyuan = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(
+        "hunyuan_v1_moe", vocab_size=512, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
+        pad_token_id=0, num_labels=3))
+    kinds = {t.kind for t in find_targets(hunyuan, ModelConfig(name="x"))}
+    assert "mlp.gate.wg" not in kinds and {"mlp.experts.gate_up_proj", "mlp.shared_mlp.up_proj"} <= kinds
+    dbrx = AutoModelForCausalLM.from_config(AutoConfig.for_model(  # its expert count lives in ffn_config
+        "dbrx", vocab_size=512, d_model=32, n_heads=4, n_layers=1, max_seq_len=128,
+        attn_config=dict(kv_n_heads=2, rope_theta=10000.0), ffn_config=dict(ffn_hidden_size=48, moe_num_experts=4,
+                                                                             moe_top_k=2)))
+    assert {t.kind for t in find_targets(dbrx, ModelConfig(name="x"))} == {"norm_attn_norm.attn.Wqkv",
+                                                                           "norm_attn_norm.attn.out_proj"}
