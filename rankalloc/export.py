@@ -54,10 +54,10 @@ class Scores:
             data = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise RunDirError(f"{flag} {run}: {SCORES} is not valid JSON ({e})") from None
-        if not isinstance(data, dict) or data.get("format") != "rankalloc.scores" or data.get("version") != 1:
+        if not isinstance(data, dict) or data.get("format") != "rankalloc.scores" or data.get("version") not in (1, 2):
             data = data if isinstance(data, dict) else {}
             raise RunDirError(f"{flag} {run}: {SCORES} has format {data.get('format')!r} version "
-                              f"{data.get('version')!r}; expected 'rankalloc.scores' version 1")
+                              f"{data.get('version')!r}; expected 'rankalloc.scores' version 1 or 2")
         missing = [key for key in ("modules", "base_params", "searched_budget", "scale", "base_model") if key not in data]
         if missing:
             raise RunDirError(f"{flag} {run}: {SCORES} is damaged (no {', '.join(missing)}); rerun the search or "

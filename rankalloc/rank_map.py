@@ -9,7 +9,8 @@
  "peft": {"task_type": "SEQ_CLS", "modules_to_save": ["classifier"], "fan_in_fan_out": false, "scale": 2.0}}
 ```
 
-``experts`` (optional) marks a mixture-of-experts block's fused 3-D weight, adapted through peft's
+``experts`` (optional; such a map is version 2, so that a rankalloc reading version 1 alone refuses it rather
+than miscount it) marks a mixture-of-experts block's fused 3-D weight, adapted through peft's
 ``target_parameters``: each rank is a rank-1 component in every one of its experts.  ``peft`` (optional; older maps lack it) records how the run built its adapter beyond the ranks, so that
 ``RankMap.load(path).lora_config()`` alone builds what the run trained.
 
@@ -35,6 +36,7 @@ from .targets import Target, fingerprint
 
 FORMAT = "rankalloc.rank_map"
 VERSION = 1
+VERSION_WITH_EXPERTS = 2  # a map with fused expert weights: a reader of version 1 would miscount them
 RECORDED = object()  # lora_config's "take the map's recorded value" (None is a valid task type)
 
 
@@ -68,7 +70,8 @@ class RankMap:
                    for m in self.modules.values())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "version": VERSION, "base_model": self.base_model,
+        version = VERSION_WITH_EXPERTS if any("experts" in m for m in self.modules.values()) else VERSION
+        return {"format": FORMAT, "version": version, "base_model": self.base_model,
                 "model_fingerprint": self.model_fingerprint, "budget": self.budget,
                 "total_params": self.total_params, "modules": self.modules, "search": self.search,
                 **({"peft": self.peft} if self.peft else {})}
@@ -98,9 +101,9 @@ class RankMap:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             got = data.get("format") if isinstance(data, dict) else type(data).__name__
             raise RankMapError(f"{source}: format must be {FORMAT!r}, got {got!r}")
-        if data.get("version") != VERSION:
+        if data.get("version") not in (VERSION, VERSION_WITH_EXPERTS):
             raise RankMapError(f"{source}: version {data.get('version')!r} is not supported (this "
-                               f"rankalloc reads version {VERSION})")
+                               f"rankalloc reads versions {VERSION} and {VERSION_WITH_EXPERTS})")
         for key in ("base_model", "model_fingerprint", "budget", "modules"):
             if key not in data:
                 raise RankMapError(f"{source}: missing field {key!r}")
@@ -186,8 +189,8 @@ class RankMap:
         fused = sorted(name for name in kept if self.modules[name].get("experts"))
         if fused and dropout:
             raise RankMapError(f"lora_dropout {dropout} with fused expert weights ({fused[0]}, ...): peft's "
-                               "target_parameters take no dropout; set --train.lora_dropout 0, or leave them out "
-                               "with --model.target_regex")
+                               "target_parameters take no dropout; set --train.lora_dropout 0 (a baseline may "
+                               "instead leave them out with --model.target_regex)")
         common = Counter(kept.values()).most_common()
         r = max(common, key=lambda kv: (kv[1], -kv[0]))[0]
         cfg: dict[str, Any] = {
@@ -235,6 +238,11 @@ class RankMap:
                 raise RankMapError(f"peft {peft.__version__} built rank {got} for {name}, the rank map says {want}: "
                                    "peft did not apply this module's rank_pattern key"
                                    + ("; rankalloc needs peft >= 0.15, which matches anchored keys" if old_peft else ""))
+        extra = sorted(set(built) - set(self.modules))
+        if extra:
+            raise RankMapError(f"peft {peft.__version__} built an adapter on {extra[0]} ({len(extra)} module(s) in all), "
+                               "which the rank map does not name: the adapter would hold more than the map's "
+                               "parameters")
 
     def write_adapter_config(self, path: str | Path, scale: float | None = None, **kwargs: Any) -> dict[str, Any]:
         """Write a peft ``adapter_config.json`` (``LoraConfig(**cfg).to_dict()``, arguments as

@@ -36,7 +36,7 @@ from .config import SearchConfig, SearchParams, with_data_defaults
 from .flags import checked_copy, stage_command, to_dict
 from .data import EpochSampler, TaskData, prepare_task
 from .discretize import discretize
-from .errors import RunDirError
+from .errors import ConfigError, RunDirError
 from .export import SCORES
 from .gate_optimizer import make_gate_optimizer
 from .gates import GATE_KINDS
@@ -296,6 +296,11 @@ def run_search(cfg: SearchConfig, command: str | None = None,
                  full_ranks=[t.max_rank for t in targets])
     device = distributed.device_for(dist_info, resolve_device(cfg.device))
     p = cfg.search
+    fused = [t.name for t in targets if t.experts]
+    if fused and p.lora_dropout:
+        raise ConfigError(f"--search.lora_dropout {p.lora_dropout} with fused expert weights ({fused[0]}, ...): "
+                          "their update is added to the weight, where dropout on the input cannot act (nor can "
+                          "peft's target_parameters); set it to 0, or leave them out with --model.target_regex")
     gated = GatedModel(model, targets, r_max, p.scale, p.lora_dropout, p.gate_init, p.temperature,
                        task.family, p.gates).to(device)
     opts = make_optimizers(cfg, gated, budget, task, dist_info.world_size)
@@ -346,7 +351,7 @@ def finish(cfg: SearchConfig, gated: GatedModel, task: TaskData, targets: list[T
         "num_layers": cfg.model.num_layers, "rankalloc_version": __version__,
         "data": recorded_data(cfg.data)})
     io.write_json(out / SCORES, {
-        "format": "rankalloc.scores", "version": 1, "base_model": base_model,
+        "format": "rankalloc.scores", "version": 2 if any(t.experts for t in targets) else 1, "base_model": base_model,
         "model_fingerprint": rm.model_fingerprint, "searched_budget": budget, "base_params": base_params, "scale": cfg.search.scale,
         "modules_to_save": heads, "peft_task_type": task.family.peft_task_type, "search": rm.search,
         "fan_in_fan_out": fan_in_fan_out,

@@ -89,6 +89,14 @@ def load_checkpoint(out: Path, cfg: SearchConfig, gated: GatedModel, opts: dict[
     if saved_steps != cfg.steps():  # the budget ramp and the temperature schedule are fractions of the length
         raise RunDirError(f"--resume: the run in {out} was started for {saved_steps} steps, this one asks for "
                           f"{cfg.steps()}; give the same --max-steps, another --out, or --overwrite")
+    shapes = {key: tuple(t.shape) for key, t in gated.adapter_state().items()}
+    saved_shapes = {key: tuple(t.shape) for key, t in ckpt["adapters"].items()}
+    if shapes != saved_shapes:  # a rankalloc whose targeting rules differ (fused experts, routers) from the run's
+        differs = sorted(k.rsplit(".", 1)[0] for k in set(shapes) ^ set(saved_shapes)) or \
+            sorted(k.rsplit(".", 1)[0] for k in shapes if shapes[k] != saved_shapes[k])
+        raise RunDirError(f"--resume: the run in {out} adapted other targets than this rankalloc finds on the model "
+                          f"(e.g. {differs[0]}); the targeting rules changed since it started: use another --out "
+                          "or --overwrite")
     with torch.no_grad():
         for name, layer in gated.layers.items():
             layer.lora_A.copy_(ckpt["adapters"][f"{name}.lora_A"])

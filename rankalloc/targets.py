@@ -16,6 +16,7 @@ import hashlib
 import logging
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -110,26 +111,39 @@ def fused_expert_weights(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     """(full name, owning module, parameter name) of every 3-D weight a module holds itself (not through a
     Linear-like child) with one matrix per expert of the config: the fused experts of a mixture-of-experts
     block (Mixtral's ``experts.gate_up_proj``), not other 3-D weights (XLNet's per-head attention)."""
-    counts = _expert_counts(model)
+    configs = _configs(model)
+    counts = _config_ints(configs, _EXPERT_COUNTS, least=2)
+    widths = _config_ints(configs, _HIDDEN_SIZES, least=1)  # an expert reads or writes the model's width
     found = []
     for name, module in model.named_modules():
-        if not name or not counts or is_linear_like(module):
+        if not name or not counts or is_linear_like(module) or isinstance(module, nn.modules.conv._ConvNd):
             continue
         for param_name, p in module.named_parameters(recurse=False):
-            if p.dim() == 3 and p.shape[0] in counts:
+            if p.dim() == 3 and p.shape[0] in counts and (not widths or widths & set(p.shape[1:])):
                 found.append((f"{name}.{param_name}", module, param_name))
     return found
 
 
-def _expert_counts(model: nn.Module) -> set[int]:
-    """The expert counts the model's config names, its sub-configs' too (a multimodal model's text config,
-    DBRX's ``ffn_config``)."""
+_HIDDEN_SIZES = ("hidden_size", "d_model", "n_embd")
+
+
+def _configs(model: nn.Module) -> list[Any]:
+    """The model's config and its sub-configs (a multimodal model's text config, DBRX's ``ffn_config``)."""
     config = getattr(model, "config", None)
-    configs = [config, getattr(config, "get_text_config", lambda: None)()]
-    configs += [v for c in list(configs) if c is not None for v in vars(c).values() if hasattr(v, "to_dict")
-                and hasattr(v, "model_type")]
-    return {getattr(c, key) for c in configs if c is not None for key in _EXPERT_COUNTS
-            if isinstance(getattr(c, key, None), int) and getattr(c, key) > 0}
+    configs = [c for c in (config, getattr(config, "get_text_config", lambda: None)()) if c is not None]
+    return configs + [v for c in list(configs) for v in vars(c).values()
+                      if hasattr(v, "to_dict") and hasattr(v, "model_type")]
+
+
+def _config_ints(configs: list[Any], keys: tuple[str, ...], least: int) -> set[int]:
+    return {getattr(c, key) for c in configs for key in keys
+            if isinstance(getattr(c, key, None), int) and not isinstance(getattr(c, key), bool)
+            and getattr(c, key) >= least}
+
+
+def _expert_counts(model: nn.Module) -> set[int]:
+    """The expert counts (two or more) the model's config or its sub-configs name."""
+    return _config_ints(_configs(model), _EXPERT_COUNTS, least=2)
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:

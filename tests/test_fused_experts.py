@@ -147,11 +147,14 @@ def test_search_retrain_and_baselines_fill_the_budget_exactly_on_fused_experts(t
         assert not set(config["target_modules"]) & set(fused)
     assert json.loads((tmp_path / "u" / "metrics.json").read_text())["adapter_params"] == 6336  # rank 3 on all 12
 
+    with pytest.raises(ConfigError, match=r"--search.lora_dropout 0.1 with fused expert weights \(model.layers.0.mlp"):
+        run_search(SearchConfig(budget="6000", device="cpu", out=str(tmp_path / "sd"), max_steps=4, model=model_cfg,
+                                data=data, search=SearchParams(r_max=4, warmup_steps=2, lora_dropout=0.1)), "test")
     with pytest.raises(ConfigError, match="peft's AdaLoRA adapts Linear modules only, not fused expert weights"):
         retrain("a", baseline="adalora", budget="6000")
     with pytest.raises(RankMapError, match="lora_dropout 0.1 with fused expert weights"):
         retrain("d", rank_map=str(tmp_path / "s" / "rank_map.json"), train=TrainParams(lora_dropout=0.1))
-    assert not (tmp_path / "a").exists() and not (tmp_path / "d").exists()
+    assert not (tmp_path / "a").exists() and not (tmp_path / "d").exists() and not (tmp_path / "sd").exists()
 
 
 def test_a_rank_map_records_and_checks_the_expert_count(tmp_path, tiny_mixtral):
@@ -162,6 +165,10 @@ def test_a_rank_map_records_and_checks_the_expert_count(tmp_path, tiny_mixtral):
     up = "model.layers.0.mlp.experts.gate_up_proj"
     assert data["modules"][up] == {"rank": 1, "in_features": 32, "out_features": 96, "experts": 4}
     assert data["total_params"] == sum(t.cost_per_rank for t in targets)
+    assert data["version"] == 2  # a reader of version 1 alone refuses it rather than miscount the experts
+    plain = RankMap.from_ranks([t for t in targets if not t.experts], {t.name: 1 for t in targets}, base_model="m",
+                               budget=10_000)
+    assert plain.to_dict()["version"] == 1 and RankMap.from_dict(data).total_params == data["total_params"]
     data["modules"][up]["experts"] = 0
     with pytest.raises(RankMapError, match=f"module {up}: experts must be a positive integer"):
         RankMap.from_dict(data)
@@ -188,7 +195,7 @@ def tiny_deepseek(tmp_path_factory) -> str:
     return _save_random(tmp_path_factory.mktemp("deepseek"), cfg)
 
 
-def test_peft_does_not_rename_the_maps_mlp_targets_as_transformers_4_ones(tmp_path, tiny_deepseek):
+def test_peft_does_not_rename_the_maps_mlp_targets_as_transformers_4_ones(tmp_path, tiny_deepseek, monkeypatch):
     """peft rewrites this model type's LoRA config as if written for transformers 4: every gate_proj/up_proj/
     down_proj target (the dense block's, the shared expert's) would become the fused experts of every block at
     twice the rank.  The retrain builds and reloads exactly the map's adapter, and its model card says how."""
@@ -210,6 +217,10 @@ def test_peft_does_not_rename_the_maps_mlp_targets_as_transformers_4_ones(tmp_pa
     assert peft_would_rewrite(LoraConfig(**rank_map.lora_config()), load_model(model_cfg, num_labels=3))
     card = (tmp_path / "u" / "adapter" / "README.md").read_text()
     code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    from peft.utils import transformers_weight_conversion as conversion
+
+    monkeypatch.setattr(conversion, "convert_peft_config_for_transformers",  # restored after the card's own load
+                        conversion.convert_peft_config_for_transformers)
     namespace: dict = {}
     exec(code.replace("path/to/this/folder", str(tmp_path / "u" / "adapter")), namespace)  # the card's own load
     rank_map.check_built(namespace["model"])

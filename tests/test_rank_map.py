@@ -64,6 +64,13 @@ def test_check_built_catches_a_peft_that_ignores_the_rank_pattern(minilm_1layer,
     ignored = dict(cfg, rank_pattern={}, alpha_pattern={})  # what an unmatched pattern amounts to
     with pytest.raises(RankMapError, match=r"built rank \d+ for .*the rank map says \d+: peft did not apply"):
         rm.check_built(get_peft_model(copy.deepcopy(model), LoraConfig(**ignored)))
+    ranks = _ranks(targets)
+    kept = [t.name for t in targets if ranks[t.name] > 0]
+    partial = RankMap.from_ranks([t for t in targets if t.name == kept[0]], ranks, base_model="minilm-l6",
+                                 budget=30000)
+    extra = re.escape(sorted(kept[1:])[0])  # a module peft adapted beyond the map
+    with pytest.raises(RankMapError, match=f"built an adapter on {extra} .*which the rank map does not name"):
+        partial.check_built(get_peft_model(copy.deepcopy(model), LoraConfig(**cfg)))
 
 
 def test_module_names_are_literal_in_the_rank_pattern():
@@ -108,7 +115,7 @@ def _valid(targets):
 @pytest.mark.parametrize("mutate, fragment", [
     (lambda d: "{not json", "not valid JSON"),
     (lambda d: {**d, "format": "other"}, "format must be"),
-    (lambda d: {**d, "version": 2}, "version 2 is not supported"),
+    (lambda d: {**d, "version": 3}, "version 3 is not supported"),
     (lambda d: {k: v for k, v in d.items() if k != "modules"}, "missing field 'modules'"),
     (lambda d: {**d, "modules": {**d["modules"], next(iter(d["modules"])): {"rank": -1, "in_features": 384,
                                                                              "out_features": 384}}},

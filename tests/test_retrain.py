@@ -167,7 +167,7 @@ def test_metrics_json_has_the_documented_keys(rank_map_run):
 def _edit(data: dict, case: str) -> dict:
     first = next(iter(data["modules"]))
     if case == "version":
-        data["version"] = 2
+        data["version"] = 3
     elif case == "negative":
         data["modules"][first]["rank"] = -1
     elif case == "too_big":
@@ -184,7 +184,7 @@ def _edit(data: dict, case: str) -> dict:
 
 @pytest.mark.parametrize("case, needle", [
     ("corrupted", "not valid JSON"),
-    ("version", "version 2"),
+    ("version", "version 3"),
     ("negative", "negative"),
     ("too_big", "exceeds min(d_in, d_out) = 384"),
     ("search_not_mapping", "'search' must be a mapping"),

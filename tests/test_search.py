@@ -404,6 +404,27 @@ def test_resume_refuses_another_run_length(tmp_path):
         run_search(longer, command="test")
 
 
+def test_resume_refuses_a_run_whose_targets_differ_in_one_line(tmp_path):
+    """A run started by a rankalloc whose targeting rules differ (fused expert weights, routers) adapted other
+    modules than this one finds: resuming it would mix the two."""
+    from rankalloc.errors import RunDirError
+
+    with pytest.raises(_Killed):  # after its checkpoint at step 4
+        run_search(tiny_config(tmp_path, ModelConfig(num_layers=1), budget="5k", steps=8, r_max=4), command="test",
+                   on_step=_killed_at(5))
+    path = tmp_path / "run" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=False)
+    older = "bert.encoder.layer.0.output.dense"
+    for part in ("lora_A", "lora_B", "log_alpha"):
+        del ckpt["adapters"][f"{older}.{part}"]
+    torch.save(ckpt, path)
+    again = tiny_config(tmp_path, ModelConfig(num_layers=1), budget="5k", steps=8, r_max=4)
+    again.resume = True
+    with pytest.raises(RunDirError, match=f"adapted other targets than this rankalloc finds on the model "
+                                          rf"\(e.g. {older}\); the targeting rules changed"):
+        run_search(again, command="test")
+
+
 def test_resume_compares_budgets_by_value_not_by_spelling(tmp_path):
     from rankalloc.errors import RunDirError
 
