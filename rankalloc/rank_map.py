@@ -11,7 +11,9 @@
 
 ``experts`` (optional; such a map is version 2, so that a rankalloc reading version 1 alone refuses it rather
 than miscount it) marks a mixture-of-experts block's fused 3-D weight, adapted through peft's
-``target_parameters``: each rank is a rank-1 component in every one of its experts.  ``peft`` (optional; older maps lack it) records how the run built its adapter beyond the ranks, so that
+``target_parameters``: each rank is a rank-1 component in every one of its experts.
+
+``peft`` (optional; older maps lack it) records how the run built its adapter beyond the ranks, so that
 ``RankMap.load(path).lora_config()`` alone builds what the run trained.
 
 A rank map is checked against a model before use: every module must exist with the recorded shape,
@@ -157,10 +159,10 @@ class RankMap:
                         if isinstance(targets_or_model, list) else "a Linear-like module of this model (it has")
                 raise RankMapError(f"{source}: module {name} is not {what}, e.g. {sample}); was the rank map made "
                                    "for another model?")
-            d_in, d_out, experts = shapes[name]
-            if (d_in, d_out, experts) != (entry["in_features"], entry["out_features"], entry.get("experts", 0)):
-                raise RankMapError(f"{source}: module {name} is {_shape(entry['in_features'], entry['out_features'], entry.get('experts', 0))} "
-                                   f"in the rank map but {_shape(d_in, d_out, experts)} in the model")
+            recorded = (entry["in_features"], entry["out_features"], entry.get("experts", 0))
+            if shapes[name] != recorded:
+                raise RankMapError(f"{source}: module {name} is {_shape(*recorded)} in the rank map but "
+                                   f"{_shape(*shapes[name])} in the model")
         if isinstance(targets_or_model, list):
             fp = fingerprint(targets_or_model)
             if set(self.modules) == {t.name for t in targets_or_model} and fp != self.model_fingerprint:

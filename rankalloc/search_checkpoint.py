@@ -92,8 +92,8 @@ def load_checkpoint(out: Path, cfg: SearchConfig, gated: GatedModel, opts: dict[
     shapes = {key: tuple(t.shape) for key, t in gated.adapter_state().items()}
     saved_shapes = {key: tuple(t.shape) for key, t in ckpt["adapters"].items()}
     if shapes != saved_shapes:  # a rankalloc whose targeting rules differ (fused experts, routers) from the run's
-        differs = sorted(k.rsplit(".", 1)[0] for k in set(shapes) ^ set(saved_shapes)) or \
-            sorted(k.rsplit(".", 1)[0] for k in shapes if shapes[k] != saved_shapes[k])
+        differs = sorted({k.rsplit(".", 1)[0] for k in shapes.keys() | saved_shapes.keys()
+                          if shapes.get(k) != saved_shapes.get(k)})
         raise RunDirError(f"--resume: the run in {out} adapted other targets than this rankalloc finds on the model "
                           f"(e.g. {differs[0]}); the targeting rules changed since it started: use another --out "
                           "or --overwrite")

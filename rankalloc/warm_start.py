@@ -54,14 +54,16 @@ def warm_start(peft_model: nn.Module, run: str | Path, rank_map: RankMap) -> dic
             if rank == 0:
                 continue
             A, B = state["adapters"][f"{name}.lora_A"], state["adapters"][f"{name}.lora_B"]
-            if rank > A.shape[-2 if module.get("experts") else 0]:
+            fused = bool(module.get("experts"))
+            trained = A.shape[-2] if fused else A.shape[0]  # fused: A is (experts, r, in)
+            if rank > trained:
                 raise RankMapError(f"--init-from {run}: {name} has rank {rank} in the rank map but the search "
-                                   f"trained only {A.shape[-2 if module.get('experts') else 0]} components there")
+                                   f"trained only {trained} components there")
             keep = kept_components(scores.scores[name], rank)
-            layer = peft_layer(model, name, fused=bool(module.get("experts")))
+            layer = peft_layer(model, name, fused)
             # the retrain's scale alpha / r may differ from the search's (--train.scale): B absorbs the ratio
             factor = float(scores.data.get("scale", layer.scaling[ADAPTER])) / layer.scaling[ADAPTER]
-            if module.get("experts"):  # search: A (experts, r, in), B (experts, out, r); peft stacks the experts'
+            if fused:  # search: A (experts, r, in), B (experts, out, r); peft stacks the experts'
                 # components as rows (expert, k) of A and columns (k, expert) of B
                 A = A[:, keep].reshape(-1, A.shape[-1])
                 B = B[:, :, keep].permute(1, 2, 0).reshape(B.shape[1], -1)
